@@ -1,0 +1,21 @@
+"""Tests are hermetic: every test gets its own NANOCHAT_BASE_DIR and a fixed fp32 compute dtype."""
+import os
+
+# Must happen before nanochat.common is imported anywhere: COMPUTE_DTYPE is read once at import.
+os.environ.setdefault("NANOCHAT_DTYPE", "float32")
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+import pytest
+import torch
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_base_dir(tmp_path, monkeypatch):
+    base = tmp_path / "nanochat_base"
+    base.mkdir()
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base))
+    # Hub endpoints point nowhere reachable unless a test starts its own local server.
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    yield base
