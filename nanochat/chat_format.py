@@ -1,0 +1,218 @@
+"""
+The conversation format, and a validator for conversation files (JSONL) so nothing trains on broken rows.
+
+One conversation per JSONL line, either a bare list of messages or {"messages": [...], ...other keys}:
+    {"role": "system" | "user" | "assistant", "content": ...}
+- an optional system message first, then user/assistant turns alternating, starting with user;
+  training data ends with an assistant message.
+- system/user content is a string. Assistant content is a string or a list of parts
+  {"type": "text" | "python" | "python_output", "text": str}; each python_output directly follows the python
+  part that produced it, at most one per call.
+- reasoning is written inline in the assistant's text as <think>...</think>. One think block per assistant
+  message, first (before any answer text or tool call), closed before any tool call, and followed by the answer:
+  a message that ends inside the think block, or whose only text is inside it, is rejected ("answer inside
+  think"). Think tags never appear in system/user messages.
+
+Check files from the command line (exit status 1 if any row is bad):
+    python -m nanochat.chat_format data/my_sft.jsonl [more.jsonl ...]
+"""
+
+import argparse
+import json
+import re
+import sys
+import warnings
+
+PART_TYPES = ("text", "python", "python_output")
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+_THINK_TAG = re.compile(r"</?think>")
+
+
+def validate_conversation(messages, for_training=True):
+    """Return a list of problems (human-readable strings); an empty list means the conversation is well-formed.
+
+    messages: a list of messages or {"messages": [...]}. for_training: also require an assistant message last.
+    """
+    if isinstance(messages, dict):
+        if "messages" not in messages:
+            return ["object has no 'messages' key (expected {\"messages\": [...]} or a bare list of messages)"]
+        messages = messages["messages"]
+    if not isinstance(messages, list):
+        return [f"messages must be a list, got {type(messages).__name__}"]
+    if not messages:
+        return ["conversation has no messages"]
+
+    problems = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            problems.append(f"message {i}: expected an object with 'role' and 'content', got {type(message).__name__}")
+        elif "role" not in message or "content" not in message:
+            problems.append(f"message {i}: missing 'role' or 'content'")
+        elif message["role"] not in ("system", "user", "assistant"):
+            problems.append(f"message {i}: unknown role {message['role']!r} (expected system, user or assistant)")
+    if problems:
+        return problems
+
+    # roles: [system] user assistant user assistant ...
+    start = 1 if messages[0]["role"] == "system" else 0
+    if start == 1 and len(messages) == 1:
+        problems.append("conversation has only a system message")
+    for i in range(start, len(messages)):
+        expected = "user" if (i - start) % 2 == 0 else "assistant"
+        if messages[i]["role"] != expected:
+            problems.append(f"message {i}: role is {messages[i]['role']!r} but should be {expected!r} "
+                            f"(an optional system message, then user/assistant alternating from user)")
+            break  # every later message would be off by one too; one report is enough
+    if for_training and messages[-1]["role"] != "assistant":
+        problems.append(f"last message is from {messages[-1]['role']!r}; training data must end with the assistant")
+
+    for i, message in enumerate(messages):
+        role, content = message["role"], message["content"]
+        where = f"message {i} ({role})"
+        if role in ("system", "user"):
+            if not isinstance(content, str):
+                problems.append(f"{where}: content must be a string, got {type(content).__name__}")
+            elif _THINK_TAG.search(content):
+                problems.append(f"{where}: <think> tags only belong in assistant messages")
+        else:
+            problems.extend(f"{where}: {p}" for p in _assistant_problems(content))
+    return problems
+
+
+def _assistant_problems(content):
+    if isinstance(content, str):
+        parts = [{"type": "text", "text": content}]
+    elif isinstance(content, list):
+        parts = content
+    else:
+        return [f"content must be a string or a list of parts, got {type(content).__name__}"]
+    if not parts:
+        return ["content is an empty list of parts"]
+
+    problems = []
+    for j, part in enumerate(parts):
+        if not isinstance(part, dict):
+            problems.append(f"part {j}: expected {{'type': ..., 'text': str}}, got {type(part).__name__}")
+        elif part.get("type") not in PART_TYPES:
+            problems.append(f"part {j}: unknown type {part.get('type')!r} (expected text, python or python_output)")
+        elif not isinstance(part.get("text"), str):
+            problems.append(f"part {j}: 'text' must be a string, got {type(part.get('text')).__name__}")
+    if problems:
+        return problems
+
+    # tool calls: every python_output directly follows a python part, one output per call
+    for j, part in enumerate(parts):
+        if part["type"] == "python_output":
+            previous = parts[j - 1]["type"] if j > 0 else None
+            if previous == "python_output":
+                problems.append(f"part {j}: more than one python_output after a python call")
+            elif previous != "python":
+                problems.append(f"part {j}: python_output without a python call right before it")
+
+    # think: walk the text in order; state is "start" (nothing yet), "think" (inside), "after" (think closed),
+    # "answer" (answer text or a tool call began with no think block before it)
+    state, think_blocks, answered_after_think = "start", 0, False
+    if not any(p["text"].strip() for p in parts if p["type"] == "text"):
+        problems.append("assistant message has no text")
+    for j, part in enumerate(parts):
+        if part["type"] != "text":
+            if part["type"] == "python" and state == "think":
+                problems.append(f"part {j}: python call inside an unclosed <think> (close it with </think> first)")
+            if state == "start":
+                state = "answer"
+            continue
+        for piece in re.split(r"(</?think>)", part["text"]):
+            if piece == THINK_OPEN:
+                if state == "think":
+                    problems.append(f"part {j}: <think> inside an open <think> block")
+                elif think_blocks >= 1:
+                    problems.append(f"part {j}: more than one <think> block")
+                elif state == "answer":
+                    problems.append(f"part {j}: <think> after the answer began; the think block must come first")
+                else:
+                    state, think_blocks = "think", think_blocks + 1
+            elif piece == THINK_CLOSE:
+                if state != "think":
+                    problems.append(f"part {j}: </think> without an opening <think>")
+                else:
+                    state = "after"
+            elif piece.strip():
+                if state == "start":
+                    state = "answer"
+                elif state == "after":
+                    answered_after_think = True
+    if state == "think":
+        problems.append("unclosed <think> (no </think> before the message ends)")
+    elif think_blocks and not answered_after_think and not problems:
+        problems.append("no answer text after </think>: the answer must follow the think block, not sit inside it")
+    return problems
+
+
+def load_conversations_jsonl(path, strict=True, for_training=True):
+    """Read a JSONL file of conversations -> list of {"messages": [...], ...}.
+
+    Each line is a bare list of messages or an object with "messages" (other keys are kept). Every bad row is
+    reported as "path:LINE: reason": strict=True raises one ValueError listing them all; strict=False warns
+    about each and skips it. Blank lines are ignored.
+    """
+    conversations, errors, bad_lines = [], [], set()
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                bad_lines.add(line_no)
+                errors.append(f"{path}:{line_no}: not valid UTF-8 ({e.reason} at byte {e.start})")
+                continue
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                bad_lines.add(line_no)
+                errors.append(f"{path}:{line_no}: invalid JSON: {e.msg} (column {e.colno})")
+                continue
+            if isinstance(row, list):
+                row = {"messages": row}
+            elif not isinstance(row, dict):
+                bad_lines.add(line_no)
+                errors.append(f"{path}:{line_no}: expected a list of messages or {{\"messages\": [...]}}, "
+                              f"got {type(row).__name__}")
+                continue
+            problems = validate_conversation(row, for_training=for_training)
+            if problems:
+                bad_lines.add(line_no)
+                errors.extend(f"{path}:{line_no}: {p}" for p in problems)
+                continue
+            conversations.append(row)
+    if errors:
+        if strict:
+            raise ValueError(f"{path}: {len(bad_lines)} bad row(s); fix them (or load with strict=False to skip them):\n"
+                             + "\n".join(errors))
+        for e in errors:
+            warnings.warn(f"skipping bad conversation row: {e}", stacklevel=2)
+    if strict and not conversations and not errors:
+        raise ValueError(f"{path}: no conversations found (the file is empty)")
+    return conversations
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Validate conversation JSONL files (exit status 1 if any row is bad).")
+    parser.add_argument("files", nargs="+", help="JSONL files, one conversation per line")
+    parser.add_argument("--prompts", action="store_true",
+                        help="the files hold prompts: the last message need not be from the assistant")
+    args = parser.parse_args(argv)
+    bad = False
+    for path in args.files:
+        try:
+            conversations = load_conversations_jsonl(path, strict=True, for_training=not args.prompts)
+        except (OSError, ValueError) as e:
+            print(e if isinstance(e, ValueError) else f"{path}: cannot read: {e}")
+            bad = True
+            continue
+        print(f"{path}: {len(conversations)} conversations OK")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
