@@ -9,7 +9,8 @@ used to report bits per byte.
 Text handling:
 - Any Python string encodes without error and decodes back to itself. The one exception is a string holding
   lone surrogates (e.g. "\\ud800", which cannot exist in UTF-8): each lone surrogate becomes U+FFFD before
-  encoding (tiktoken's own rule), so decode(encode(s)) is s with those replaced. We never crash on them.
+  encoding (tiktoken's own rule), so decode(encode(s)) is s with those replaced. We never crash on them;
+  training text gets the same treatment (rustbpe itself would raise).
 - encode() never parses special-token text: a user who types "<|bos|>" gets the tokens of that literal text.
   Special tokens only enter a sequence through prepend/append, encode_special() or the conversation renderers.
 """
@@ -61,7 +62,7 @@ class RustBPETokenizer:
             raise ValueError(f"vocab_size must be at least {256 + len(SPECIAL_TOKENS)} "
                              f"(256 byte tokens + {len(SPECIAL_TOKENS)} specials), got {vocab_size}")
         trainer = rustbpe.Tokenizer()
-        trainer.train_from_iterator(text_iterator, num_merged_vocab, pattern=SPLIT_PATTERN)
+        trainer.train_from_iterator(_without_lone_surrogates(text_iterator), num_merged_vocab, pattern=SPLIT_PATTERN)
         mergeable_ranks = {bytes(token): rank for token, rank in trainer.get_mergeable_ranks()}
         # tiktoken needs ranks 0..n-1 with no holes, otherwise ids and ranks disagree
         assert sorted(mergeable_ranks.values()) == list(range(len(mergeable_ranks))), "rustbpe ranks are not contiguous"
@@ -287,6 +288,22 @@ def build_encoding(mergeable_ranks, pattern=SPLIT_PATTERN):
     special_tokens = {name: offset + i for i, name in enumerate(SPECIAL_TOKENS)}
     return tiktoken.Encoding(name="rustbpe", pat_str=pattern, mergeable_ranks=mergeable_ranks,
                              special_tokens=special_tokens)
+
+
+def _replace_lone_surrogates(text):
+    # tiktoken's rule: a surrogate pair becomes its character, a lone surrogate becomes U+FFFD
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
+def _without_lone_surrogates(texts):
+    """rustbpe raises on strings that can't be UTF-8 (lone surrogates, e.g. from JSON "\\ud800"); fix those."""
+    for text in texts:
+        if not text.isascii():  # O(1) in CPython, so pure-ASCII documents cost nothing here
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                text = _replace_lone_surrogates(text)
+        yield text
 
 
 def _get_messages(conversation):

@@ -293,3 +293,60 @@ def test_build_encoding_layout():
     enc = build_encoding(ranks)
     assert enc.n_vocab == 256 + len(SPECIAL_TOKENS)
     assert enc.encode_single_token("<|output_end|>") == 256 + len(SPECIAL_TOKENS) - 1
+
+
+def test_training_text_with_lone_surrogates_does_not_crash():
+    # rustbpe alone raises UnicodeEncodeError on these (they can come from JSON escapes like "\ud800")
+    docs = make_corpus(num_docs=50) + ["broken \ud800 text", "\udc00\udc00 more 你好"]
+    tok = RustBPETokenizer.train_from_iterator(iter(docs), 300)
+    assert tok.decode(tok.encode("broken \ud800 text")) == "broken \ufffd text"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# scripts.tok_train (data injected as batches, as nanochat.dataset.parquets_iter_batched yields them)
+
+def test_tok_train_text_iterator_caps_docs_and_stops():
+    from scripts.tok_train import text_iterator
+    batches = [["a" * 50, "b" * 5], ["c" * 30, "d" * 30, "e" * 30]]
+    docs, stats = text_iterator(iter(batches), max_chars=80, doc_cap=20)
+    assert list(docs) == ["a" * 20, "b" * 5, "c" * 20, "d" * 20, "e" * 20]  # stops once more than 80 were read
+    assert stats == {"chars": 85, "docs": 5}
+    docs, stats = text_iterator(iter(batches), max_chars=10**9, doc_cap=10**9)
+    assert list(docs) == [doc for batch in batches for doc in batch]
+
+
+def test_tok_train_main_writes_tokenizer_token_bytes_and_report(_isolated_base_dir):
+    from scripts.tok_train import main
+    corpus = make_corpus(num_docs=200, seed=11)
+    batches = [corpus[i:i + 32] for i in range(0, len(corpus), 32)]
+    results = main(["--vocab-size", "320", "--max-chars", "10000000", "--doc-cap", "400"], batches=iter(batches))
+    assert results["train_chars"] == sum(min(len(d), 400) for d in corpus)
+    tok = get_tokenizer()
+    assert tok.get_vocab_size() == 320
+    assert torch.equal(get_token_bytes(), compute_token_bytes(tok))
+    report = (_isolated_base_dir / "report" / "tokenizer-training.md").read_text()
+    assert "vocab_size: 320" in report and "train_time" in report
+    with pytest.raises(SystemExit, match="No training text"):
+        main([], batches=iter([]))
+
+
+def test_tok_eval_table_and_report_offline(tok, _isolated_base_dir, monkeypatch, capsys):
+    import scripts.tok_eval as tok_eval
+    tok.save(os.path.join(str(_isolated_base_dir), "tokenizer"))
+
+    def fake_from_pretrained(name):  # GPT-2 "loads" (as our own tokenizer), GPT-4 is offline
+        if name == "gpt2":
+            return tok
+        raise RuntimeError("offline") from ConnectionError("no network")
+    monkeypatch.setattr(tok_eval.RustBPETokenizer, "from_pretrained", staticmethod(fake_from_pretrained))
+    monkeypatch.setattr(tok_eval, "data_texts", lambda data_dir: [("extra", "你好 the dog 🌍")])
+    results = tok_eval.main([])
+    out = capsys.readouterr().out
+    assert set(results) == {"Ours", "GPT-2"}
+    for name, text in tok_eval.SAMPLE_TEXTS + [("extra", "你好 the dog 🌍")]:
+        assert results["Ours"][name]["tokens"] == len(tok.encode(text))
+        assert results["Ours"][name]["bytes"] == len(text.encode("utf-8"))
+        assert f"\n{name:<12}" in out
+    assert "vs GPT-2" in out and "+0.0%" in out and "GPT-4 (cl100k_base) not compared" in out
+    report = (_isolated_base_dir / "report" / "tokenizer-evaluation.md").read_text()
+    assert "| korean |" in report and "not compared" in report
