@@ -1,0 +1,347 @@
+"""
+CORE scoring against hand computation: a character-level tokenizer and a bigram "model" whose logits we
+control, so every expected cross-entropy / greedy prediction is recomputed here with plain math.
+"""
+import csv
+import json
+import math
+import random
+
+import pytest
+import torch
+import yaml
+
+from nanochat import core_eval as ce
+
+# -----------------------------------------------------------------------------
+# Toy tokenizer and model
+
+CHARS = "\n" + "".join(chr(c) for c in range(32, 127))
+BOS = 0
+VOCAB = len(CHARS) + 1
+
+
+class CharTokenizer:
+    """One token per character; id 0 is BOS."""
+
+    def get_bos_token_id(self):
+        return BOS
+
+    def encode(self, text, prepend=None):
+        if isinstance(text, list):
+            return [self.encode(t, prepend) for t in text]
+        ids = [CHARS.index(c) + 1 for c in text]
+        return ([prepend] if prepend is not None else []) + ids
+
+
+class BigramModel:
+    """logits[b, t] = table[ids[b, t]]: the next-token distribution depends on the current token only."""
+
+    def __init__(self, table, max_seq_len=None):
+        self.table = table
+        self.calls = []
+        if max_seq_len is not None:
+            self.max_seq_len = max_seq_len
+
+    def __call__(self, ids):
+        self.calls.append(ids.clone())
+        return self.table[ids]
+
+
+def random_table(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(VOCAB, VOCAB, generator=g) * 2
+
+
+def hand_mean_ce(table, ids, start, end):
+    """Mean over positions j in [start, end) of -log softmax(table[ids[j-1]])[ids[j]], in plain Python."""
+    total = 0.0
+    for j in range(start, end):
+        row = [float(x) for x in table[ids[j - 1]]]
+        m = max(row)
+        log_z = m + math.log(sum(math.exp(x - m) for x in row))
+        total += log_z - row[ids[j]]
+    return total / (end - start)
+
+
+TOK = CharTokenizer()
+
+
+def ids_of(text):
+    return TOK.encode(text, prepend=BOS)
+
+
+# -----------------------------------------------------------------------------
+# Prompt rendering (strings compared exactly)
+
+def test_render_mc_with_fewshot():
+    fewshot = [{"query": "Q: 1+1?", "choices": ["1", "2"], "gold": 1},
+               {"query": "Q: sky?", "choices": ["blue", "red"], "gold": 0}]
+    item = {"query": "Q: 2+2?", "choices": ["4", "5"], "gold": 0}
+    prompts = ce.render_prompts_mc(item, "\nAnswer: ", fewshot)
+    prefix = "Q: 1+1?\nAnswer: 2\n\nQ: sky?\nAnswer: blue\n\n"
+    assert prompts == [prefix + "Q: 2+2?\nAnswer: 4", prefix + "Q: 2+2?\nAnswer: 5"]
+    assert ce.render_prompts_mc(item, " ") == ["Q: 2+2? 4", "Q: 2+2? 5"]
+
+
+def test_render_schema_with_fewshot():
+    fewshot = [{"context_options": ["Ann sat.", "Bob sat."], "continuation": "He smiled.", "gold": 1}]
+    item = {"context_options": ["The cup fell.", "The box fell."], "continuation": "It broke.", "gold": 0}
+    prompts = ce.render_prompts_schema(item, " ", fewshot)
+    assert prompts == ["Bob sat. He smiled.\n\nThe cup fell. It broke.",
+                       "Bob sat. He smiled.\n\nThe box fell. It broke."]
+
+
+def test_render_lm_trims_context_and_strips_prompt_without():
+    fewshot = [{"context": "  Capital of France:  ", "continuation": "Paris"}]
+    item = {"context": "Capital of Italy: \n", "continuation": "Rome"}
+    without, with_ = ce.render_prompts_lm(item, " ", fewshot)
+    assert with_ == "Capital of France: Paris\n\nCapital of Italy: Rome"
+    assert without == "Capital of France: Paris\n\nCapital of Italy:"  # trailing delimiter stripped
+    without, with_ = ce.render_prompts_lm(item, "\nAnswer: ")
+    assert (without, with_) == ("Capital of Italy:\nAnswer:", "Capital of Italy:\nAnswer: Rome")
+
+
+def test_fewshot_sampling_matches_sampling_from_the_explicit_list():
+    for n, k in [(5, 3), (40, 10), (3000, 10), (12, 0)]:
+        data = list(range(n))
+        for idx in [0, 1, n // 2, n - 1]:
+            rng = random.Random(1234 + idx)
+            expected = [data[i] for i in rng.sample([i for i in range(n) if i != idx], k)] if k else []
+            got = ce.sample_fewshot(data, idx, k)
+            assert got == expected
+            assert idx not in got
+
+
+def test_find_common_length():
+    assert ce.find_common_length([[1, 2, 3], [1, 2, 4], [1, 2]], "left") == 2
+    assert ce.find_common_length([[1, 2], [1, 2, 3]], "left") == 2
+    assert ce.find_common_length([[9, 2, 3], [1, 2, 3], [3]], "right") == 1
+    assert ce.find_common_length([[5, 2, 3], [7, 4, 2, 3]], "right") == 2
+    assert ce.find_common_length([[1], [2]], "left") == 0
+
+
+# -----------------------------------------------------------------------------
+# Scoring, one task type at a time
+
+def test_multiple_choice_scores_only_tokens_after_the_common_prefix():
+    table = random_table(1)
+    model = BigramModel(table)
+    data = [{"query": "pet:", "choices": [" cat", " car", " dog!"], "gold": 2}]
+    meta = {"task_type": "multiple_choice", "num_fewshot": 0, "continuation_delimiter": ""}
+    is_correct, losses = ce.score_example(0, model, TOK, data, "cpu", meta)
+    # choices diverge after " ca" / " d": the common token prefix is BOS + "pet: " → 6 tokens
+    start = 6
+    expected = [hand_mean_ce(table, ids_of("pet:" + c), start, len(ids_of("pet:" + c))) for c in data[0]["choices"]]
+    assert losses == pytest.approx(expected, abs=1e-5)
+    assert is_correct == (expected.index(min(expected)) == 2)
+    # one forward for the whole example: all choices, right-padded with BOS
+    assert len(model.calls) == 1
+    batch = model.calls[0]
+    assert batch.shape == (3, len(ids_of("pet: dog!")))
+    assert batch[0].tolist() == ids_of("pet: cat") + [BOS]
+
+
+def test_multiple_choice_picks_lowest_mean_loss():
+    table = torch.zeros(VOCAB, VOCAB)
+    a, b = CHARS.index("a") + 1, CHARS.index("b") + 1
+    colon = CHARS.index(":") + 1
+    table[colon, b] = 5.0  # after ':' the model strongly expects 'b'
+    data = [{"query": "x:", "choices": ["a", "b"], "gold": 1}, {"query": "y:", "choices": ["b", "a"], "gold": 1}]
+    meta = {"task_type": "multiple_choice", "num_fewshot": 0, "continuation_delimiter": ""}
+    model = BigramModel(table)
+    assert ce.evaluate_example(0, model, TOK, data, "cpu", meta) is True
+    assert ce.evaluate_example(1, model, TOK, data, "cpu", meta) is False
+
+
+def test_schema_scores_the_common_suffix():
+    table = random_table(2)
+    model = BigramModel(table)
+    data = [{"context_options": ["The cat", "A big dog"], "continuation": "ran off.", "gold": 0}]
+    meta = {"task_type": "schema", "num_fewshot": 0, "continuation_delimiter": " "}
+    is_correct, losses = ce.score_example(0, model, TOK, data, "cpu", meta)
+    expected = []
+    for ctx in data[0]["context_options"]:
+        ids = ids_of(ctx + " ran off.")
+        suffix = len(" ran off.")  # "The cat" / "A big dog" differ in their last char, the suffix is the rest
+        expected.append(hand_mean_ce(table, ids, len(ids) - suffix, len(ids)))
+    assert losses == pytest.approx(expected, abs=1e-5)
+    assert is_correct == (expected.index(min(expected)) == 0)
+
+
+def _chain_table(text):
+    """A bigram table whose greedy continuation from each char of `text` is the next char of `text`."""
+    table = torch.zeros(VOCAB, VOCAB)
+    ids = ids_of(text)
+    for cur, nxt in zip(ids[:-1], ids[1:]):
+        table[cur, nxt] = 10.0
+    return table
+
+
+def test_language_modeling_is_greedy_exact_match():
+    table = _chain_table("ab: cd")
+    model = BigramModel(table)
+    meta = {"task_type": "language_modeling", "num_fewshot": 0, "continuation_delimiter": " "}
+    data = [{"context": "ab:", "continuation": "cd"}, {"context": "ab:", "continuation": "ce"}]
+    assert ce.evaluate_example(0, model, TOK, data, "cpu", meta) is True
+    assert ce.evaluate_example(1, model, TOK, data, "cpu", meta) is False  # 'c' is predicted, 'e' is not
+    # only the prompt *with* the continuation is forwarded
+    assert [c.shape for c in model.calls] == [(1, len(ids_of("ab: cd")))] * 2
+
+
+def test_fewshot_examples_reach_the_model():
+    table = random_table(3)
+    model = BigramModel(table)
+    data = [{"context": f"w{i}", "continuation": f"c{i}"} for i in range(6)]
+    meta = {"task_type": "language_modeling", "num_fewshot": 2, "continuation_delimiter": "="}
+    ce.evaluate_example(4, model, TOK, data, "cpu", meta)
+    shots = [data[i] for i in random.Random(1234 + 4).sample([0, 1, 2, 3, 5], 2)]
+    text = "".join(f"{s['context']}={s['continuation']}\n\n" for s in shots) + "w4=c4"
+    assert model.calls[0][0].tolist() == ids_of(text)
+
+
+# -----------------------------------------------------------------------------
+# Truncation
+
+def test_left_truncation_to_model_max_seq_len():
+    table = random_table(4)
+    model = BigramModel(table, max_seq_len=8)
+    data = [{"query": "long question:", "choices": [" yes", " no"], "gold": 0}]
+    meta = {"task_type": "multiple_choice", "num_fewshot": 0, "continuation_delimiter": ""}
+    is_correct, losses = ce.score_example(0, model, TOK, data, "cpu", meta)
+    full = [ids_of("long question: yes"), ids_of("long question: no")]
+    start = len(ids_of("long question: "))
+    expected = []
+    for ids in full:
+        crop = max(len(ids) - 8, 0)
+        kept = ids[crop:]
+        expected.append(hand_mean_ce(table, kept, start - crop, len(kept)))
+    batch = model.calls[0]
+    assert batch.shape == (2, 8)
+    assert batch[0].tolist() == full[0][-8:]
+    assert batch[1].tolist() == full[1][-8:]  # each row cut on its own, both to 8
+    assert losses == pytest.approx(expected, abs=1e-5)
+
+
+def test_no_truncation_without_max_seq_len():
+    model = BigramModel(random_table(5))
+    data = [{"context": "x" * 50, "continuation": "yz"}]
+    meta = {"task_type": "language_modeling", "num_fewshot": 0, "continuation_delimiter": " "}
+    ce.evaluate_example(0, model, TOK, data, "cpu", meta)
+    assert model.calls[0].shape == (1, len(ids_of("x" * 50 + " yz")))
+
+
+def test_prompt_that_cannot_fit_raises_a_clear_error():
+    model = BigramModel(random_table(6), max_seq_len=4)
+    data = [{"context": "ctx", "continuation": "a very long continuation"}]
+    meta = {"task_type": "language_modeling", "num_fewshot": 0, "continuation_delimiter": " "}
+    with pytest.raises(ValueError, match="cannot fit"):
+        ce.evaluate_example(0, model, TOK, data, "cpu", meta)
+
+
+# -----------------------------------------------------------------------------
+# evaluate_task, distributed striding, centered accuracy, evaluate_core
+
+def _toy_lm_data():
+    # greedy chain "ab: cd": items with continuation "cd" are right, the others wrong
+    return [{"context": "ab:", "continuation": c} for c in ["cd", "ce", "cd", "cx", "cd"]]
+
+
+def test_evaluate_task_accuracy():
+    model = BigramModel(_chain_table("ab: cd"))
+    meta = {"task_type": "language_modeling", "num_fewshot": 0, "continuation_delimiter": " "}
+    assert ce.evaluate_task(model, TOK, _toy_lm_data(), "cpu", meta) == pytest.approx(3 / 5)
+
+
+def test_evaluate_task_strides_over_ranks_and_all_reduces(monkeypatch):
+    seen, reduced = [], []
+    real = ce.evaluate_example
+
+    def spy(idx, *args):
+        seen.append(idx)
+        return real(idx, *args)
+
+    def fake_all_reduce(tensor, op=None):
+        reduced.append(tensor.clone())
+        tensor += torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0])  # what rank 0 found (items 0, 2, 4)
+
+    monkeypatch.setattr(ce, "evaluate_example", spy)
+    monkeypatch.setattr(ce.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(ce.dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(ce.dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(ce.dist, "barrier", lambda: None)
+    monkeypatch.setattr(ce.dist, "all_reduce", fake_all_reduce)
+    model = BigramModel(_chain_table("ab: cd"))
+    meta = {"task_type": "language_modeling", "num_fewshot": 0, "continuation_delimiter": " "}
+    acc = ce.evaluate_task(model, TOK, _toy_lm_data(), "cpu", meta)
+    assert seen == [1, 3]  # rank 1 of 2 takes every other item
+    assert reduced[0].tolist() == [0.0] * 5  # items 1 and 3 are both wrong
+    assert acc == pytest.approx(3 / 5)
+
+
+def test_centered_accuracy():
+    assert ce.centered_accuracy(0.25, 25.0) == pytest.approx(0.0)
+    assert ce.centered_accuracy(1.0, 25.0) == pytest.approx(1.0)
+    assert ce.centered_accuracy(0.5, 25.0) == pytest.approx((0.5 - 0.25) / 0.75)
+    assert ce.centered_accuracy(0.3, 0.0) == pytest.approx(0.3)
+
+
+def _write_bundle(root):
+    """A three-task bundle in the real layout: core.yaml, eval_meta_data.csv, eval_data/<uri>."""
+    (root / "eval_data" / "sub").mkdir(parents=True)
+    mc = [{"query": f"q{i}:", "choices": ["a", "b"], "gold": i % 2} for i in range(8)]
+    schema = [{"context_options": [f"c{i}x", f"c{i}y"], "continuation": "end", "gold": 0} for i in range(6)]
+    lm = [{"context": "ab:", "continuation": c} for c in ["cd", "ce", "cd", "zz"]]
+    for name, rows in [("mc.jsonl", mc), ("sub/schema.jsonl", schema), ("lm.jsonl", lm)]:
+        with open(root / "eval_data" / name, "w", encoding="utf-8") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in rows))
+    config = {"icl_tasks": [
+        {"label": "toy_mc", "dataset_uri": "mc.jsonl", "num_fewshot": [2], "icl_task_type": "multiple_choice",
+         "continuation_delimiter": "\nAnswer: "},
+        {"label": "toy_schema", "dataset_uri": "sub/schema.jsonl", "num_fewshot": [0], "icl_task_type": "schema"},
+        {"label": "toy_lm", "dataset_uri": "lm.jsonl", "num_fewshot": [1], "icl_task_type": "language_modeling"},
+    ]}
+    (root / "core.yaml").write_text(yaml.safe_dump(config))
+    with open(root / "eval_meta_data.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["Eval Task", "Task Category", "Task Type", "#shots", "#datapoints", "Random baseline", "Centered Metric?", "Description"])
+        w.writerow(["toy_mc", "x", "x", 2, 8, 50.0, "", ""])
+        w.writerow(["toy_schema", "x", "x", 0, 6, 50.0, "", ""])
+        w.writerow(["toy_lm", "x", "x", 1, 4, 0.0, "", ""])
+    return {"toy_mc": mc, "toy_schema": schema, "toy_lm": lm}
+
+
+def test_evaluate_core_on_a_toy_bundle(tmp_path):
+    datasets = _write_bundle(tmp_path / "bundle")
+    model = BigramModel(random_table(7))
+    out = ce.evaluate_core(model, TOK, "cpu", bundle_dir=str(tmp_path / "bundle"))
+    assert list(out["results"]) == ["toy_mc", "toy_schema", "toy_lm"]
+    metas = {"toy_mc": ("multiple_choice", 2, "\nAnswer: "), "toy_schema": ("schema", 0, " "),
+             "toy_lm": ("language_modeling", 1, " ")}
+    baselines = {"toy_mc": 50.0, "toy_schema": 50.0, "toy_lm": 0.0}
+    for label, rows in datasets.items():
+        data = list(rows)
+        random.Random(1337).shuffle(data)  # the reference's shuffle before any max_per_task cap
+        task_type, shots, delim = metas[label]
+        meta = {"task_type": task_type, "num_fewshot": shots, "continuation_delimiter": delim}
+        acc = sum(ce.evaluate_example(i, model, TOK, data, "cpu", meta) for i in range(len(data))) / len(data)
+        assert out["results"][label] == pytest.approx(acc)
+        assert out["centered_results"][label] == pytest.approx((acc - baselines[label] / 100) / (1 - baselines[label] / 100))
+    assert out["core_metric"] == pytest.approx(sum(out["centered_results"].values()) / 3)
+
+    # a subset of tasks, and max_per_task = the first items after the Random(1337) shuffle
+    sub = ce.evaluate_core(model, TOK, "cpu", max_per_task=3, bundle_dir=str(tmp_path / "bundle"), tasks=["toy_mc"])
+    assert list(sub["results"]) == ["toy_mc"]
+    data = list(datasets["toy_mc"])
+    random.Random(1337).shuffle(data)
+    meta = {"task_type": "multiple_choice", "num_fewshot": 2, "continuation_delimiter": "\nAnswer: "}
+    acc = sum(ce.evaluate_example(i, model, TOK, data[:3], "cpu", meta) for i in range(3)) / 3
+    assert sub["results"]["toy_mc"] == pytest.approx(acc)
+    with pytest.raises(ValueError, match="unknown CORE task"):
+        ce.evaluate_core(model, TOK, "cpu", bundle_dir=str(tmp_path / "bundle"), tasks=["nope"])
+
+
+def test_existing_bundle_in_base_dir_is_used_without_download(tmp_path, monkeypatch, _isolated_base_dir):
+    _write_bundle(_isolated_base_dir / "eval_bundle")
+    monkeypatch.setenv("NANOCHAT_EVAL_BUNDLE_URL", "http://127.0.0.1:9/never.zip")
+    assert ce.ensure_eval_bundle() == str(_isolated_base_dir / "eval_bundle")
