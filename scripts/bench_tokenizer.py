@@ -2,7 +2,8 @@
 Benchmark: does our tokenizer wrapper cost anything over rustbpe / tiktoken used directly?
 
 Measures tokenizer training speed (chars/s) and encoding speed (MB/s: batch encode with threads, batch encode
-with a BOS prepended as the dataloader does, and one string at a time), ours vs the bare libraries, on the same
+with a BOS prepended as the dataloader does, one string at a time, and the per-call cost on a tiny string),
+ours vs the bare libraries, on the same
 text, alternating runs and keeping the best of --repeats (the machine may be shared; best-of is the least noisy).
 Text: Python's own stdlib sources (always available offline), or --data-dir.
 The last stdout line is one JSON object; ratios are ours/baseline speed (1.0 = no overhead).
@@ -128,6 +129,10 @@ def main(argv=None):
         args.repeats)
     t_single_ours, t_single_base = compare(lambda: [tok.encode(d) for d in encode_docs],
                                            lambda: [enc.encode_ordinary(d) for d in encode_docs], args.repeats)
+    # per-call cost on a tiny string, where any wrapper overhead would dominate (best of 5 x 20k calls)
+    n_calls = 20_000
+    t_call_ours, t_call_base = compare(lambda: [tok.encode("hello world") for _ in range(n_calls)],
+                                       lambda: [enc.encode_ordinary("hello world") for _ in range(n_calls)], 5)
 
     mb = encode_bytes / 1e6
     result = {
@@ -152,6 +157,8 @@ def main(argv=None):
         result[f"{key}_{unit}_baseline"] = speed(base[0])
         result[f"{key}_ratio"] = round(base[0] / ours[0], 3)
         result[f"{key}_cpu_ratio"] = round(base[1] / ours[1], 3)
+    result["encode_call_ns_ours"] = round(t_call_ours[0] / n_calls * 1e9)
+    result["encode_call_ns_baseline"] = round(t_call_base[0] / n_calls * 1e9)
     print(json.dumps(result))
     return result
 
