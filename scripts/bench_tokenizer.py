@@ -2,9 +2,8 @@
 Benchmark: does our tokenizer wrapper cost anything over rustbpe / tiktoken used directly?
 
 Measures tokenizer training speed (chars/s) and encoding speed (MB/s: batch encode with threads, batch encode
-with a BOS prepended as the dataloader does, one string at a time, and the per-call cost on a tiny string),
-ours vs the bare libraries, on the same
-text, alternating runs and keeping the best of --repeats (the machine may be shared; best-of is the least noisy).
+with a BOS prepended as the dataloader does, one string at a time, and the per-call cost on a tiny string), ours vs the bare libraries, on the same text,
+alternating runs and keeping the best of --repeats (the machine may be shared; best-of is the least noisy).
 Text: Python's own stdlib sources (always available offline), or --data-dir.
 The last stdout line is one JSON object; ratios are ours/baseline speed (1.0 = no overhead).
 
