@@ -1,0 +1,107 @@
+"""
+Causal (optionally sliding-window) attention, for training and for KV-cache inference.
+
+Tensors use flash-attention's (B, T, H, D) layout; GQA is allowed (H query heads, H_kv key/value heads,
+query head h reads kv head h // (H // H_kv)). A window w means a query at position i sees keys j with
+i - w <= j <= i (flash-attention's window_size=(w, 0)); w >= the number of keys is plain causal attention.
+
+Kernel: Flash-Attention-3 when the `flash_attn_interface` package is importable (Hopper GPU, bf16, no
+download), otherwise PyTorch SDPA:
+- training / no prefix: full causal uses is_causal=True; a window that bites needs an explicit boolean mask.
+- single-token decode: attend to the valid cached prefix (the last w+1 keys when windowed); GQA is done by
+  folding the query heads of each kv head into the query-length dim, so no mask and no K/V repeat.
+- chunk (T > 1) into a cache at an offset: explicit mask aligned to the cache position.
+"""
+
+import torch
+import torch.nn.functional as F
+
+
+def _load_fa3():
+    if not torch.cuda.is_available():
+        return None
+    try:
+        if torch.cuda.get_device_capability()[0] != 9:  # FA3 kernels are built for Hopper only
+            return None
+        import flash_attn_interface
+        return flash_attn_interface
+    except Exception:
+        return None
+
+
+_fa3 = _load_fa3()
+HAS_FA3 = _fa3 is not None
+# Tests may force a kernel: "fa3", "sdpa", or None (automatic).
+_override_impl = None
+
+
+def _use_fa3(q):
+    if _override_impl == "sdpa":
+        return False
+    if _override_impl == "fa3":
+        assert HAS_FA3, "Flash-Attention-3 was forced but flash_attn_interface is not importable on this machine"
+        return True
+    return HAS_FA3 and q.is_cuda and q.dtype == torch.bfloat16
+
+
+def _first(out):
+    # some FA3 builds return (out, softmax_lse)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _causal_window_mask(num_queries, num_keys, offset, window, device):
+    """(Tq, Tk) boolean mask, True = attend: query i sits at absolute position offset + i."""
+    rows = offset + torch.arange(num_queries, device=device).unsqueeze(1)
+    cols = torch.arange(num_keys, device=device).unsqueeze(0)
+    mask = cols <= rows
+    if window < num_keys:
+        mask = mask & (rows - cols <= window)
+    return mask
+
+
+def attention(q, k, v, window, scale=None):
+    """Causal attention over one sequence. q: (B, T, H, D); k, v: (B, T, H_kv, D); returns (B, T, H, D)."""
+    if _use_fa3(q):
+        return _first(_fa3.flash_attn_func(q, k, v, softmax_scale=scale, causal=True, window_size=(window, 0)))
+    T = q.size(1)
+    gqa = q.size(2) != k.size(2)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if window >= T - 1:  # the window covers every earlier position: plain causal
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    else:
+        mask = _causal_window_mask(T, T, 0, window, q.device)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    return y.transpose(1, 2)
+
+
+def attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, pos, window, scale=None):
+    """
+    Write the new k, v (B, T, H_kv, D) into the layer's cache (B, T_max, H_kv, D) at position `pos`
+    (a Python int equal to cache_seqlens, which the caller advances afterwards) and attend the new queries
+    q (B, T, H, D) to everything cached so far. Returns (B, T, H, D).
+    """
+    if _use_fa3(q):
+        return _first(_fa3.flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v, cache_seqlens=cache_seqlens,
+                                                   softmax_scale=scale, causal=True, window_size=(window, 0)))
+    B, T, H, D = q.shape
+    H_kv = k.size(2)
+    end = pos + T
+    k_cache[:, pos:end] = k
+    v_cache[:, pos:end] = v
+    if T == 1:
+        start = max(0, end - (window + 1))
+        keys = k_cache[:, start:end].transpose(1, 2)    # (B, H_kv, Tk, D)
+        values = v_cache[:, start:end].transpose(1, 2)
+        # the H // H_kv query heads that share a kv head become that head's "query positions"
+        queries = q.view(B, H_kv, H // H_kv, D)
+        y = F.scaled_dot_product_attention(queries, keys, values, scale=scale)
+        return y.view(B, 1, H, D)
+    if pos == 0:  # a fresh prompt: same as training
+        return attention(q, k, v, window, scale=scale)
+    start = max(0, pos - window)  # keys before this are outside every query's window
+    keys = k_cache[:, start:end].transpose(1, 2)
+    values = v_cache[:, start:end].transpose(1, 2)
+    mask = _causal_window_mask(T, end - start, pos - start, window, q.device)
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask, scale=scale,
+                                       enable_gqa=H != H_kv)
+    return y.transpose(1, 2)
