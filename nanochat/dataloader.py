@@ -19,15 +19,19 @@ State and exact resume: each yield comes with a state dict
     "buffer"                        [[pq_idx, rg_idx, row], ...] the documents still buffered, in buffer order,
     "rank", "world_size"
 A loader given this state re-reads and re-tokenizes just the buffered documents and continues reading at the
-saved position, so it yields exactly the batches the uninterrupted loader would have. Note that the state is
-per rank: to resume a multi-rank run exactly, save every rank's state. A state with only nanochat's three keys
+saved position, so it yields exactly the batches the uninterrupted loader would have (given the same data,
+tokenizer, B, T, buffer_size and tokenizer_batch_size, which decide what gets packed). Note that the state is
+per rank: to resume a multi-rank run exactly, save every rank's state (e.g. all_gather_object at save time)
+and pass either this rank's state or the list of all ranks' states (the loader picks its own). A state with
+only nanochat's three keys
 (or one saved by another rank / world size) resumes approximately as nanochat does: at the next unit of this
 rank after the saved one, with an empty buffer.
 
 Device transfer: rows are built on the CPU, copied into a pinned staging buffer, and moved with one
 non-blocking copy into a persistent device buffer. Two staging/device buffer pairs alternate, and a CUDA event
 guards each staging buffer, so a batch is never overwritten while its copy is still in flight (nanochat reuses
-one pinned buffer without waiting). The yielded tensors stay valid until two more batches have been drawn.
+one pinned buffer without waiting). A yielded batch stays intact while the next one is drawn; the one after
+that reuses its memory.
 """
 
 import bisect
@@ -130,6 +134,8 @@ def _resume_position(state, parts, rank, world_size):
     """(position, buffered coords) to start from, exact when the state allows it."""
     if state is None:
         return (0, rank, 0, 1), []
+    if isinstance(state, (list, tuple)):  # every rank's state, saved together
+        state = state[rank] if len(state) == world_size else state[0]
     exact = ("buffer" in state and "row" in state and state.get("rank", rank) == rank
              and state.get("world_size", world_size) == world_size)
     if exact:

@@ -29,6 +29,7 @@ import shutil
 import random
 import hashlib
 import inspect
+import warnings
 import sysconfig
 import importlib
 from multiprocessing import Pool
@@ -189,7 +190,9 @@ def c_module_docs():
     """API docs of built-in and extension modules (import only; their docs are not in any .py file)."""
     for modname in _c_module_names():
         try:
-            module = importlib.import_module(modname)
+            with warnings.catch_warnings():  # e.g. DeprecationWarnings of modules slated for removal
+                warnings.simplefilter("ignore")
+                module = importlib.import_module(modname)
         except BaseException:  # noqa: BLE001 - a module that cannot load here just contributes nothing
             continue
         header = f"Help on built-in module {modname}:\n\n"

@@ -157,6 +157,19 @@ def test_state_of_another_rank_falls_back_to_approximate(data_dir, monkeypatch, 
     assert all(rg_idx % 2 == 1 for _, rg_idx, _ in resumed["buffer"])
 
 
+def test_each_rank_picks_its_own_state_from_a_list_of_all_ranks_states(data_dir, monkeypatch):
+    def run(rank, n, state=None):
+        fake_dist(monkeypatch, rank, 2)
+        return take(loader_with_state(ByteTokenizer(), B, T, "train", device="cpu", data_dir=data_dir,
+                                      resume_state_dict=state, **SMALL), n)
+
+    full = [run(rank, 12) for rank in range(2)]
+    states = [full[rank][5][2] for rank in range(2)]
+    for rank in range(2):
+        resumed = run(rank, 6, states)
+        assert all(torch.equal(a[0], b[0]) for a, b in zip(full[rank][6:], resumed))
+
+
 def test_ranks_read_disjoint_row_groups_covering_the_split(data_dir, monkeypatch):
     real_read = dataloader_module.read_row_group
     seen = {}
