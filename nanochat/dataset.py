@@ -140,8 +140,11 @@ def _jsonl_unit_offsets(path, mtime):
 
 @lru_cache(maxsize=2)
 def _txt_documents(path, mtime):
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e}); convert it, e.g. `iconv -f latin1 -t utf-8`") from None
     docs = [d.strip() for d in split_text(text, TXT_DOC_CHARS)]
     return tuple(d for d in docs if d)
 
@@ -178,7 +181,7 @@ def read_row_group(path, rg_idx):
                 if line.strip():
                     try:
                         row = json.loads(line)
-                    except json.JSONDecodeError as e:
+                    except ValueError as e:  # bad JSON or bad UTF-8
                         raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from None
                     if not isinstance(row, dict) or not isinstance(row.get("text"), str):
                         raise ValueError(f'{path}:{lineno}: expected an object with a string "text" field')

@@ -115,6 +115,13 @@ def test_bad_jsonl_row_is_reported_with_file_and_line(tmp_path):
     (data / "1.jsonl").write_text('{"text": "val"}\n')
     with pytest.raises(ValueError, match=r"0\.jsonl:3: expected an object with a string \"text\" field"):
         list(parquets_iter_batched("train", data_dir=str(data)))
+    (data / "0.jsonl").write_text('{"text": "ok"}\n{"text": "cut\n')
+    with pytest.raises(ValueError, match=r"0\.jsonl:2: not valid JSON"):
+        list(parquets_iter_batched("train", data_dir=str(data)))
+    (data / "0.jsonl").write_text('{"text": "ok"}\n')
+    (data / "0.txt").write_bytes("caf\xe9".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"0\.txt: not UTF-8"):
+        list(parquets_iter_batched("train", data_dir=str(data)))
 
 
 def test_a_single_file_gives_its_last_unit_to_val(tmp_path):
