@@ -147,8 +147,34 @@ def _kernel(fn, device: torch.device):
         return fn
     if fn not in _compiled:
         dynamic = None if fn is adamw_update else False
-        _compiled[fn] = torch.compile(fn, dynamic=dynamic, fullgraph=True)
+        _compiled[fn] = _CompileOrEager(fn, torch.compile(fn, dynamic=dynamic, fullgraph=True))
     return _compiled[fn]
+
+
+class _CompileOrEager:
+    """Calls the compiled kernel; if compiling fails (no working Triton / C compiler), says so once and
+    runs eager from then on. Compilation happens before the kernel touches any tensor, so retrying
+    eagerly is safe."""
+
+    def __init__(self, eager, compiled):
+        self.eager, self.compiled = eager, compiled
+
+    def __call__(self, *args):
+        if self.compiled is not None:
+            try:
+                return self.compiled(*args)
+            except Exception as e:  # torch._dynamo / inductor raise many different types here
+                if not _is_compile_error(e):
+                    raise
+                print(f"WARNING: torch.compile of {self.eager.__name__} failed ({type(e).__name__}: "
+                      f"{str(e).splitlines()[0] if str(e) else ''}); running it eagerly (slower, same math).")
+                self.compiled = None
+        return self.eager(*args)
+
+
+def _is_compile_error(e: Exception) -> bool:
+    module = type(e).__module__ or ""
+    return module.startswith(("torch._dynamo", "torch._inductor")) or "triton" in str(e).lower()
 
 # -----------------------------------------------------------------------------
 # Collectives with a fallback for backends that lack reduce_scatter / ReduceOp.AVG (older gloo).

@@ -403,3 +403,23 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
             torch.testing.assert_close(ranks[0][mode][name], value, rtol=1e-5, atol=1e-6, msg=f"{mode}: {name}")
             assert torch.equal(ranks[0][mode + "_resumed"][name], ranks[0][mode][name]), f"{mode} resume: {name}"
             assert not torch.equal(value, start[name]), f"{name} never moved"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_compiled_kernels_match_cpu():
+    cpu_groups = _params_and_groups(seed=9)
+    cuda_groups = [dict(g, params=[nn.Parameter(p.detach().cuda()) for p in g["params"]]) for g in cpu_groups]
+    cpu_opt, cuda_opt = MuonAdamW(cpu_groups), MuonAdamW(cuda_groups)
+    for step in range(4):
+        for opt in (cpu_opt, cuda_opt):
+            if step:
+                _schedule(opt.param_groups, step)  # new values must not need a recompile to take effect
+            params = [p for g in opt.param_groups for p in g["params"]]
+            for p, grad in zip(params, _grads(params, step)):
+                p.grad = grad.to(p.device)
+            opt.step()
+    for g1, g2 in zip(cpu_opt.param_groups, cuda_opt.param_groups):
+        for a, b in zip(g1["params"], g2["params"]):
+            tol = 2e-2 if g1["kind"] == "muon" and optim.COMPUTE_DTYPE == torch.bfloat16 else 1e-4
+            torch.testing.assert_close(b.detach().cpu(), a.detach(), rtol=tol, atol=tol)
