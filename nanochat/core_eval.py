@@ -120,6 +120,9 @@ def sample_fewshot(data, idx, num_fewshot):
     """The few-shot examples for item idx: Random(1234 + idx) draws num_fewshot of the *other* items."""
     if num_fewshot <= 0:
         return []
+    if num_fewshot > len(data) - 1:
+        raise ValueError(f"{num_fewshot}-shot needs at least {num_fewshot + 1} items, this task has {len(data)} "
+                         f"(raise --max-per-task above {num_fewshot})")
     rng = random.Random(1234 + idx)
     return [data[i] for i in rng.sample(_IndicesExcept(len(data), idx), num_fewshot)]
 

@@ -345,3 +345,59 @@ def test_existing_bundle_in_base_dir_is_used_without_download(tmp_path, monkeypa
     _write_bundle(_isolated_base_dir / "eval_bundle")
     monkeypatch.setenv("NANOCHAT_EVAL_BUNDLE_URL", "http://127.0.0.1:9/never.zip")
     assert ce.ensure_eval_bundle() == str(_isolated_base_dir / "eval_bundle")
+
+
+def test_eval_bundle_download_and_unzip(tmp_path, monkeypatch, _isolated_base_dir):
+    pytest.importorskip("nanochat.download")
+    import io
+    import threading
+    import zipfile
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    _write_bundle(tmp_path / "src" / "eval_bundle")
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:  # the real zip holds a top-level eval_bundle/ folder
+        for path in sorted((tmp_path / "src").rglob("*")):
+            if path.is_file():
+                zf.write(path, path.relative_to(tmp_path / "src").as_posix())
+    payload = buf.getvalue()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("NANOCHAT_EVAL_BUNDLE_URL", f"http://127.0.0.1:{server.server_address[1]}/eval_bundle.zip")
+    try:
+        bundle = ce.ensure_eval_bundle()
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert bundle == str(_isolated_base_dir / "eval_bundle")
+    assert (_isolated_base_dir / "eval_bundle" / "eval_data" / "sub" / "schema.jsonl").exists()
+    out = ce.evaluate_core(BigramModel(random_table(8)), TOK, "cpu", tasks=["toy_lm"])
+    assert set(out["results"]) == {"toy_lm"}
+
+
+def test_eval_bundle_unreachable_says_what_to_do(monkeypatch):
+    download = pytest.importorskip("nanochat.download")
+
+    def refuse(*args, **kwargs):
+        raise download.DownloadError("connection refused")
+
+    monkeypatch.setattr(download, "download_file", refuse)
+    with pytest.raises(RuntimeError, match="NANOCHAT_EVAL_BUNDLE_URL"):
+        ce.ensure_eval_bundle()
+
+
+def test_too_few_items_for_the_fewshot_count_is_a_clear_error():
+    data = [{"context": f"w{i}", "continuation": "c"} for i in range(3)]
+    meta = {"task_type": "language_modeling", "num_fewshot": 5, "continuation_delimiter": " "}
+    with pytest.raises(ValueError, match="max-per-task"):
+        ce.evaluate_example(0, BigramModel(random_table(9)), TOK, data, "cpu", meta)
