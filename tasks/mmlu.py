@@ -28,9 +28,10 @@ class MMLU(Task):
     def __init__(self, subset, split, data_path=None, **kwargs):
         super().__init__(**kwargs)
         assert subset in ("all", "auxiliary_train"), f"MMLU subset must be all|auxiliary_train, got {subset}"
-        assert split in ("train", "validation", "dev", "test"), f"MMLU split must be train|validation|dev|test, got {split}"
-        if subset == "auxiliary_train":
-            assert split == "train", "MMLU auxiliary_train only has a train split"
+        # the 99.8K auxiliary training questions: MMLU("auxiliary_train", "train") or, as newer nanochat
+        # spells it, MMLU("all", "auxiliary_train") (the hub's "all" config carries them as a split too)
+        splits = ("train",) if subset == "auxiliary_train" else ("validation", "dev", "test", "auxiliary_train")
+        assert split in splits, f"MMLU {subset} split must be one of {'|'.join(splits)}, got {split}"
         self.subset = subset
         self.split = split
         self.rows = load_task_rows("mmlu", "cais/mmlu", subset, split, data_path=data_path, default_config="all")
@@ -53,7 +54,7 @@ class MMLU(Task):
             {"role": "assistant", "content": self.letters[row["answer"]]},
         ]
         # subject: for per-subject metrics; letters: lets the evaluator clamp the prediction to A-D
-        return {"messages": messages, "subject": row["subject"], "letters": self.letters}
+        return {"messages": messages, "subject": row.get("subject", ""), "letters": self.letters}
 
     def evaluate(self, conversation, assistant_response):
         assert assistant_response in self.letters, f"MMLU answer {assistant_response!r} is expected to be one of {self.letters}"

@@ -129,9 +129,19 @@ def _offline_words(base_dir):
     return words
 
 
+_WORD_LISTS = {}  # memo: a mixture builds several spelling tasks; find (or fail to download) the list once
+
+
 def load_word_list(words_file=None):
     """The word list (see the module docstring for where it comes from)."""
     words_file = words_file or os.environ.get("NANOCHAT_WORDS_FILE")
+    key = (words_file, get_base_dir(), os.environ.get("NANOCHAT_WORDS_URL"))
+    if key not in _WORD_LISTS:
+        _WORD_LISTS[key] = _find_word_list(words_file)
+    return _WORD_LISTS[key]
+
+
+def _find_word_list(words_file):
     if words_file:
         if not os.path.exists(words_file):
             raise FileNotFoundError(f"word list {words_file} does not exist (from words_file= / NANOCHAT_WORDS_FILE)")

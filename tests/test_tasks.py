@@ -162,6 +162,10 @@ def test_mmlu_local_parquet_and_auxiliary_train_unwrap(tmp_path):
     write_jsonl(tmp_path / "auxiliary_train" / "train.jsonl", [{"train": r} for r in rows])
     aux = MMLU("auxiliary_train", "train", data_path=str(tmp_path))
     assert aux[0]["messages"][0]["content"] == conv["messages"][0]["content"]
+    write_jsonl(tmp_path / "all" / "auxiliary_train.jsonl", rows)  # newer nanochat: MMLU("all", "auxiliary_train")
+    assert MMLU("all", "auxiliary_train", data_path=str(tmp_path))[0] == conv
+    with pytest.raises(AssertionError):
+        MMLU("auxiliary_train", "test", data_path=str(tmp_path))
 
 
 def test_arc_picks_the_right_config_file(tmp_path):
@@ -379,3 +383,18 @@ def test_hub_falls_back_to_the_refs_convert_parquet_tree(tmp_path, monkeypatch, 
         hub.close()
     assert "/api/datasets/openai/gsm8k/parquet/main/test" in hub.requests  # tried the /parquet API first
     assert [task[i]["messages"][0]["content"] for i in range(5)] == [r["question"] for r in reference_order(rows)]
+
+
+def test_spellingbee_downloads_the_word_list_once(monkeypatch, _isolated_base_dir):
+    pytest.importorskip("nanochat.download")
+    from tasks.spellingbee import SpellingBee, SimpleSpelling
+    hub = FakeHub({"/words_alpha.txt": "\r\n".join(WORDS).encode() + b"\r\n"})
+    monkeypatch.setenv("NANOCHAT_WORDS_URL", f"{hub.url}/words_alpha.txt")
+    try:
+        bee = SpellingBee(size=3)
+        simple = SimpleSpelling(size=3)
+    finally:
+        hub.close()
+    assert (_isolated_base_dir / "words_alpha.txt").exists()
+    assert bee.words == WORDS and sorted(simple.words) == sorted(WORDS)
+    assert hub.requests == ["/words_alpha.txt"]
