@@ -185,10 +185,12 @@ def _rebase(url, endpoint):
 def list_parquet_urls(repo_id, config, split, timeout=30):
     """URLs of a split's parquet files: the /parquet API first, then the refs/convert/parquet tree listing."""
     endpoint = hf_endpoint()
+    token = os.environ.get("HF_TOKEN")
+    headers = {"Authorization": f"Bearer {token}"} if token else {}  # gated/private datasets, rate limits
     errors = []
     api_url = f"{endpoint}/api/datasets/{repo_id}/parquet/{config}/{split}"
     try:
-        r = requests.get(api_url, timeout=timeout)
+        r = requests.get(api_url, timeout=timeout, headers=headers)
         r.raise_for_status()
         urls = r.json()
         if isinstance(urls, list) and urls and all(isinstance(u, str) for u in urls):
@@ -198,7 +200,7 @@ def list_parquet_urls(repo_id, config, split, timeout=30):
         errors.append(f"{api_url}: {e}")
     tree_url = f"{endpoint}/api/datasets/{repo_id}/tree/refs%2Fconvert%2Fparquet/{config}/{split}"
     try:
-        r = requests.get(tree_url, timeout=timeout)
+        r = requests.get(tree_url, timeout=timeout, headers=headers)
         r.raise_for_status()
         entries = r.json()
         paths = sorted(e["path"] for e in entries
