@@ -76,18 +76,23 @@ def _embedding(num_embeddings, embedding_dim):
 
 
 def apply_rotary_emb(x, cos, sin):
-    # Half-split pairing (channel i rotates with channel i + D/2). Rotates by -theta like nanochat (only the
-    # relative q/k rotation matters; kept so nanochat checkpoints load unchanged).
-    d = x.size(-1) // 2
-    x1, x2 = x[..., :d], x[..., d:]
-    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
+    """
+    Half-split rotary: channel i pairs with channel i + D/2, (x1, x2) -> (x1 cos + x2 sin, x2 cos - x1 sin).
+    That rotates by -theta like nanochat (only the relative q/k rotation matters; kept so nanochat checkpoints
+    load unchanged). The tables are full width, cos = [cos, cos] and sin = [sin, -sin], so the whole thing is
+    x * cos + swap_halves(x) * sin: three ops instead of nine (decode is op-bound on CPU).
+    """
+    return torch.addcmul(x * cos, x.roll(x.size(-1) // 2, dims=-1), sin)
 
 
 class Linear(nn.Linear):
     """nn.Linear without autocast: fp32 master weight, matmul in the activation's dtype."""
 
     def forward(self, x):
-        return F.linear(x, self.weight.to(dtype=x.dtype))
+        w = self.weight
+        if w.dtype != x.dtype:  # checked in Python: a no-op .to() still costs a dispatcher call per matmul
+            w = w.to(dtype=x.dtype)
+        return F.linear(x, w)
 
 
 class CausalSelfAttention(nn.Module):
@@ -106,18 +111,45 @@ class CausalSelfAttention(nn.Module):
         self.c_v = Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.c_proj = Linear(config.n_embd, config.n_embd, bias=False)
         self.ve_gate = Linear(VE_GATE_CHANNELS, self.n_kv_head, bias=False) if has_ve(layer_idx, config.n_layer) else None
+        self._fused_weight, self._fused_key = None, None  # inference-only cache, see _fused_input_weight
+
+    def _fused_input_weight(self, dtype):
+        """
+        CPU inference: c_q, c_k, c_v and the zero-padded ve_gate stacked into one matrix, so the input side of
+        attention is one matmul and q|k get rotary + norm together. Rebuilt whenever a weight is replaced or
+        modified in place (parameter identity, storage and version counter are the key).
+        """
+        weights = [self.c_q.weight, self.c_k.weight, self.c_v.weight]
+        if self.ve_gate is not None:
+            weights.append(self.ve_gate.weight)
+        key = [(w, w.data_ptr(), w._version) for w in weights]
+        cached = self._fused_key
+        if (cached is None or self._fused_weight.dtype != dtype or
+                any(a[0] is not b[0] or a[1:] != b[1:] for a, b in zip(cached, key))):
+            rows = weights[:3]
+            if self.ve_gate is not None:
+                rows.append(F.pad(self.ve_gate.weight, (0, self.c_q.in_features - VE_GATE_CHANNELS)))
+            self._fused_weight = torch.cat(rows).to(dtype)
+            self._fused_key = key
+        return self._fused_weight
 
     def forward(self, x, ve, cos, sin, window, kv_cache, pos):
         B, T, C = x.shape
-        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
-        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
-        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        H, H_kv, D = self.n_head, self.n_kv_head, self.head_dim
+        if x.device.type == "cpu" and not torch.is_grad_enabled():
+            qkvg = F.linear(x, self._fused_input_weight(x.dtype))
+            qk = norm(apply_rotary_emb(qkvg[..., :(H + H_kv) * D].view(B, T, H + H_kv, D), cos, sin))
+            q, k = qk[:, :, :H], qk[:, :, H:]
+            v = qkvg[..., (H + H_kv) * D:(H + 2 * H_kv) * D].view(B, T, H_kv, D)
+            gate_logits = qkvg[..., (H + 2 * H_kv) * D:]
+        else:
+            q = norm(apply_rotary_emb(self.c_q(x).view(B, T, H, D), cos, sin))
+            k = norm(apply_rotary_emb(self.c_k(x).view(B, T, H_kv, D), cos, sin))
+            v = self.c_v(x).view(B, T, H_kv, D)
+            gate_logits = self.ve_gate(x[..., :VE_GATE_CHANNELS]) if ve is not None else None
         if ve is not None:
-            # value residual: per-kv-head gate in (0, 3)
-            gate = 3 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))
-            v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim)
-        q = norm(apply_rotary_emb(q, cos, sin))
-        k = norm(apply_rotary_emb(k, cos, sin))
+            # value residual: v += 3 * sigmoid(gate) * ve, one gate per kv head, range (0, 3)
+            v = torch.addcmul(v, torch.sigmoid(gate_logits).unsqueeze(-1), ve.view(B, T, H_kv, D), value=3.0)
         if kv_cache is None:
             y = attention(q, k, v, window, scale=self.softmax_scale)
         else:
@@ -177,7 +209,7 @@ class GPT(nn.Module):
         self.rotary_seq_len = config.sequence_len * 10
         # Placeholders (computing them here would run arange on meta, which imports torch._dynamo): init_weights
         # fills them on the real device.
-        rotary_shape = (1, self.rotary_seq_len, 1, head_dim // 2)
+        rotary_shape = (1, self.rotary_seq_len, 1, head_dim)
         self.register_buffer("cos", torch.empty(rotary_shape, dtype=COMPUTE_DTYPE), persistent=False)
         self.register_buffer("sin", torch.empty(rotary_shape, dtype=COMPUTE_DTYPE), persistent=False)
 
@@ -187,8 +219,10 @@ class GPT(nn.Module):
         inv_freq = 1.0 / (self.config.rope_base ** (channels / head_dim))
         t = torch.arange(self.rotary_seq_len, dtype=torch.float32, device=device)
         freqs = torch.outer(t, inv_freq)
-        # (1, T, 1, D/2): broadcasts over batch and heads
-        return freqs.cos().to(COMPUTE_DTYPE)[None, :, None, :], freqs.sin().to(COMPUTE_DTYPE)[None, :, None, :]
+        cos, sin = freqs.cos(), freqs.sin()
+        # full-width tables for apply_rotary_emb, (1, T, 1, D): broadcast over batch and heads
+        cos, sin = torch.cat([cos, cos], dim=-1), torch.cat([sin, -sin], dim=-1)
+        return cos.to(COMPUTE_DTYPE)[None, :, None, :], sin.to(COMPUTE_DTYPE)[None, :, None, :]
 
     @torch.no_grad()
     def init_weights(self):
@@ -317,8 +351,9 @@ class GPT(nn.Module):
 
         x0 = x
         x_backout = None
+        resid_lambdas, x0_lambdas = self.resid_lambdas.unbind(), self.x0_lambdas.unbind()
         for i, block in enumerate(self.transformer.h):
-            x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
+            x = torch.addcmul(resid_lambdas[i] * x, x0_lambdas[i], x0)
             ve = self.value_embeds[str(i)](idx).to(x.dtype) if str(i) in self.value_embeds else None
             x = block(x, ve, cos, sin, self.window_sizes[i], kv_cache, pos)
             if i == self.backout_layer:
@@ -349,7 +384,7 @@ class GPT(nn.Module):
             return torch.cat([x[:, :1], x[:, 1:] + gate * x[:, :-1]], dim=1)
         x_prev = prev if x.size(1) == 1 else torch.cat([prev, x[:, :-1]], dim=1)
         gate = lam * torch.sigmoid(self.smear_gate(x[..., :SMEAR_GATE_CHANNELS]))
-        return x + gate * x_prev
+        return torch.addcmul(x, gate, x_prev)
 
     # -------------------------------------------------------------------------
     # Naive generation (full recompute every step): the reference the Engine is checked against

@@ -49,11 +49,12 @@ def test_window_sizes_default_and_override():
         GPT(GPTConfig(window_pattern="SXL"))
 
 
-def test_kv_cache_prefill_chunk_decode_matches_full_forward():
+@pytest.mark.parametrize("grad", [False, True], ids=["cpu-inference-path", "module-path"])
+def test_kv_cache_prefill_chunk_decode_matches_full_forward(grad):
     model = randomize(build(WINDOWED)).eval()
     T = 14
     idx = torch.randint(0, WINDOWED.vocab_size, (2, T), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
+    with torch.set_grad_enabled(grad):
         full = model(idx)
         kv = kv_cache_for(model, 2, 20)
         pieces = [model(idx[:, :6], kv_cache=kv), model(idx[:, 6:10], kv_cache=kv)]  # prefill, then a chunk
@@ -61,7 +62,7 @@ def test_kv_cache_prefill_chunk_decode_matches_full_forward():
             pieces.append(model(idx[:, t:t + 1], kv_cache=kv))  # token-by-token decode
     assert kv.get_pos() == T
     assert full.shape == (2, T, WINDOWED.vocab_size)
-    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.cat(pieces, dim=1).detach(), full.detach(), atol=1e-5, rtol=1e-5)
 
 
 def test_kv_cache_fan_out_prefill_matches_full_forward():
@@ -79,6 +80,33 @@ def test_kv_cache_fan_out_prefill_matches_full_forward():
     torch.testing.assert_close(torch.cat(steps, dim=1), full[:, 7:], atol=1e-5, rtol=1e-5)
     kv3.reset()
     assert kv3.get_pos() == 0 and kv3.prev_embedding is None
+
+
+def test_cpu_inference_fast_path_matches_training_path_and_tracks_weight_changes():
+    """No-grad CPU forward stacks c_q/c_k/c_v/ve_gate into one cached matrix; it must equal the autograd path
+    and notice in-place updates (optimizer steps) and replaced parameters (load_state_dict(assign=True))."""
+    model = randomize(build(WINDOWED), seed=5)
+    idx = torch.randint(0, 300, (2, 9), generator=torch.Generator().manual_seed(6))
+
+    def both():
+        with torch.no_grad():
+            fast = model(idx)
+        slow = model(idx).detach()  # grad enabled: separate Linear modules
+        return fast, slow
+
+    fast, slow = both()
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        model.transformer.h[1].attn.c_k.weight.mul_(-2.0)
+        model.transformer.h[1].attn.ve_gate.weight.add_(1.0)
+    fast2, slow2 = both()
+    assert (slow2 - slow).abs().max() > 1e-3
+    torch.testing.assert_close(fast2, slow2, atol=1e-5, rtol=1e-5)
+    sd = {k: v.clone() for k, v in randomize(build(WINDOWED), seed=9).state_dict().items()}
+    model.load_state_dict(sd, strict=True, assign=True)
+    fast3, slow3 = both()
+    assert (slow3 - slow2).abs().max() > 1e-3
+    torch.testing.assert_close(fast3, slow3, atol=1e-5, rtol=1e-5)
 
 
 def test_kv_cache_overflow_is_a_clear_error():
@@ -109,7 +137,7 @@ def test_state_dict_names_and_nonpersistent_rotary():
     model = build(WINDOWED)
     sd = model.state_dict()
     assert "cos" not in sd and "sin" not in sd
-    assert model.cos.shape == (1, 320, 1, 8)  # 10x sequence_len, head_dim / 2
+    assert model.cos.shape == (1, 320, 1, 16)  # 10x sequence_len, full head_dim
     assert sd["transformer.h.1.attn.ve_gate.weight"].shape == (2, 12)
     assert "transformer.h.0.attn.ve_gate.weight" not in sd
     assert sorted(k for k in sd if k.startswith("value_embeds")) == ["value_embeds.1.weight", "value_embeds.3.weight"]
