@@ -136,7 +136,7 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, ve, cos, sin, window, kv_cache, pos):
         B, T, C = x.shape
         H, H_kv, D = self.n_head, self.n_kv_head, self.head_dim
-        if x.device.type == "cpu" and not torch.is_grad_enabled():
+        if x.device.type == "cpu" and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
             qkvg = F.linear(x, self._fused_input_weight(x.dtype))
             qk = norm(apply_rotary_emb(qkvg[..., :(H + H_kv) * D].view(B, T, H + H_kv, D), cos, sin))
             q, k = qk[:, :, :H], qk[:, :, H:]

@@ -240,15 +240,15 @@ def test_tiny_overfit_loss_decreases():
     model = build(c)
     idx = torch.randint(0, 64, (4, 17), generator=torch.Generator().manual_seed(5))
     x, y = idx[:, :-1], idx[:, 1:]
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    opt = model.setup_optimizer(unembedding_lr=0.02)  # the real MuonAdamW over nanochat's groups
     losses = []
-    for _ in range(40):
+    for _ in range(20):
         loss = model(x, y)
         loss.backward()
         opt.step()
-        opt.zero_grad(set_to_none=True)
+        model.zero_grad(set_to_none=True)
         losses.append(loss.item())
-    assert losses[-1] < 0.5 * losses[0]
+    assert losses[-1] < 0.25 * losses[0]
     # every parameter got a gradient signal at some point (nothing is disconnected)
     loss = randomize(model)(x, y)
     loss.backward()
