@@ -9,8 +9,15 @@ import logging
 import torch
 import torch.distributed as dist
 
-logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+# Configure only our own logger: a root basicConfig would also switch on the INFO chatter of libraries
+# (rustbpe logs every 1% of merges).
 logger = logging.getLogger("nanochat")
+if not logger.handlers:
+    _handler = logging.StreamHandler()
+    _handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logger.addHandler(_handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
 
 
 # -----------------------------------------------------------------------------
