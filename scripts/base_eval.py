@@ -1,0 +1,183 @@
+"""
+Evaluate a base model: bits per byte on the train and val splits, the CORE metric (DCLM's 22 in-context tasks),
+and a few samples to look at.
+
+    python -m scripts.base_eval                                   # largest base model, last step, everything
+    python -m scripts.base_eval --model-tag d12 --eval bpb,sample --split-tokens 524288
+    torchrun --standalone --nproc_per_node=8 -m scripts.base_eval -- --device-batch-size=16
+
+CORE writes $NANOCHAT_BASE_DIR/base_eval/base_model_<step:06d>.csv (Task, Accuracy, Centered rows + CORE).
+"""
+
+import os
+import sys
+import argparse
+
+import torch
+
+from nanochat.common import compute_init, compute_cleanup, print0, get_base_dir, autodetect_device_type
+
+SAMPLE_PROMPTS = [
+    "The capital of France is",
+    "The chemical symbol of gold is",
+    "If yesterday was Friday, then tomorrow will be",
+    "The opposite of hot is",
+    "The planets of the solar system are:",
+    "My favorite color is",
+    "If 5*x + 3 = 13, then x is",
+]
+
+
+def _engine(model, tokenizer):
+    try:
+        from nanochat.engine import Engine
+    except ImportError:
+        return None
+    return Engine(model, tokenizer)
+
+
+@torch.no_grad()
+def greedy_samples(model, tokenizer, prompts, max_tokens=16):
+    """Greedy continuation of each prompt (BOS-prefixed), decoded with the prompt. Uses the KV-cached Engine
+    when available, else the model's naive generate (same tokens, just slower)."""
+    engine = _engine(model, tokenizer)
+    seq_len = model.config.sequence_len
+    max_tokens = min(max_tokens, seq_len // 2)
+    texts = []
+    for prompt in prompts:
+        tokens = tokenizer.encode(prompt, prepend="<|bos|>")
+        tokens = tokens[-(seq_len - max_tokens):]  # tiny-context models: keep the end of the prompt
+        if engine is not None:
+            results, _ = engine.generate_batch(tokens, num_samples=1, max_tokens=max_tokens, temperature=0)
+            ids = results[0]
+        else:
+            ids = tokens + list(model.generate(tokens, max_tokens, temperature=0))
+        texts.append(tokenizer.decode(ids))
+    return texts
+
+
+@torch.no_grad()
+def unconditional_samples(model, tokenizer, num_samples=8, max_tokens=128, temperature=1.0, seed=42):
+    """Samples from a lone BOS token."""
+    tokens = [tokenizer.get_bos_token_id()]
+    engine = _engine(model, tokenizer)
+    if engine is not None:
+        results, _ = engine.generate_batch(tokens, num_samples=num_samples, max_tokens=max_tokens,
+                                           temperature=temperature, seed=seed)
+    else:
+        max_tokens = min(max_tokens, model.config.sequence_len - len(tokens))
+        results = [tokens + list(model.generate(tokens, max_tokens, temperature=temperature, seed=seed + i))
+                   for i in range(num_samples)]
+    return [tokenizer.decode(ids) for ids in results]
+
+
+def write_core_csv(path, core_results):
+    """nanochat's CSV: `Task, Accuracy, Centered` rows, then the CORE row."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + f".tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(f"{'Task':<35}, {'Accuracy':<10}, {'Centered':<10}\n")
+        for label, acc in core_results["results"].items():
+            f.write(f"{label:<35}, {acc:<10.6f}, {core_results['centered_results'][label]:<10.6f}\n")
+        f.write(f"{'CORE':<35}, {'':<10}, {core_results['core_metric']:<10.6f}\n")
+    os.replace(tmp, path)
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description="Evaluate a base model: CORE, train/val bits per byte, samples")
+    parser.add_argument("--eval", type=str, default="core,bpb,sample", help="comma-separated subset of core,bpb,sample")
+    parser.add_argument("--model-tag", type=str, default=None, help="checkpoint tag under base_checkpoints (default: the largest model)")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last)")
+    parser.add_argument("--max-per-task", type=int, default=-1, help="max examples per CORE task (-1 = all)")
+    parser.add_argument("--device-batch-size", type=int, default=32, help="sequences per device per bpb batch")
+    parser.add_argument("--split-tokens", type=int, default=40 * 524288,
+                        help="tokens per split for bpb (rounded down to a multiple of batch x seq len x ranks)")
+    parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
+    parser.add_argument("--data-dir", type=str, default=None, help="data folder for bpb (default: the pretraining data)")
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    modes = [m.strip() for m in args.eval.split(",") if m.strip()]
+    bad = sorted(set(modes) - {"core", "bpb", "sample"})
+    if bad or not modes:
+        parser.error(f"--eval takes a comma-separated subset of core,bpb,sample; got {args.eval!r}")
+
+    from nanochat.checkpoint_manager import load_model
+    from nanochat.loss_eval import evaluate_bpb
+    from nanochat.tokenizer import get_token_bytes
+
+    device_type = autodetect_device_type() if args.device_type == "" else args.device_type
+    ddp, rank, local_rank, world_size, device = compute_init(device_type)
+    try:
+        model, tokenizer, meta = load_model("base", device, phase="eval", model_tag=args.model_tag, step=args.step)
+        step = meta["step"]
+        model_name = f"base_model (step {step})"
+        slug = f"base_model_{step:06d}"
+        out = {"model": model_name}
+        report_data = [{"Model": model_name}]
+
+        if "core" in modes:
+            try:
+                from nanochat.core_eval import evaluate_core
+            except ImportError:
+                raise SystemExit("--eval core needs nanochat.core_eval, which is missing from this install")
+            core = evaluate_core(model, tokenizer, device, max_per_task=args.max_per_task)
+            out["core"] = core
+            print0(f"CORE metric: {core['core_metric']:.4f}")
+            if rank == 0:
+                csv_path = os.path.join(get_base_dir(), "base_eval", f"{slug}.csv")
+                write_core_csv(csv_path, core)
+                print0("=" * 80 + f"\nModel: {model_name}\n" + "=" * 80)
+                with open(csv_path, encoding="utf-8") as f:
+                    print0(f.read())
+                out["csv_path"] = csv_path
+            report_data[0]["CORE metric"] = core["core_metric"]
+            report_data.append(core["centered_results"])
+
+        if "bpb" in modes:
+            from nanochat.dataloader import tokenizing_distributed_data_loader_bos_bestfit
+            T = meta["model_config"]["sequence_len"]
+            tokens_per_step = args.device_batch_size * T * world_size
+            split_tokens = args.split_tokens // tokens_per_step * tokens_per_step
+            if split_tokens == 0:
+                raise SystemExit(f"--split-tokens {args.split_tokens:,} is less than one batch ({args.device_batch_size} x "
+                                 f"{T} x {world_size} rank(s) = {tokens_per_step:,} tokens): raise it or lower --device-batch-size")
+            if split_tokens != args.split_tokens:
+                print0(f"Adjusted --split-tokens to {split_tokens:,} (a multiple of {tokens_per_step:,})")
+            steps = split_tokens // tokens_per_step
+            token_bytes = get_token_bytes(device=device)
+            for split in ("train", "val"):
+                loader = tokenizing_distributed_data_loader_bos_bestfit(
+                    tokenizer, args.device_batch_size, T, split, device=device, data_dir=args.data_dir)
+                bpb = evaluate_bpb(model, loader, steps, token_bytes)
+                out[f"{split}_bpb"] = bpb
+                report_data[0][f"{split} bpb"] = bpb
+                print0(f"{split} bpb: {bpb:.6f}")
+
+        if "sample" in modes and rank == 0:
+            print0("\nGreedy completions:")
+            completions = greedy_samples(model, tokenizer, SAMPLE_PROMPTS, max_tokens=16)
+            for text in completions:
+                print0(text)
+            print0("\nUnconditional samples (temperature 1.0):")
+            samples = unconditional_samples(model, tokenizer, num_samples=8, max_tokens=128)
+            for text in samples:
+                print0("-" * 80 + "\n" + text)
+            out["samples"], out["unconditional"] = completions, samples
+            report_data.append("Samples:\n" + "\n".join(f"- `{t!r}`" for t in completions))
+
+        try:
+            from nanochat.report import get_report
+            get_report().log(section="Base model evaluation", data=report_data)
+        except ImportError:
+            pass
+        return out
+    finally:
+        compute_cleanup()
+
+
+if __name__ == "__main__":
+    main()

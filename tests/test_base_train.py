@@ -1,0 +1,306 @@
+"""Pretraining: the depth dial vs the reference's numbers, schedules, bits per byte vs a hand computation,
+resume == uninterrupted, 2 gloo ranks == 1 rank with grad accumulation, continued pretraining / context
+extension, and base_eval's outputs. Models are tiny (d2, 64 wide, 32-token context)."""
+import json
+import math
+import os
+import random
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from scripts import base_train as bt
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VOCAB_SIZE = 300
+TINY = ["--depth", "2", "--aspect-ratio", "32", "--head-dim", "32", "--max-seq-len", "32", "--window-pattern", "L",
+        "--device-batch-size", "2", "--total-batch-size", "128", "--core-metric-every", "-1", "--sample-every", "-1",
+        "--eval-every", "-1", "--warmup-steps", "2"]
+WORDS = "the cat sat on a mat and then it ran far away from home to see the big red sun in the sky".split()
+
+
+def make_docs(n, seed):
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 60))) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer():
+    from nanochat.tokenizer import RustBPETokenizer
+    return RustBPETokenizer.train_from_iterator(iter(make_docs(300, 0)), VOCAB_SIZE)
+
+
+@pytest.fixture
+def base(_isolated_base_dir, tiny_tokenizer):
+    """A base dir holding the tiny tokenizer and token_bytes, like tok_train leaves it."""
+    from nanochat.tokenizer import save_token_bytes
+    tok_dir = os.path.join(_isolated_base_dir, "tokenizer")
+    tiny_tokenizer.save(tok_dir)
+    save_token_bytes(tiny_tokenizer, tok_dir)
+    return str(_isolated_base_dir)
+
+
+@pytest.fixture
+def text_dir(tmp_path):
+    """A tiny corpus as parquet shards (text column, several row groups); the last shard is val."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    d = tmp_path / "corpus"
+    d.mkdir()
+    for i in range(3):
+        table = pa.table({"text": make_docs(60, seed=100 + i)})
+        pq.write_table(table, d / f"shard_{i:05d}.parquet", row_group_size=20)
+    return str(d)
+
+
+def load_weights(ckpt_dir, step):
+    return torch.load(os.path.join(ckpt_dir, f"model_{step:06d}.pt"), map_location="cpu")
+
+
+def assert_weights_close(a, b, atol=0.0):
+    assert a.keys() == b.keys()
+    for k in a:
+        if atol == 0:
+            assert torch.equal(a[k], b[k]), k
+        else:
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=atol, msg=k)
+
+
+# -----------------------------------------------------------------------------
+# the depth dial vs the reference table (reference/nanochat.md §2.5), on meta-device models
+
+REFERENCE_TABLE = [  # depth, scaling params (M), FLOPs/token, auto batch, steps @10.5, LR scale, Muon WD
+    (12, 110.1, 7.6e8, 524_288, 2205, 1.0, 0.28),
+    (20, 435.2, 2.89e9, 1_048_576, 4357, 1.414, 0.100),
+    (24, 729.8, 4.78e9, 1_048_576, 7308, 1.414, 0.060),
+    (26, 918.4, 5.99e9, 1_048_576, 9196, 1.414, 0.048),
+    (32, 1678.0, 1.08e10, 2_097_152, 8400, 2.0, 0.037),
+]
+
+
+def default_plan(depth, ratio, **overrides):
+    cfg = lambda d: bt.model_config_for_depth(d, 64, 128, 2048, 32768, "SSSL")
+    model, d12 = bt.build_meta_model(cfg(depth)), bt.build_meta_model(cfg(12))
+    kwargs = dict(num_iterations=-1, target_flops=-1.0, target_param_data_ratio=ratio, total_batch_size=-1,
+                  weight_decay=0.28, scaling_params=model.num_scaling_params(),
+                  d12_scaling_params=d12.num_scaling_params(), flops_per_token=model.estimate_flops())
+    kwargs.update(overrides)
+    return model, bt.plan_training(**kwargs)
+
+
+@pytest.mark.parametrize("depth,scaling_m,flops,batch,steps,lr_scale,wd", REFERENCE_TABLE)
+def test_depth_dial_matches_reference_table(depth, scaling_m, flops, batch, steps, lr_scale, wd):
+    model, plan = default_plan(depth, 10.5)
+    assert model.config.n_embd == depth * 64 and model.config.n_head == depth // 2
+    assert model.num_scaling_params() / 1e6 == pytest.approx(scaling_m, abs=0.05 if depth < 32 else 0.5)
+    assert model.estimate_flops() == pytest.approx(flops, rel=0.01)
+    assert plan["total_batch_size"] == batch and plan["batch_auto"]
+    assert plan["num_iterations"] == steps
+    assert plan["batch_lr_scale"] == pytest.approx(lr_scale, abs=1e-3)
+    assert plan["weight_decay_scaled"] == pytest.approx(wd, abs=1e-3)
+
+
+def test_speedrun_horizon_and_ratio_independence():
+    assert default_plan(24, 8)[1]["num_iterations"] == 5568  # d24 @ ratio 8 (speedrun)
+    # the ratio cancels in the batch-size and weight-decay rules
+    _, p12 = default_plan(20, 12)
+    _, p105 = default_plan(20, 10.5)
+    assert p12["total_batch_size"] == p105["total_batch_size"]
+    assert p12["weight_decay_scaled"] == pytest.approx(p105["weight_decay_scaled"])
+
+
+def test_horizon_precedence():
+    model, p = default_plan(12, 12, num_iterations=7, target_flops=1e18)
+    assert p["num_iterations"] == 7 and p["horizon_source"] == "--num-iterations"
+    model, p = default_plan(12, 12, target_flops=1e18)
+    assert p["num_iterations"] == round(1e18 / (model.estimate_flops() * 524_288))
+    model, p = default_plan(12, 12, total_batch_size=65536)
+    assert p["num_iterations"] == int(12 * model.num_scaling_params()) // 65536 and not p["batch_auto"]
+    assert p["batch_lr_scale"] == pytest.approx(math.sqrt(65536 / 2 ** 19))
+    with pytest.raises(ValueError, match="No training horizon"):
+        default_plan(12, -1)
+
+
+def test_grad_accum_steps_and_divisibility_error():
+    assert bt.compute_grad_accum_steps(524288, 32, 2048, 8) == 1
+    assert bt.compute_grad_accum_steps(524288, 16, 2048, 1) == 16
+    with pytest.raises(ValueError) as e:
+        bt.compute_grad_accum_steps(100_000, 32, 2048, 8)
+    msg = str(e.value)
+    assert "--device-batch-size 32 x --max-seq-len 2048 x 8 rank(s) = 524,288" in msg
+    assert "--total-batch-size to a multiple of 524,288" in msg
+    with pytest.raises(ValueError, match=r"e\.g\. 1,536 or 2,048"):
+        bt.compute_grad_accum_steps(1800, 2, 256, 1)
+
+
+def test_schedules():
+    N = 1000
+    lr = lambda it: bt.lr_multiplier(it, N, warmup_steps=40, warmdown_ratio=0.65, final_lr_frac=0.05)
+    assert lr(0) == pytest.approx(1 / 40) and lr(39) == 1.0 and lr(350) == 1.0
+    assert lr(N - 1) == pytest.approx(0.05 + 0.95 / 650) and lr(N) == pytest.approx(0.05)
+    assert lr(N - 325) == pytest.approx(0.525)
+    mom = lambda it: bt.muon_momentum(it, N, 0.65)
+    assert mom(0) == 0.85 and mom(200) == pytest.approx(0.91) and mom(349) == pytest.approx(0.85 + 0.12 * 349 / 400)
+    assert mom(400) == pytest.approx(0.97 - 0.07 * 50 / 650)  # warmdown started at step 350
+    assert bt.muon_momentum(500, 2000, 0.65) == 0.97
+    assert bt.muon_weight_decay(0, N, 0.2) == 0.2 and bt.muon_weight_decay(N // 2, N, 0.2) == pytest.approx(0.1)
+    assert bt.ntk_rope_base(100000, 2048, 8192, 128) == pytest.approx(100000 * 4 ** (128 / 126))
+
+
+# -----------------------------------------------------------------------------
+# bits per byte
+
+class FixedLossModel(torch.nn.Module):
+    """forward(x, y, loss_reduction='none') returns the loss table entry for each position (x holds row ids)."""
+    def __init__(self, table):
+        super().__init__()
+        self.table = table
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x, y, loss_reduction="mean"):
+        assert loss_reduction == "none"
+        return self.table[x[:, 0]]
+
+
+def test_bpb_matches_hand_computation():
+    from nanochat.loss_eval import evaluate_bpb
+    token_bytes = torch.tensor([1, 2, 3, 0, 4], dtype=torch.int32)  # id 3 is a special token
+    g = torch.Generator().manual_seed(0)
+    batches, table = [], torch.rand(6, 5, generator=g) * 5
+    table[0, 2] = float("inf")  # batch 0, row 0, position 2 is an ignored target: its loss must not count
+    for b in range(3):
+        y = torch.randint(0, 5, (2, 5), generator=g)
+        y[0, 2] = -1
+        x = torch.tensor([[2 * b], [2 * b + 1]]).expand(2, 5)
+        batches.append((x, y))
+    nats = nbytes = 0.0
+    for x, y in batches:
+        for i in range(2):
+            for j in range(5):
+                t = int(y[i, j])
+                if t >= 0 and token_bytes[t] > 0:
+                    nats += float(table[int(x[i, 0]), j])
+                    nbytes += int(token_bytes[t])
+    got = evaluate_bpb(FixedLossModel(table), batches, 3, token_bytes)
+    assert got == pytest.approx(nats / (math.log(2) * nbytes), rel=1e-12)
+    # only the first `steps` batches count
+    first = evaluate_bpb(FixedLossModel(table), batches, 1, token_bytes)
+    assert first != pytest.approx(got)
+
+
+# -----------------------------------------------------------------------------
+# end to end: resume, distributed, continued pretraining
+
+@pytest.mark.parametrize("data", ["synthetic", "text"])
+def test_resume_equals_uninterrupted(base, text_dir, data):
+    if data == "text":
+        pytest.importorskip("nanochat.dataloader")
+        data_flags = ["--data-dir", text_dir]
+    else:
+        data_flags = ["--synthetic-data"]
+    argv = TINY + data_flags + ["--num-iterations", "6", "--save-every", "3"]
+    full = bt.main(argv)
+    ckpt_dir = full["checkpoint_dir"]
+    full_weights = load_weights(ckpt_dir, 6)
+    with open(os.path.join(ckpt_dir, "meta_000006.json")) as f:
+        full_meta = json.load(f)
+    assert sorted(full["losses"]) == list(range(6)) and full["grad_accum_steps"] == 2
+    assert {"model_config", "user_config", "dataloader_state_dict", "loop_state", "device_batch_size",
+            "max_seq_len", "total_batch_size", "step", "val_bpb"} <= set(full_meta)
+
+    resumed = bt.main(argv + ["--resume-from-step", "3"])
+    assert sorted(resumed["losses"]) == [3, 4, 5]
+    for step in (3, 4, 5):
+        assert resumed["losses"][step] == full["losses"][step], step
+    assert_weights_close(load_weights(ckpt_dir, 6), full_weights)
+    with open(os.path.join(ckpt_dir, "meta_000006.json")) as f:
+        meta = json.load(f)
+    assert meta["loop_state"]["smooth_train_loss"] == full_meta["loop_state"]["smooth_train_loss"]
+    assert meta["dataloader_state_dict"] == full_meta["dataloader_state_dict"]
+
+
+def parse_losses(text):
+    return [float(m) for m in re.findall(r"^step \d+/\d+ .*? \| loss: ([0-9.]+)", text, flags=re.M)]
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_equal_one_rank_with_grad_accum(base, capsys):
+    """Same total batch: 1 rank x 2 micro-steps vs 2 ranks x 1 micro-step (gradients averaged inside the
+    optimizer). Synthetic data hands global micro-batch g to rank g % world, so both see identical batches."""
+    common = TINY + ["--synthetic-data", "--num-iterations", "4", "--eval-every", "4", "--eval-tokens", "256"]
+    single = bt.main(common + ["--model-tag", "one"])
+    single_log = capsys.readouterr().out
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "scripts.base_train", "--"] + common + ["--model-tag", "two"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "gradient accumulation steps: 1" in proc.stdout and "gradient accumulation steps: 2" in single_log
+    dist_losses, single_losses = parse_losses(proc.stdout), parse_losses(single_log)
+    assert len(single_losses) == 4 and len(dist_losses) == 4
+    assert dist_losses == pytest.approx(single_losses, abs=2e-6)  # printed with 6 decimals
+    assert dist_losses[0] == pytest.approx(single["losses"][0], abs=1e-6)
+    root = os.path.join(base, "base_checkpoints")
+    assert_weights_close(load_weights(os.path.join(root, "two"), 4), load_weights(os.path.join(root, "one"), 4), atol=1e-5)
+    with open(os.path.join(root, "two", "meta_000004.json")) as f:
+        meta = json.load(f)
+    assert meta["world_size"] == 2 and meta["val_bpb"] == pytest.approx(single["val_bpb"], rel=1e-5)
+    assert os.path.exists(os.path.join(root, "two", "optim_000004_rank1.pt"))
+
+
+def test_init_from_context_extension(base, capsys):
+    src = bt.main(TINY + ["--synthetic-data", "--num-iterations", "2", "--model-tag", "d2"])
+    capsys.readouterr()
+    # continued pretraining with a 2x longer context, 0 steps: the saved model must be the source's weights
+    out = bt.main(["--init-from", "d2", "--max-seq-len", "64", "--synthetic-data", "--num-iterations", "0",
+                   "--device-batch-size", "2", "--total-batch-size", "128", "--eval-every", "-1",
+                   "--core-metric-every", "-1", "--sample-every", "-1"])
+    log = capsys.readouterr().out
+    assert out["checkpoint_dir"].endswith(os.path.join("base_checkpoints", "d2_cpt"))
+    expected_base = 100000 * 2 ** (32 / 30)  # head_dim 32: NTK-aware exponent d/(d-2)
+    assert out["model_config"]["rope_base"] == pytest.approx(expected_base)
+    assert out["model_config"]["sequence_len"] == 64 and out["model_config"]["window_pattern"] == "L"
+    assert "RoPE base 100000 -> " in log
+    assert_weights_close(load_weights(out["checkpoint_dir"], 0), load_weights(src["checkpoint_dir"], 2))
+    with open(os.path.join(out["checkpoint_dir"], "meta_000000.json")) as f:
+        assert json.load(f)["init_from"] == "d2:2"
+    with pytest.raises(ValueError, match="Drop those flags"):
+        bt.main(["--init-from", "d2", "--depth", "4", "--synthetic-data", "--num-iterations", "0"])
+
+
+def test_bad_batch_sizes_fail_before_training(base):
+    with pytest.raises(ValueError, match="--total-batch-size to a multiple of 96"):
+        bt.main(TINY + ["--synthetic-data", "--num-iterations", "1", "--device-batch-size", "3",
+                        "--total-batch-size", "1000"])
+
+
+# -----------------------------------------------------------------------------
+# base_eval
+
+def test_base_eval_core_csv_and_samples(base, monkeypatch):
+    from scripts import base_eval
+    bt.main(TINY + ["--synthetic-data", "--num-iterations", "1", "--model-tag", "d2", "--max-seq-len", "64"])
+    fake = {"results": {"hellaswag": 0.3, "arc_easy": 0.5},
+            "centered_results": {"hellaswag": 0.0667, "arc_easy": 0.3333}, "core_metric": 0.2}
+    import nanochat.core_eval
+    monkeypatch.setattr(nanochat.core_eval, "evaluate_core", lambda *a, **k: fake)
+    out = base_eval.main(["--eval", "core,sample", "--device-type", "cpu"])
+    with open(out["csv_path"]) as f:
+        rows = [[c.strip() for c in line.split(",")] for line in f.read().splitlines()]
+    assert out["csv_path"].endswith(os.path.join("base_eval", "base_model_000001.csv"))
+    assert rows == [["Task", "Accuracy", "Centered"], ["hellaswag", "0.300000", "0.066700"],
+                    ["arc_easy", "0.500000", "0.333300"], ["CORE", "", "0.200000"]]
+    assert len(out["samples"]) == len(base_eval.SAMPLE_PROMPTS) and len(out["unconditional"]) == 8
+    assert out["samples"][0].startswith("<|bos|>The capital of France is")
+
+
+def test_base_eval_bpb(base, text_dir):
+    pytest.importorskip("nanochat.dataloader")
+    from scripts import base_eval
+    bt.main(TINY + ["--data-dir", text_dir, "--num-iterations", "1", "--model-tag", "d2"])
+    out = base_eval.main(["--eval", "bpb", "--device-batch-size", "2", "--split-tokens", "200",
+                          "--data-dir", text_dir, "--device-type", "cpu"])
+    assert 0 < out["train_bpb"] < 20 and 0 < out["val_bpb"] < 20

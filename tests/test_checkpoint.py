@@ -1,0 +1,246 @@
+"""Checkpoints: round trip, atomic saves (a failed or killed save keeps the last good checkpoint), finding
+tags/steps, and loading checkpoints in nanochat's own format (prefixed keys, bf16 tables, old configs)."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+from nanochat import checkpoint_manager as cm
+
+VOCAB_SIZE = 300
+
+
+def tiny_state(seed):
+    g = torch.Generator().manual_seed(seed)
+    return {"w": torch.randn(8, 4, generator=g), "b": torch.randn(4, generator=g)}
+
+
+def save_step(ckpt_dir, step, seed=None, meta_extra=None):
+    model = tiny_state(step if seed is None else seed)
+    optim = {"state": {0: {"m": model["w"] * 2}}, "param_groups": [{"lr": 0.1, "kind": "muon"}]}
+    meta = {"step": step, "val_bpb": None, "loop_state": {"min_val_bpb": float("inf")}, **(meta_extra or {})}
+    cm.save_checkpoint(str(ckpt_dir), step, model, optim, meta)
+    return model, optim, meta
+
+
+def assert_same_state(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+# -----------------------------------------------------------------------------
+# raw save / load
+
+def test_round_trip_and_layout(tmp_path):
+    ckpt = tmp_path / "base_checkpoints" / "d2"
+    model, optim, meta = save_step(ckpt, 7)
+    assert sorted(os.listdir(ckpt)) == ["meta_000007.json", "model_000007.pt", "optim_000007_rank0.pt"]
+    m, o, mt = cm.load_checkpoint(str(ckpt), 7, "cpu", load_optimizer=True)
+    assert_same_state(m, model)
+    assert torch.equal(o["state"][0]["m"], optim["state"][0]["m"]) and o["param_groups"] == optim["param_groups"]
+    assert mt == meta and mt["loop_state"]["min_val_bpb"] == float("inf")  # nanochat writes Infinity
+    assert cm.load_checkpoint(str(ckpt), 7, "cpu")[1] is None
+
+
+def test_missing_step_and_missing_optimizer_shard_explain_themselves(tmp_path):
+    save_step(tmp_path, 3)
+    with pytest.raises(FileNotFoundError, match=r"step 4.*\[3\]"):
+        cm.load_checkpoint(str(tmp_path), 4, "cpu")
+    with pytest.raises(FileNotFoundError, match="same number of processes"):
+        cm.load_checkpoint(str(tmp_path), 3, "cpu", load_optimizer=True, rank=1)
+
+
+@pytest.mark.parametrize("fail_on_call", [1, 2])  # 1: the model file fails, 2: the optimizer shard fails
+def test_failed_save_keeps_last_good_checkpoint(tmp_path, monkeypatch, fail_on_call):
+    good_model, _, good_meta = save_step(tmp_path, 3)
+    real_save = torch.save
+    calls = []
+
+    def flaky_save(obj, f, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == fail_on_call:
+            f.write(b"half a checkpoint")
+            raise OSError("disk full")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", flaky_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_step(tmp_path, 6)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert cm.find_last_step(str(tmp_path)) == 3
+    assert not [f for f in os.listdir(tmp_path) if ".tmp" in f], "temp files must be cleaned up"
+    assert not os.path.exists(tmp_path / "meta_000006.json")
+    m, _, meta = cm.load_checkpoint(str(tmp_path), 3, "cpu", load_optimizer=True)
+    assert_same_state(m, good_model) and meta == good_meta
+
+
+def test_killed_save_keeps_last_good_checkpoint(tmp_path):
+    """A process killed (SIGKILL) in the middle of writing step 6 leaves step 3 as the latest checkpoint."""
+    marker = tmp_path / "writing"
+    script = textwrap.dedent(f"""
+        import time, torch
+        from nanochat import checkpoint_manager as cm
+        d = {str(tmp_path)!r}
+        cm.save_checkpoint(d, 3, {{"w": torch.ones(3)}}, {{"s": torch.zeros(2)}}, {{"step": 3}})
+        real_save = torch.save
+        def slow_save(obj, f, *a, **k):
+            f.write(b"partial bytes"); f.flush()
+            open({str(marker)!r}, "w").close()
+            time.sleep(60)
+        torch.save = slow_save
+        cm.save_checkpoint(d, 6, {{"w": torch.full((3,), 2.0)}}, {{"s": torch.zeros(2)}}, {{"step": 6}})
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=os.path.dirname(os.path.dirname(__file__)))
+    deadline = time.time() + 60
+    while not marker.exists():
+        assert proc.poll() is None, "the saving subprocess died before reaching the slow save"
+        assert time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert cm.find_last_step(str(tmp_path)) == 3
+    assert not os.path.exists(tmp_path / "model_000006.pt")
+    m, o, meta = cm.load_checkpoint(str(tmp_path), 3, "cpu", load_optimizer=True)
+    assert torch.equal(m["w"], torch.ones(3)) and meta == {"step": 3}
+
+
+def test_find_last_step_and_largest_model(tmp_path):
+    root = tmp_path / "base_checkpoints"
+    for step in (5, 200, 40):
+        save_step(root / "d4", step)
+    (root / "d4" / "model_000900_backup.pt").write_bytes(b"x")  # stray file (nanochat bug report)
+    (root / "d4" / "model_000500.pt").write_bytes(b"x")          # weights without meta = unfinished save
+    assert cm.find_last_step(str(root / "d4")) == 200
+    assert cm.available_steps(str(root / "d4")) == [5, 40, 200]
+    save_step(root / "d12", 1)
+    (root / "d30").mkdir()  # no checkpoint inside: not a candidate
+    assert cm.find_largest_model(str(root)) == "d12"
+    # without d<N> tags the most recently modified tag wins
+    other = tmp_path / "other"
+    save_step(other / "alpha", 1)
+    save_step(other / "beta", 1)
+    os.utime(other / "alpha", (time.time() + 10, time.time() + 10))
+    assert cm.find_largest_model(str(other)) == "alpha"
+    with pytest.raises(FileNotFoundError):
+        cm.find_last_step(str(root / "d30"))
+    with pytest.raises(ValueError, match="Unknown checkpoint source"):
+        cm.load_model("nope", "cpu", "eval")
+
+
+# -----------------------------------------------------------------------------
+# building models (needs the GPT and a tokenizer)
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer():
+    from nanochat.tokenizer import RustBPETokenizer
+    rng = random.Random(0)
+    words = "the cat sat on a mat and then it ran far away from home to see the big red sun".split()
+    docs = [" ".join(rng.choice(words) for _ in range(40)) for _ in range(200)]
+    return RustBPETokenizer.train_from_iterator(iter(docs), VOCAB_SIZE)
+
+
+@pytest.fixture
+def base_with_tokenizer(_isolated_base_dir, tiny_tokenizer):
+    from nanochat.tokenizer import save_token_bytes
+    tok_dir = os.path.join(_isolated_base_dir, "tokenizer")
+    tiny_tokenizer.save(tok_dir)
+    save_token_bytes(tiny_tokenizer, tok_dir)
+    return _isolated_base_dir
+
+
+NANOCHAT_MODEL_CONFIG = {"sequence_len": 32, "vocab_size": VOCAB_SIZE, "n_layer": 2, "n_head": 2, "n_kv_head": 2,
+                         "n_embd": 64, "window_pattern": "L"}
+
+
+def make_model(config):
+    from nanochat.gpt import GPT, GPTConfig
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = GPT(GPTConfig(**config))
+    model.to_empty(device="cpu")
+    model.init_weights()
+    # give the zero-initialized projections some values so the logits depend on every weight
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return model.eval()
+
+
+def write_nanochat_checkpoint(base, tag, step, state_dict, model_config):
+    """Exactly what nanochat's base_train writes (plain torch.save + json, all of its meta fields)."""
+    d = os.path.join(base, "base_checkpoints", tag)
+    os.makedirs(d, exist_ok=True)
+    torch.save(state_dict, os.path.join(d, f"model_{step:06d}.pt"))
+    user_config = {"run": "dummy", "device_type": "cuda", "fp8": False, "fp8_recipe": "tensorwise", "depth": 2,
+                   "aspect_ratio": 64, "head_dim": 32, "max_seq_len": 32, "window_pattern": "L",
+                   "num_iterations": 20, "target_flops": -1.0, "target_param_data_ratio": 12,
+                   "device_batch_size": 4, "total_batch_size": 512, "embedding_lr": 0.3, "unembedding_lr": 0.008,
+                   "weight_decay": 0.28, "matrix_lr": 0.02, "scalar_lr": 0.5, "warmup_steps": 40,
+                   "warmdown_ratio": 0.65, "final_lr_frac": 0.05, "resume_from_step": -1, "eval_every": -1,
+                   "eval_tokens": 41943040, "core_metric_every": -1, "core_metric_max_per_task": 500,
+                   "sample_every": -1, "save_every": -1, "model_tag": tag}
+    meta = {"step": step, "val_bpb": None, "model_config": model_config, "user_config": user_config,
+            "device_batch_size": 4, "max_seq_len": 32, "total_batch_size": 512,
+            "dataloader_state_dict": {"pq_idx": 0, "rg_idx": 4, "epoch": 1},
+            "loop_state": {"min_val_bpb": float("inf"), "smooth_train_loss": 7.89, "total_training_time": 0.55}}
+    with open(os.path.join(d, f"meta_{step:06d}.json"), "w") as f:
+        json.dump(meta, f, indent=2)
+
+
+def test_load_nanochat_format_checkpoint(base_with_tokenizer):
+    """A GPU-trained nanochat checkpoint: torch.compile's _orig_mod. prefixes and bf16 embedding tables.
+    load_model must pick the tag and step by itself and give the same logits as the original model."""
+    model = make_model(NANOCHAT_MODEL_CONFIG)
+    sd = {}
+    for k, v in model.state_dict().items():
+        if "wte" in k or "value_embeds" in k:
+            v = v.to(torch.bfloat16)  # nanochat keeps embedding tables in bf16 on GPU
+        sd["_orig_mod." + k] = v.clone()
+    with torch.no_grad():  # what the model holds after the bf16 round trip
+        for k, p in model.state_dict().items():
+            if "wte" in k or "value_embeds" in k:
+                p.copy_(p.to(torch.bfloat16).float())
+    write_nanochat_checkpoint(base_with_tokenizer, "d2", 20, sd, NANOCHAT_MODEL_CONFIG)
+    write_nanochat_checkpoint(base_with_tokenizer, "d2", 10, sd, NANOCHAT_MODEL_CONFIG)
+    loaded, tokenizer, meta = cm.load_model("base", torch.device("cpu"), phase="eval")
+    assert meta["step"] == 20 and not loaded.training
+    assert tokenizer.get_vocab_size() == VOCAB_SIZE
+    assert all(p.dtype == torch.float32 for p in loaded.parameters())
+    ids = torch.randint(0, VOCAB_SIZE, (2, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids), model(ids), rtol=0, atol=1e-5)
+    train_model, _, _ = cm.load_model("base", "cpu", "train", model_tag="d2", step=10)
+    assert train_model.training
+
+
+def test_old_checkpoint_without_window_pattern_or_lambdas(base_with_tokenizer):
+    config = {k: v for k, v in NANOCHAT_MODEL_CONFIG.items() if k != "window_pattern"}
+    model = make_model(NANOCHAT_MODEL_CONFIG)
+    sd = {k: v for k, v in model.state_dict().items() if k not in ("resid_lambdas", "x0_lambdas")}
+    write_nanochat_checkpoint(base_with_tokenizer, "old", 5, sd, config)
+    loaded, _, _ = cm.load_model("base", "cpu", "eval", model_tag="old")
+    assert loaded.config.window_pattern == "L"
+    assert torch.equal(loaded.resid_lambdas, torch.ones(2)) and torch.equal(loaded.x0_lambdas, torch.zeros(2))
+
+
+def test_vocab_mismatch_is_a_clear_error(base_with_tokenizer):
+    config = dict(NANOCHAT_MODEL_CONFIG, vocab_size=VOCAB_SIZE + 64)
+    write_nanochat_checkpoint(base_with_tokenizer, "d2", 1, make_model(config).state_dict(), config)
+    with pytest.raises(ValueError, match=rf"vocab_size={VOCAB_SIZE + 64}.*{VOCAB_SIZE} tokens"):
+        cm.load_model("base", "cpu", "eval")
+
+
+def test_our_save_loads_through_load_model(base_with_tokenizer):
+    model = make_model(NANOCHAT_MODEL_CONFIG)
+    d = os.path.join(base_with_tokenizer, "chatsft_checkpoints", "d2")
+    cm.save_checkpoint(d, 4, model.state_dict(), None, {"step": 4, "model_config": NANOCHAT_MODEL_CONFIG})
+    loaded, _, _ = cm.load_model("sft", "cpu", "eval")
+    assert_same_state(loaded.state_dict(), model.state_dict())
