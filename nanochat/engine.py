@@ -1,0 +1,332 @@
+"""
+Inference engine: fast sampling from a GPT with a KV cache, several samples per prompt, and tool use.
+
+Everything is token ids; the tokenizer is only needed for the special tokens and the tools.
+
+    engine = Engine(model, tokenizer)                    # tools="calculator" like nanochat; "python" / None
+    for token_column, token_masks in engine.generate(prompt_ids, num_samples=4, max_tokens=256, temperature=0.8):
+        ...                                              # one token per row per step; mask 0 = forced by a tool
+    results, masks = engine.generate_batch(prompt_ids, num_samples=4, max_tokens=256)
+
+How generation works:
+1. the prompt is prefilled once at batch 1; its KV cache (and the smear state) is copied into one row per sample,
+   and the first token of every row is sampled independently from the same last-position logits;
+2. each step samples one token per row; a row whose tool produced output gets those tokens forced instead
+   (mask 0); a row stops on <|assistant_end|> or <|bos|>; the step's column is yielded, then fed back;
+3. the tool state machine collects <|python_start|> ... <|python_end|>, runs the tool on the decoded text
+   and queues <|output_start|> result <|output_end|> for that row.
+Prompt + generated tokens never exceed the model's sequence_len: max_tokens is capped to what fits, and a
+prompt that does not fit is an error (see fit_conversation_to_context to make a chat fit).
+
+`python -m nanochat.engine` checks the engine against the model's naive generate() on a checkpoint.
+"""
+
+import argparse
+import time
+from collections import deque
+
+import torch
+import torch.nn.functional as F
+
+from nanochat.common import COMPUTE_DTYPE
+from nanochat.kv_cache import KVCache  # re-exported: nanochat users import KVCache from here
+from nanochat.tools import get_tool, use_calculator  # noqa: F401  (use_calculator: nanochat's public name)
+
+__all__ = ["Engine", "KVCache", "sample_next_token", "use_calculator", "fit_conversation_to_context"]
+
+
+# -----------------------------------------------------------------------------
+# Sampling
+
+@torch.inference_mode()
+def sample_next_token(logits, rng, temperature=1.0, top_k=None, top_p=None):
+    """Sample one token per row from logits (B, V). Returns (B, 1) token ids.
+
+    temperature 0 -> argmax (rng unused, so the result does not depend on the seed); top_k keeps the k most
+    likely tokens; top_p keeps the smallest set of most likely tokens whose probability reaches top_p
+    (after top_k and temperature). rng: a torch.Generator on the logits' device, for reproducibility.
+    """
+    assert temperature >= 0.0, "temperature must be non-negative"
+    if temperature == 0.0:
+        return torch.argmax(logits, dim=-1, keepdim=True)
+    vocab_size = logits.size(-1)
+    indices = None
+    if top_k is not None and 0 < top_k < vocab_size:
+        logits, indices = torch.topk(logits, top_k, dim=-1)  # sorted, most likely first
+    logits = logits / temperature
+    if top_p is not None and 0.0 < top_p < 1.0:
+        if indices is None:
+            logits, indices = torch.sort(logits, dim=-1, descending=True)
+        probs = F.softmax(logits, dim=-1)
+        # keep a token while the tokens ranked above it hold less than top_p (so the top token always stays)
+        covered_before = probs.cumsum(dim=-1) - probs
+        probs = probs.masked_fill(covered_before >= top_p, 0.0)
+    else:
+        probs = F.softmax(logits, dim=-1)
+    choice = torch.multinomial(probs, num_samples=1, generator=rng)
+    return choice if indices is None else indices.gather(-1, choice)
+
+
+# -----------------------------------------------------------------------------
+# Generation
+
+class RowState:
+    """Per-sample bookkeeping: forced tokens waiting to be emitted, the tool block being collected, done or not."""
+
+    def __init__(self):
+        self.forced_tokens = deque()
+        self.in_python_block = False
+        self.python_tokens = []
+        self.completed = False
+
+
+class Engine:
+
+    def __init__(self, model, tokenizer, tools="calculator"):
+        """tools: "calculator" (nanochat's default), "python" (runs code in the sandbox), None (tool calls are
+        not executed), or a function code -> str | None (see nanochat.tools)."""
+        self.model = model
+        self.tokenizer = tokenizer
+        self.tool = get_tool(tools)
+
+    def _special(self, name):
+        return self.tokenizer.encode_special(name)
+
+    def _new_kv_cache(self, batch_size, seq_len):
+        config = self.model.config
+        return KVCache(batch_size=batch_size, num_heads=config.n_kv_head, seq_len=seq_len,
+                       head_dim=config.n_embd // config.n_head, num_layers=config.n_layer,
+                       device=self.model.get_device(), dtype=COMPUTE_DTYPE)
+
+    def max_new_tokens(self, num_prompt_tokens, max_tokens=None):
+        """How many tokens generate() will produce at most for a prompt of this length."""
+        room = self.model.config.sequence_len - num_prompt_tokens
+        return room if max_tokens is None else max(0, min(max_tokens, room))
+
+    def run_tool(self, code_tokens):
+        """Decode a finished <|python_start|>...<|python_end|> block, run the tool, return the tokens to force."""
+        if self.tool is None or not code_tokens:
+            return []
+        result = self.tool(self.tokenizer.decode(code_tokens))
+        if result is None:
+            return []
+        return [self._special("<|output_start|>"), *self.tokenizer.encode(str(result)), self._special("<|output_end|>")]
+
+    @torch.inference_mode()
+    def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, top_p=None, seed=42):
+        """Yield (token_column, token_masks) per step: one token per sample, mask 1 = sampled, 0 = forced.
+
+        Stops after max_tokens steps (capped so prompt + output fit in sequence_len), or once every row has
+        produced <|assistant_end|> or <|bos|> (rows that finished early keep getting tokens until then; the
+        caller ignores them, as generate_batch does). Deterministic for a given seed.
+        """
+        if not isinstance(tokens, list) or not tokens or not all(isinstance(t, int) for t in tokens):
+            raise TypeError("tokens must be a non-empty list of ints (a tokenized prompt)")
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        seq_len = self.model.config.sequence_len
+        if len(tokens) >= seq_len:
+            raise ValueError(f"The prompt has {len(tokens)} tokens but the model's context is {seq_len}: nothing "
+                             f"can be generated. Shorten it (e.g. nanochat.engine.fit_conversation_to_context).")
+        max_tokens = self.max_new_tokens(len(tokens), max_tokens)
+        if max_tokens == 0:
+            return
+        device = self.model.get_device()
+        rng = torch.Generator(device=device)
+        rng.manual_seed(seed)
+        python_start, python_end = self._special("<|python_start|>"), self._special("<|python_end|>")
+        assistant_end, bos = self._special("<|assistant_end|>"), self.tokenizer.get_bos_token_id()
+
+        # 1) prefill the prompt once at batch 1 (straight into the decode cache when there is one sample)
+        total_len = len(tokens) + max_tokens
+        kv_cache = self._new_kv_cache(1, total_len if num_samples == 1 else len(tokens))
+        ids = torch.tensor([tokens], dtype=torch.long, device=device)
+        logits = self.model.forward(ids, kv_cache=kv_cache)[:, -1, :]
+        if num_samples > 1:
+            # 2) fan the prompt's cache out to one row per sample; every row samples its own first token
+            decode_cache = self._new_kv_cache(num_samples, total_len)
+            decode_cache.prefill(kv_cache)
+            kv_cache = decode_cache
+            logits = logits.expand(num_samples, -1)
+
+        rows = [RowState() for _ in range(num_samples)]
+        ids = torch.empty((num_samples, 1), dtype=torch.long, device=device)
+        for step in range(max_tokens):
+            next_ids = sample_next_token(logits, rng, temperature, top_k, top_p)  # (B, 1)
+            sampled = next_ids[:, 0].tolist()
+            token_column, token_masks = [], []
+            any_forced = False
+            for row, token in zip(rows, sampled):
+                forced = bool(row.forced_tokens)
+                if forced:
+                    token = row.forced_tokens.popleft()
+                    any_forced = True
+                token_column.append(token)
+                token_masks.append(0 if forced else 1)
+                if token == assistant_end or token == bos:
+                    row.completed = True
+                # tool state machine
+                if token == python_start:
+                    row.in_python_block, row.python_tokens = True, []
+                elif token == python_end and row.in_python_block:
+                    row.in_python_block = False
+                    row.forced_tokens.extend(self.run_tool(row.python_tokens))
+                    row.python_tokens = []
+                elif row.in_python_block:
+                    row.python_tokens.append(token)
+            yield token_column, token_masks
+            if step + 1 == max_tokens or all(row.completed for row in rows):
+                break
+            if any_forced:
+                ids.copy_(torch.tensor(token_column, dtype=torch.long).view(-1, 1))
+            else:
+                ids.copy_(next_ids)  # stays on the device: no host round trip for the common case
+            logits = self.model.forward(ids, kv_cache=kv_cache)[:, -1, :]
+
+    def generate_batch(self, tokens, num_samples=1, **kwargs):
+        """Run generate() to the end. Returns (results, masks): per sample the prompt followed by the generated
+        tokens (the terminating <|assistant_end|>/<|bos|> excluded), and masks (0 for prompt and forced tokens)."""
+        assistant_end, bos = self._special("<|assistant_end|>"), self.tokenizer.get_bos_token_id()
+        results = [list(tokens) for _ in range(num_samples)]
+        masks = [[0] * len(tokens) for _ in range(num_samples)]
+        completed = [False] * num_samples
+        for token_column, token_masks in self.generate(tokens, num_samples, **kwargs):
+            for i, (token, mask) in enumerate(zip(token_column, token_masks)):
+                if completed[i]:
+                    continue
+                if token == assistant_end or token == bos:
+                    completed[i] = True
+                else:
+                    results[i].append(token)
+                    masks[i].append(mask)
+            if all(completed):
+                break
+        return results, masks
+
+
+# -----------------------------------------------------------------------------
+# Context-window management
+
+def _messages_of(conversation):
+    messages = conversation["messages"] if isinstance(conversation, dict) else conversation
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("a conversation is {'messages': [...]} or a non-empty list of messages")
+    return [dict(m) for m in messages]
+
+
+def _longest_fitting(lo, hi, fits):
+    """Largest n in [lo, hi] with fits(n) true (fits is monotone: true up to some n), or None."""
+    if not fits(lo):
+        return None
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def fit_conversation_to_context(tokenizer, conversation, max_context, max_new_tokens=0):
+    """Make a chat prompt fit the model: returns (prompt_ids, kept_conversation).
+
+    prompt_ids = tokenizer.render_for_completion(kept_conversation) (ends with <|assistant_start|>), and
+    len(prompt_ids) + max_new_tokens <= max_context (pass the model's sequence_len). kept_conversation has
+    the same shape as the input (a dict gets {"messages": ...} with its other keys kept; a list stays a list);
+    a trailing assistant message (the one being completed) is dropped, as render_for_completion does.
+
+    To fit, in this order: drop the oldest user/assistant exchanges (a leading system message stays); then
+    shorten the system message (keeping its beginning), dropping it if needed; then shorten the last user
+    message, keeping its end (where the question usually is). Raises ValueError only when even an empty
+    user message does not fit (max_context too small for the chat template plus max_new_tokens).
+    """
+    budget = max_context - max_new_tokens
+    messages = _messages_of(conversation)
+    if messages[-1].get("role") == "assistant":
+        messages.pop()
+    system = messages[0] if messages and messages[0].get("role") == "system" else None
+    turns = messages[1:] if system is not None else messages
+    if not turns or turns[-1].get("role") != "user":
+        raise ValueError("the conversation must end with a user message (optionally followed by the assistant "
+                         "message being completed)")
+
+    def render(sys_msg, turn_list):
+        return tokenizer.render_for_completion(([sys_msg] if sys_msg is not None else []) + turn_list)
+
+    def result(sys_msg, turn_list, ids):
+        kept = ([sys_msg] if sys_msg is not None else []) + turn_list
+        if isinstance(conversation, dict):
+            return ids, {**conversation, "messages": kept}
+        return ids, kept
+
+    # 1) drop whole exchanges (user + assistant) from the oldest; the last user message always stays
+    while True:
+        ids = render(system, turns)
+        if len(ids) <= budget:
+            return result(system, turns, ids)
+        if len(turns) < 3:
+            break
+        turns = turns[2:]
+
+    # 2) shorten the system message from its end, then drop it
+    if system is not None:
+        text = system.get("content", "")
+
+        def system_fits(n):
+            return len(render({**system, "content": text[:n]}, turns)) <= budget
+        n = _longest_fitting(1, len(text), system_fits) if text else None
+        if n is not None:
+            system = {**system, "content": text[:n]}
+            return result(system, turns, render(system, turns))
+        system = None
+        ids = render(None, turns)
+        if len(ids) <= budget:
+            return result(None, turns, ids)
+
+    # 3) keep only the end of the last user message
+    last = turns[-1]
+    text = last.get("content", "")
+
+    def user_fits(n):
+        return len(render(None, turns[:-1] + [{**last, "content": text[len(text) - n:] if n else ""}])) <= budget
+    n = _longest_fitting(0, len(text), user_fits)
+    if n is None:
+        raise ValueError(f"A context of {max_context} tokens cannot hold even an empty user turn plus "
+                         f"{max_new_tokens} new tokens; lower max_new_tokens or use a model with a longer context")
+    turns = turns[:-1] + [{**last, "content": text[len(text) - n:] if n else ""}]
+    return result(None, turns, render(None, turns))
+
+
+# -----------------------------------------------------------------------------
+# Self-check: the engine against the model's naive generate()
+
+if __name__ == "__main__":
+    from nanochat.common import autodetect_device_type, compute_init
+    from nanochat.checkpoint_manager import load_model
+
+    parser = argparse.ArgumentParser(description="Check that Engine.generate matches GPT.generate (greedy) on a checkpoint")
+    parser.add_argument("-i", "--source", default="base", help="checkpoint source: base|sft|rl|dpo")
+    parser.add_argument("-g", "--model-tag", default=None, help="model tag (default: the largest)")
+    parser.add_argument("-s", "--step", type=int, default=None, help="step (default: the last)")
+    parser.add_argument("--prompt", default="The chemical formula of water is", help="prompt text")
+    parser.add_argument("--max-tokens", type=int, default=64, help="tokens to generate")
+    parser.add_argument("--device-type", default="", help="cuda|cpu|mps (default: autodetect)")
+    args = parser.parse_args()
+    _, _, _, _, device = compute_init(args.device_type or autodetect_device_type())
+    model, tokenizer, _ = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
+    prompt = tokenizer.encode(args.prompt, prepend=tokenizer.get_bos_token_id())
+    max_tokens = Engine(model, tokenizer).max_new_tokens(len(prompt), args.max_tokens)
+
+    t0 = time.perf_counter()
+    reference = list(model.generate(prompt, max_tokens, temperature=0.0))
+    t1 = time.perf_counter()
+    engine_ids = [column[0] for column, _ in Engine(model, tokenizer, tools=None).generate(prompt, max_tokens=max_tokens, temperature=0.0)]
+    t2 = time.perf_counter()
+    print(tokenizer.decode(prompt + engine_ids))
+    print(f"naive generate: {t1 - t0:.2f}s, engine: {t2 - t1:.2f}s")
+    mismatch = next((i for i, (a, b) in enumerate(zip(reference, engine_ids)) if a != b), None)
+    if mismatch is None and len(reference) == len(engine_ids):
+        print("Match: True")
+    else:
+        print(f"Match: False (first difference at generated token {mismatch})")
+        raise SystemExit(1)
