@@ -44,6 +44,15 @@ class ByteTokenizer:
         return bytes(t for t in ids if t < 256).decode("utf-8", errors="replace")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # these models are tiny: one thread avoids OpenMP hand-offs that dominate (and stall on a busy machine)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 TOK = ByteTokenizer()
 S = TOK.special
 VOCAB = TOK.get_vocab_size()
@@ -130,6 +139,22 @@ def test_top_p_keeps_frequencies_proportional():
     out = sample_next_token(logits, torch.Generator().manual_seed(0), temperature=1.0, top_p=0.7)[:, 0]
     frac0 = (out == 0).float().mean().item()
     assert abs(frac0 - 0.5 / 0.8) < 0.02  # renormalised over the kept {0, 1}
+
+
+def test_sampling_matches_the_softmax_distribution():
+    logits = torch.tensor([0.0, 1.0, 2.0, -1.0, 0.5])
+    for temperature in (1.0, 0.7):
+        draws = sample_next_token(logits.expand(40000, -1), torch.Generator().manual_seed(1), temperature)[:, 0]
+        freq = torch.bincount(draws, minlength=5).float() / draws.numel()
+        torch.testing.assert_close(freq, torch.softmax(logits / temperature, dim=-1), atol=0.01, rtol=0)
+
+
+def test_zero_probability_tokens_are_never_sampled():
+    # at a low temperature most of the vocabulary underflows to probability exactly 0
+    logits = torch.linspace(-15, 15, VOCAB).flip(0).unsqueeze(0).expand(5000, -1)
+    draws = sample_next_token(logits, torch.Generator().manual_seed(0), temperature=0.05)[:, 0]
+    probs = torch.softmax(logits[0] / 0.05, dim=-1)
+    assert (probs[draws] > 0).all() and (probs == 0).any()
 
 
 # -----------------------------------------------------------------------------
@@ -257,6 +282,15 @@ def test_custom_tool_function():
     results, _ = Engine(MockModel(scripts=[script]), TOK, tools=tool).generate_batch(PROMPT, max_tokens=40,
                                                                                      temperature=0.0)
     assert seen == ["search cats"] and results[0][-len(forced):] == forced
+
+
+def test_finished_rows_do_not_run_tools():
+    calls = []
+    scripts = [TOK.encode("a") + [S["<|assistant_end|>"]] + tool_script("1+1", TOK.encode("zzzz")),
+               TOK.encode("abcdefghijklmnop") + [S["<|assistant_end|>"]]]
+    engine = Engine(MockModel(scripts=scripts), TOK, tools=lambda code: calls.append(code) or "2")
+    results, _ = engine.generate_batch(PROMPT, num_samples=2, max_tokens=40, temperature=0.0)
+    assert calls == [] and results[0][len(PROMPT):] == TOK.encode("a")
 
 
 def test_unknown_tool_name_is_an_error():
