@@ -93,7 +93,7 @@ def build_parser():
                         help="random tokens instead of text (benchmarks/tests: every world size sees the same global batches)")
     parser.add_argument("--init-from", type=str, default=None,
                         help="TAG[:STEP] of a base checkpoint to continue pretraining from (weights only; new tag, fresh optimizer and schedule)")
-    parser.add_argument("--compile", type=int, default=-1, help="torch.compile the model: 1 = yes, 0 = no, -1 = auto (on CUDA)")
+    parser.add_argument("--compile", type=int, default=-1, help="torch.compile the model: 1 = yes, 0 = no, -1 = auto (CUDA, and CPU when a C++ compiler is installed)")
     parser.add_argument("--model-tag", type=str, default=None, help="checkpoint directory name (default d<depth>, or <source>_cpt with --init-from)")
     return parser
 
@@ -286,6 +286,36 @@ def disable_fp8(model):
             setattr(parent, attr, module)
 
 
+def should_compile(flag, device_type):
+    """--compile: 1 yes, 0 no, -1 auto = CUDA, or CPU when a C++ compiler is there for inductor (measured on a
+    2-core AVX2 EPYC: ~1.2-1.3x faster steps and ~half the memory at d4-d6, after ~1 min of compilation)."""
+    if flag != -1:
+        return flag == 1
+    if device_type == "cuda":
+        return True
+    if device_type == "cpu":
+        import shutil
+        if any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+            return True
+        print0("NOTE: no C++ compiler found, so torch.compile is off on CPU (install g++/clang for ~1.25x faster steps)")
+    return False
+
+
+def warm_up_compiled(model, orig_model, x, y):
+    """Compile now, on one forward/backward of the first batch (gradients discarded, no data consumed), so a
+    compiler problem falls back to eager with a warning instead of killing the run later."""
+    t0 = time.time()
+    try:
+        model(x, y).backward()
+    except Exception as e:
+        print0(f"WARNING: torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+               f"training uncompiled (pass --compile 0 to skip the attempt)")
+        model = orig_model
+    orig_model.zero_grad(set_to_none=True)
+    print0(f"Compilation warm-up: {time.time() - t0:.1f}s")
+    return model
+
+
 def peak_memory_mib(device_type):
     if device_type == "cuda":
         return torch.cuda.max_memory_allocated() / 1024 ** 2
@@ -384,7 +414,7 @@ def train(args, explicit=frozenset()):
             convert_fp8(model, args.fp8_recipe)
 
     orig_model = model  # uncompiled: saving, sampling and CORE (whose shapes vary)
-    use_compile = args.compile == 1 or (args.compile == -1 and device_type == "cuda")
+    use_compile = should_compile(args.compile, device_type)
     if use_compile:
         model = torch.compile(model, dynamic=False)  # input shapes never change during training
 
@@ -446,6 +476,8 @@ def train(args, explicit=frozenset()):
             tokenizer, B, T, split="val", device=device, data_dir=args.data_dir)
     x, y, loader_state = next(train_loader)
     consumed_state = loader_resume  # loader state after the last batch actually trained on (what resume needs)
+    if use_compile:
+        model = warm_up_compiled(model, orig_model, x, y)
 
     schedule = dict(num_iterations=num_iterations, warmup_steps=args.warmup_steps, warmdown_ratio=args.warmdown_ratio,
                     final_lr_frac=args.final_lr_frac)

@@ -18,7 +18,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB_SIZE = 300
 TINY = ["--depth", "2", "--aspect-ratio", "32", "--head-dim", "32", "--max-seq-len", "32", "--window-pattern", "L",
         "--device-batch-size", "2", "--total-batch-size", "128", "--core-metric-every", "-1", "--sample-every", "-1",
-        "--eval-every", "-1", "--warmup-steps", "2"]
+        "--eval-every", "-1", "--warmup-steps", "2", "--compile", "0"]
 WORDS = "the cat sat on a mat and then it ran far away from home to see the big red sun in the sky".split()
 
 
@@ -255,7 +255,7 @@ def test_init_from_context_extension(base, capsys):
     src = bt.main(TINY + ["--synthetic-data", "--num-iterations", "2", "--model-tag", "d2"])
     capsys.readouterr()
     # continued pretraining with a 2x longer context, 0 steps: the saved model must be the source's weights
-    out = bt.main(["--init-from", "d2", "--max-seq-len", "64", "--synthetic-data", "--num-iterations", "0",
+    out = bt.main(["--init-from", "d2", "--max-seq-len", "64", "--synthetic-data", "--num-iterations", "0", "--compile", "0",
                    "--device-batch-size", "2", "--total-batch-size", "128", "--eval-every", "-1",
                    "--core-metric-every", "-1", "--sample-every", "-1"])
     log = capsys.readouterr().out
