@@ -755,7 +755,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.resume_from_step != "last":
         try:
-            int(args.resume_from_step)
+            args.resume_from_step = int(args.resume_from_step)  # an int in user_config, as nanochat writes it
         except ValueError:
             parser.error(f"--resume-from-step must be a step number, -1 or 'last', got {args.resume_from_step!r}")
     try:

@@ -220,6 +220,14 @@ def test_resume_equals_uninterrupted(base, text_dir, data):
         meta = json.load(f)
     assert meta["loop_state"]["smooth_train_loss"] == full_meta["loop_state"]["smooth_train_loss"]
     assert meta["dataloader_state_dict"] == full_meta["dataloader_state_dict"]
+    assert meta["user_config"]["resume_from_step"] == 3
+
+    # 'last' picks step 6, which is already the end: nothing to train, the checkpoint is re-saved unchanged
+    again = bt.main(argv + ["--resume-from-step", "last"])
+    assert again["losses"] == {}
+    assert_weights_close(load_weights(ckpt_dir, 6), full_weights)
+    with open(os.path.join(ckpt_dir, "meta_000006.json")) as f:
+        assert json.load(f)["dataloader_state_dict"] == full_meta["dataloader_state_dict"]
 
 
 def parse_losses(text):
