@@ -22,7 +22,7 @@ NANOCHAT_DATA="${NANOCHAT_DATA:-offline}"
 WANDB_RUN="${WANDB_RUN:-dummy}"
 BASE_STEPS="${BASE_STEPS:-250}"
 SFT_STEPS="${SFT_STEPS:-300}"
-EVAL_PROBLEMS="${EVAL_PROBLEMS:-40}"
+EVAL_PROBLEMS="${EVAL_PROBLEMS:-25}"
 # one intra-op thread per core; more threads than cores only adds contention
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(python3 -c 'import os; print(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())')}"
 case "$NANOCHAT_DATA" in offline|hub) ;; *) echo "NANOCHAT_DATA must be offline or hub, got '$NANOCHAT_DATA'" >&2; exit 1 ;; esac
@@ -74,20 +74,22 @@ stage "tokenizer training" $PY -m scripts.tok_train --vocab-size=8192 --max-char
 stage "tokenizer eval" $PY -m scripts.tok_eval
 
 # -----------------------------------------------------------------------------
-# Base model: 4 layers, 256 wide, 512-token context, 8K tokens per step
+# Base model: 4 layers, 256 wide, 512-token context, 8K tokens per step. base_train scales LRs by
+# sqrt(batch / 524288) = 1/8 here; a run this short wants them 4x the defaults (effective 0.01 for Muon)
 stage "base training" $PY -m scripts.base_train \
     --depth=4 --head-dim=64 --window-pattern=L --max-seq-len=512 \
-    --device-batch-size=16 --total-batch-size=8192 --num-iterations="$BASE_STEPS" --warmup-steps=20 \
+    --device-batch-size=16 --total-batch-size=8192 --num-iterations="$BASE_STEPS" --warmup-steps=10 \
+    --matrix-lr=0.08 --embedding-lr=1.2 --unembedding-lr=0.032 \
     --eval-every=50 --eval-tokens=65536 --core-metric-every=-1 --sample-every=-1 --run="$WANDB_RUN"
 stage "base eval" $PY -m scripts.base_eval --eval=bpb,sample --device-batch-size=16 --split-tokens=65536
 
 # -----------------------------------------------------------------------------
 # SFT, then compare base and SFT on letter counting and arithmetic (both answer through the calculator tool)
 stage "SFT" $PY -m scripts.chat_sft "${SFT_DATA[@]}" \
-    --max-seq-len=512 --device-batch-size=16 --total-batch-size=8192 --num-iterations="$SFT_STEPS" \
-    --identity-epochs=6 --eval-every=100 --eval-tokens=32768 --chatcore-every=-1 --run="$WANDB_RUN"
-stage "chat eval base" $PY -m scripts.chat_eval -i base -a "SpellingBee|Arithmetic" -x "$EVAL_PROBLEMS" -m 256
-stage "chat eval sft" $PY -m scripts.chat_eval -i sft -a "SpellingBee|Arithmetic" -x "$EVAL_PROBLEMS" -m 256
+    --max-seq-len=512 --device-batch-size=8 --total-batch-size=4096 --num-iterations="$SFT_STEPS" \
+    --matrix-lr=0.02 --embedding-lr=0.3 --unembedding-lr=0.008 --identity-epochs=6 --eval-every=100 --eval-tokens=32768 --chatcore-every=-1 --run="$WANDB_RUN"
+stage "chat eval base" $PY -m scripts.chat_eval -i base -a "SpellingBee|Arithmetic" -x "$EVAL_PROBLEMS" -m 200
+stage "chat eval sft" $PY -m scripts.chat_eval -i sft -a "SpellingBee|Arithmetic" -x "$EVAL_PROBLEMS" -m 200
 
 stage "report generate" $PY -m nanochat.report generate
 echo

@@ -1,0 +1,171 @@
+"""
+Chat with a trained model in the terminal (single device).
+
+    python -m scripts.chat_cli                          # interactive, the latest SFT model
+    python -m scripts.chat_cli -p "What is your name?"  # one answer, then exit
+    python -m scripts.chat_cli -i base -g d4 -s 400 -t 0.0
+
+Type 'clear' to start over and 'quit' / 'exit' (or Ctrl-D) to leave. Answers stream as they are sampled;
+calculator calls show up as <<expr=result>>. Long conversations never overflow the model's context: the
+oldest exchanges are dropped (and, if needed, the start of a very long message) so that the prompt plus
+the answer fit in the model's sequence length.
+"""
+
+import argparse
+
+import torch
+
+from nanochat.common import compute_init, autodetect_device_type
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description="Chat with a nanochat model",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("-i", "--source", type=str, default="sft", choices=["base", "mid", "sft", "rl", "dpo"],
+                        help="which checkpoints to load")
+    parser.add_argument("-g", "--model-tag", type=str, default=None, help="model tag (default: the largest d<N>)")
+    parser.add_argument("-s", "--step", type=int, default=None, help="step (default: the last one)")
+    parser.add_argument("-p", "--prompt", type=str, default="", help="answer this one prompt and exit")
+    parser.add_argument("-t", "--temperature", type=float, default=0.6, help="sampling temperature (0 = greedy)")
+    parser.add_argument("-k", "--top-k", type=int, default=50, help="sample from the k most likely tokens (0 = all)")
+    parser.add_argument("-m", "--max-tokens", type=int, default=256, help="max tokens per answer")
+    parser.add_argument("--seed", type=int, default=42, help="sampling seed of the first answer (then +1 per turn)")
+    parser.add_argument("--device-type", type=str, default="", choices=["", "cuda", "cpu", "mps"],
+                        help="cuda|cpu|mps (empty = autodetect)")
+    return parser
+
+
+class TokenPrinter:
+    """Streams generated tokens as text: special tokens become readable (tool calls as <<expr=result>>),
+    and a multi-byte character split across tokens is printed only once it is complete."""
+
+    def __init__(self, tokenizer, out):
+        self.tokenizer, self.out = tokenizer, out
+        special = tokenizer.encode_special
+        self.markup = {special("<|python_start|>"): "<<", special("<|python_end|>"): "=",
+                       special("<|output_start|>"): "", special("<|output_end|>"): ">>"}
+        self.silent = {special(s) for s in tokenizer.get_special_tokens()} - set(self.markup)
+        self.pending = []
+
+    def _flush_text(self, final=False):
+        text = self.tokenizer.decode(self.pending) if self.pending else ""
+        if text.endswith("\ufffd") and not final:
+            return  # wait for the rest of the character
+        self.out.write(text)
+        self.pending = []
+
+    def feed(self, token):
+        if token in self.markup or token in self.silent:
+            self._flush_text(final=True)
+            self.out.write(self.markup.get(token, ""))
+        else:
+            self.pending.append(token)
+            self._flush_text()
+        self.out.flush()
+
+    def close(self):
+        self._flush_text(final=True)
+        self.out.flush()
+
+
+def tokens_to_parts(tokenizer, tokens):
+    """Generated assistant tokens -> message content: a string, or a list of text/python/python_output parts
+    when it used a tool (so the history re-renders exactly as it was generated)."""
+    special = tokenizer.encode_special
+    kinds = {special("<|python_start|>"): ("python", True), special("<|python_end|>"): ("python", False),
+             special("<|output_start|>"): ("python_output", True), special("<|output_end|>"): ("python_output", False)}
+    stop = {special("<|assistant_end|>"), tokenizer.get_bos_token_id()}
+    parts, current, kind = [], [], "text"
+    for token in tokens:
+        if token in stop:
+            break
+        if token in kinds:
+            part_kind, opens = kinds[token]
+            if current or kind != "text":
+                parts.append({"type": kind, "text": tokenizer.decode(current)})
+            current, kind = [], (part_kind if opens else "text")
+        else:
+            current.append(token)
+    if current or kind != "text":
+        parts.append({"type": kind, "text": tokenizer.decode(current)})
+    if all(p["type"] == "text" for p in parts):
+        return "".join(p["text"] for p in parts)
+    return parts
+
+
+def answer(engine, tokenizer, messages, args, seed, out):
+    """Generate and stream the assistant's reply to `messages` (ending with a user message); returns
+    (assistant content, number of exchanges dropped to fit the context)."""
+    from nanochat.engine import fit_conversation_to_context
+    seq_len = engine.model.config.sequence_len
+    # room for the answer: the requested max, but never more than half the context (a long history still fits)
+    max_new = max(1, min(args.max_tokens, seq_len // 2))
+    prompt, kept = fit_conversation_to_context(tokenizer, messages, seq_len, max_new_tokens=max_new)
+    dropped = (len(messages) - len(kept)) // 2
+    printer = TokenPrinter(tokenizer, out)
+    generated = []
+    top_k = args.top_k if args.top_k > 0 else None
+    max_tokens = min(args.max_tokens, seq_len - len(prompt))
+    for token_column, _ in engine.generate(prompt, num_samples=1, max_tokens=max_tokens,
+                                           temperature=args.temperature, top_k=top_k, seed=seed):
+        generated.append(token_column[0])
+        printer.feed(token_column[0])
+    printer.close()
+    return tokens_to_parts(tokenizer, generated), dropped, kept
+
+
+def main(argv=None, input_fn=input, out=None):
+    import sys
+    out = out or sys.stdout
+    args = build_parser().parse_args(argv)
+    from nanochat.checkpoint_manager import load_model
+    from nanochat.engine import Engine
+    device_type = args.device_type or autodetect_device_type()
+    _, _, _, _, device = compute_init(device_type)
+    model, tokenizer, _ = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
+    engine = Engine(model, tokenizer)
+
+    if not args.prompt:
+        print("\nNanoChat Interactive Mode", file=out)
+        print("-" * 50, file=out)
+        print("Type 'quit' or 'exit' to end the conversation", file=out)
+        print("Type 'clear' to start a new conversation", file=out)
+        print("-" * 50, file=out)
+
+    messages = []
+    seed = args.seed
+    while True:
+        if args.prompt:
+            user_input = args.prompt
+        else:
+            try:
+                user_input = input_fn("\nUser: ").strip()
+            except (EOFError, KeyboardInterrupt):
+                print("\nGoodbye!", file=out)
+                break
+        if user_input.lower() in ("quit", "exit"):
+            print("Goodbye!", file=out)
+            break
+        if user_input.lower() == "clear":
+            messages = []
+            print("Conversation cleared.", file=out)
+            continue
+        if not user_input:
+            continue
+
+        messages.append({"role": "user", "content": user_input})
+        print("\nAssistant: ", end="", file=out, flush=True)
+        with torch.inference_mode():
+            content, dropped, kept = answer(engine, tokenizer, messages, args, seed, out)
+        print(file=out)
+        if dropped:
+            print(f"(context full: the {dropped} oldest exchange(s) no longer fit and were dropped)", file=out)
+        # keep only what the model can still see, so the history never grows without bound
+        messages = list(kept) + [{"role": "assistant", "content": content}]
+        seed += 1
+        if args.prompt:
+            break
+
+
+if __name__ == "__main__":
+    main()

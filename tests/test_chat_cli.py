@@ -1,0 +1,117 @@
+"""chat_cli: one-shot and interactive use, clear/quit, streaming of tool calls and multi-byte characters, and a
+conversation far longer than the model's context never crashes it (every prompt + answer fits)."""
+import io
+import os
+import dataclasses
+
+import pytest
+import torch
+
+from scripts import chat_cli
+
+SEQ_LEN = 48
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny model: one thread is faster than two
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def tiny_sft(_isolated_base_dir):
+    """A tokenizer and a random 2-layer model (context 48 tokens) saved as an SFT checkpoint."""
+    from nanochat.tokenizer import RustBPETokenizer, save_token_bytes
+    from nanochat.gpt import GPT, GPTConfig
+    from nanochat.checkpoint_manager import save_checkpoint
+    base = str(_isolated_base_dir)
+    texts = ["hello there, how are you? I am fine. numbers 1 2 3 + 4 = 7. café naïve 東京"] * 30
+    tok = RustBPETokenizer.train_from_iterator(iter(texts), vocab_size=290)
+    tok.save(os.path.join(base, "tokenizer"))
+    save_token_bytes(tok, os.path.join(base, "tokenizer"))
+    config = GPTConfig(sequence_len=SEQ_LEN, vocab_size=tok.get_vocab_size(), n_layer=2, n_head=2, n_kv_head=2,
+                       n_embd=32, window_pattern="L")
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device="cpu")
+    model.init_weights()
+    save_checkpoint(os.path.join(base, "chatsft_checkpoints", "d2"), 5, model.state_dict(), None,
+                    {"step": 5, "model_config": dataclasses.asdict(config)})
+    return tok
+
+
+def _run(argv, inputs=()):
+    feed = iter(inputs)
+
+    def fake_input(prompt):
+        try:
+            return next(feed)
+        except StopIteration:
+            raise EOFError
+    out = io.StringIO()
+    chat_cli.main(["--device-type", "cpu", *argv], input_fn=fake_input, out=out)
+    return out.getvalue()
+
+
+def test_one_shot_prompt(tiny_sft):
+    text = _run(["-p", "hello there, how are you?", "-t", "0", "-m", "8"])
+    assert "Assistant: " in text and "Interactive Mode" not in text
+
+
+def test_history_longer_than_context_never_crashes(tiny_sft, monkeypatch):
+    from nanochat.engine import Engine
+    seen = []
+    original = Engine.generate
+
+    def checked_generate(self, tokens, *args, **kwargs):
+        seen.append((len(tokens), kwargs.get("max_tokens")))
+        assert len(tokens) + kwargs["max_tokens"] <= SEQ_LEN
+        yield from original(self, tokens, *args, **kwargs)
+    monkeypatch.setattr(Engine, "generate", checked_generate)
+    turns = [f"turn {i}: hello there, how are you? I am fine." for i in range(8)]
+    turns.insert(4, "numbers " * 200)  # one message alone longer than the whole context
+    text = _run(["-t", "0.8", "-m", "12"], turns + ["clear", "hello again", "quit"])
+    assert len(seen) == len(turns) + 1  # every message got an answer
+    assert "context full" in text
+    assert "Conversation cleared." in text and text.rstrip().endswith("Goodbye!")
+    # after 'clear' the history is empty again: the prompt is short
+    assert seen[-1][0] < 20
+
+
+def test_eof_ends_the_session(tiny_sft):
+    text = _run(["-m", "4"], ["hello"])
+    assert text.rstrip().endswith("Goodbye!")
+
+
+def test_tool_call_tokens_round_trip_and_print(tiny_sft):
+    tok = tiny_sft
+    s = tok.encode_special
+    content = [{"type": "text", "text": "4 + 3 = "}, {"type": "python", "text": "4+3"},
+               {"type": "python_output", "text": "7"}, {"type": "text", "text": " so 7."}]
+    ids, _ = tok.render_conversation([{"role": "user", "content": "hi"}, {"role": "assistant", "content": content}])
+    generated = ids[ids.index(s("<|assistant_start|>")) + 1:]
+    assert generated[-1] == s("<|assistant_end|>")
+    assert chat_cli.tokens_to_parts(tok, generated) == content
+    assert chat_cli.tokens_to_parts(tok, tok.encode("plain answer") + [s("<|assistant_end|>")]) == "plain answer"
+    out = io.StringIO()
+    printer = chat_cli.TokenPrinter(tok, out)
+    for t in generated:
+        printer.feed(t)
+    printer.close()
+    assert out.getvalue() == "4 + 3 = <<4+3=7>> so 7."
+
+
+def test_printer_never_splits_a_multibyte_character(tiny_sft):
+    tok = tiny_sft
+    text = "café 東京 naïve"
+    ids = tok.encode(text)
+    out = io.StringIO()
+    printer = chat_cli.TokenPrinter(tok, out)
+    for t in ids:
+        printer.feed(t)
+        assert "\ufffd" not in out.getvalue()
+    printer.close()
+    assert out.getvalue() == text
