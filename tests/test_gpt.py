@@ -271,3 +271,56 @@ def test_naive_generate_greedy_matches_kv_cache_decode():
     sampled = list(model.generate([3], max_tokens=5, temperature=1.0, top_k=5, seed=1))
     assert sampled == list(model.generate([3], max_tokens=5, temperature=1.0, top_k=5, seed=1))
     assert all(0 <= t < 300 for t in sampled)
+
+
+def test_fp8_linear_matches_quantize_dequantize_math():
+    """fp8 GEMMs (torch._scaled_mm also runs on CPU) == fp32 matmuls of the explicitly quantized operands."""
+    from nanochat.fp8 import Float8Linear, quantize
+    from nanochat.gpt import Linear
+    torch.manual_seed(0)
+    linear = Linear(64, 32, bias=False)
+    f8 = Float8Linear.from_linear(linear)
+    assert f8.weight is linear.weight
+    x = torch.randn(2, 5, 64, requires_grad=True)
+    try:
+        y = f8(x)
+    except (RuntimeError, NotImplementedError) as e:
+        pytest.skip(f"torch._scaled_mm not available on CPU in this torch: {e}")
+    grad_y = torch.randn_like(y)
+    y.backward(grad_y)
+
+    def dequant(t, dtype):
+        q, inv_scale = quantize(t, dtype)
+        return q.float() * inv_scale
+
+    x2d, g2d = x.detach().reshape(-1, 64), grad_y.reshape(-1, 32)
+    w = dequant(linear.weight.detach(), torch.float8_e4m3fn)
+    xq, gq = dequant(x2d, torch.float8_e4m3fn), dequant(g2d, torch.float8_e5m2)
+    torch.testing.assert_close(y.detach().reshape(-1, 32), xq @ w.t(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(x.grad.reshape(-1, 64), gq @ w, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(linear.weight.grad, gq.t() @ xq, atol=1e-5, rtol=1e-5)
+    assert linear.weight.grad.dtype == torch.float32
+    assert (y.detach() - x.detach() @ linear.weight.detach().t()).abs().max() < 0.2  # still the same layer
+
+
+def test_fp8_conversion_keeps_names_and_filters_small_layers():
+    from nanochat.fp8 import Float8Linear, Float8LinearConfig, convert_to_float8_training
+    model = build(GPTConfig(sequence_len=16, vocab_size=256, n_layer=2, n_head=2, n_kv_head=2, n_embd=128))
+    names = set(model.state_dict())
+
+    def big_enough(mod, fqn):  # base_train's filter
+        return mod.in_features % 16 == 0 and mod.out_features % 16 == 0 and min(mod.in_features, mod.out_features) >= 128
+    convert_to_float8_training(model, config=Float8LinearConfig.from_recipe_name("tensorwise"), module_filter_fn=big_enough)
+    assert set(model.state_dict()) == names
+    assert isinstance(model.lm_head, Float8Linear) and isinstance(model.transformer.h[0].mlp.c_fc, Float8Linear)
+    assert not isinstance(model.transformer.h[1].attn.ve_gate, Float8Linear)
+    assert not isinstance(model.smear_gate, Float8Linear)
+    idx = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    try:
+        loss = model(idx, idx)
+    except (RuntimeError, NotImplementedError) as e:
+        pytest.skip(f"torch._scaled_mm not available on CPU in this torch: {e}")
+    loss.backward()
+    assert torch.isfinite(loss) and model.lm_head.weight.grad is not None
+    with pytest.raises(ValueError, match="tensorwise"):
+        Float8LinearConfig.from_recipe_name("rowwise")
