@@ -224,6 +224,8 @@ def synthetic_loader(vocab_size, B, T, device, rank, world_size, seed_offset=0, 
     matching grad accumulation) sees the same global batches. Yields (x, y, state) like the real loader; the
     state names rank 0's batch, from which every rank can resume."""
     g = rank
+    if isinstance(resume_state_dict, (list, tuple)):  # every rank's state: they all name the same global batch
+        resume_state_dict = resume_state_dict[0]
     if resume_state_dict is not None:
         g = resume_state_dict["synthetic_batch"] + world_size + rank
     while True:
@@ -463,7 +465,8 @@ def train(args, explicit=frozenset()):
 
     # --- data ---
     B, T = args.device_batch_size, config.sequence_len
-    loader_resume = meta_data["dataloader_state_dict"] if resuming else None
+    # multi-rank runs save every rank's loader state (the loader picks its own); nanochat's meta has rank 0's only
+    loader_resume = (meta_data.get("dataloader_state_dicts") or meta_data["dataloader_state_dict"]) if resuming else None
     if args.synthetic_data:
         train_loader = synthetic_loader(vocab_size, B, T, device, rank, world_size, resume_state_dict=loader_resume)
         build_val_loader = lambda: synthetic_loader(vocab_size, B, T, device, rank, world_size, seed_offset=10 ** 9)
@@ -475,7 +478,8 @@ def train(args, explicit=frozenset()):
         build_val_loader = lambda: tokenizing_distributed_data_loader_bos_bestfit(
             tokenizer, B, T, split="val", device=device, data_dir=args.data_dir)
     x, y, loader_state = next(train_loader)
-    consumed_state = loader_resume  # loader state after the last batch actually trained on (what resume needs)
+    # loader state after the last batch actually trained on (what resume needs; the prefetched batch is not in it)
+    consumed_state = loader_resume[rank] if isinstance(loader_resume, list) else loader_resume
     if use_compile:
         model = warm_up_compiled(model, orig_model, x, y)
 
@@ -540,6 +544,10 @@ def train(args, explicit=frozenset()):
             orig_model.train()
 
         if last_step or (step > 0 and step != resume_step and args.save_every > 0 and step % args.save_every == 0):
+            all_loader_states = None
+            if ddp:  # each rank reads its own stripe: keep every rank's position for an exact resume
+                all_loader_states = [None] * world_size
+                dist.all_gather_object(all_loader_states, consumed_state)
             save_checkpoint(checkpoint_dir, step, orig_model.state_dict(), optimizer.state_dict(), {
                 "step": step,
                 "val_bpb": val_bpb,
@@ -548,12 +556,13 @@ def train(args, explicit=frozenset()):
                 "device_batch_size": B,
                 "max_seq_len": T,
                 "total_batch_size": total_batch_size,
-                "dataloader_state_dict": consumed_state,
+                "dataloader_state_dict": all_loader_states[0] if ddp else consumed_state,  # rank 0's, as nanochat
                 "loop_state": {"min_val_bpb": min_val_bpb, "smooth_train_loss": smooth_train_loss,
                                "total_training_time": total_training_time},
                 # ours, beyond nanochat's fields
                 "num_iterations": num_iterations,
                 "world_size": world_size,
+                "dataloader_state_dicts": all_loader_states,
                 "rope_base": config.rope_base,
                 "init_from": None if init_src is None else f"{init_src['tag']}:{init_src['step']}",
                 "core_metric": core_results.get("core_metric"),
