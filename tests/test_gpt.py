@@ -9,6 +9,16 @@ from nanochat.gpt import GPT, GPTConfig, has_ve
 from nanochat.kv_cache import KVCache
 
 
+@pytest.fixture(autouse=True)
+def single_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared, oversubscribed CPU two OpenMP threads
+    make every small op wait on a busy sibling core (measured 10-50x slower); restore afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def build(config, seed=0):
     torch.manual_seed(seed)
     with torch.device("meta"):
