@@ -3,12 +3,14 @@ import os
 
 # Must happen before nanochat.common is imported anywhere: COMPUTE_DTYPE is read once at import.
 os.environ.setdefault("NANOCHAT_DTYPE", "float32")
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+# Tiny test models gain nothing from intra-op threads and lose a lot when cores are oversubscribed
+# (two gloo ranks, a sandbox child, the tokenizer pool): one thread per process.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
 import torch
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
