@@ -49,21 +49,22 @@ SECTION_ORDER = [
 
 # Summary table: rows are metrics, columns are stages. A stage's value comes from the sections that belong to
 # it (later sections win, so an evaluation overrides the training-time number). Keys are matched exactly after
-# normalization (lowercase, alphanumerics only), so "CORE" never picks up "ChatCORE".
+# normalization (lowercase, alphanumerics only), so "CORE" never picks up "ChatCORE". A row may be limited to
+# some stages: bpb on pretraining text (BASE) and on chat data (SFT) are different numbers, not a comparison.
 SUMMARY_STAGES = ["BASE", "MID", "SFT", "RL", "DPO"]
 SUMMARY_METRICS = [
-    ("CORE", ["CORE", "CORE metric", "core_metric"]),
-    ("val bpb", ["val bpb", "val_bpb", "Validation bpb", "Minimum validation bpb", "min val bpb"]),
-    ("ARC-Easy", ["ARC-Easy"]),
-    ("ARC-Challenge", ["ARC-Challenge"]),
-    ("MMLU", ["MMLU"]),
-    ("GSM8K", ["GSM8K"]),
-    ("HumanEval", ["HumanEval"]),
-    ("SpellingBee", ["SpellingBee"]),
-    ("letter counting", ["letter counting", "letter_counting"]),
-    ("spelling", ["spelling", "simple spelling"]),
-    ("arithmetic", ["arithmetic"]),
-    ("ChatCORE", ["ChatCORE", "ChatCORE metric", "chatcore_metric"]),
+    # (row label, accepted keys, stages or None for all)
+    ("CORE", ["CORE", "CORE metric", "core_metric"], None),
+    ("val bpb", ["val bpb", "val_bpb", "Validation bpb", "Minimum validation bpb", "min val bpb"], ["BASE"]),
+    ("ARC-Easy", ["ARC-Easy"], None),
+    ("ARC-Challenge", ["ARC-Challenge"], None),
+    ("MMLU", ["MMLU"], None),
+    ("GSM8K", ["GSM8K"], None),
+    ("HumanEval", ["HumanEval"], None),
+    ("SpellingBee", ["SpellingBee", "letter counting"], None),
+    ("SimpleSpelling", ["SimpleSpelling", "spelling"], None),
+    ("Arithmetic", ["Arithmetic"], None),
+    ("ChatCORE", ["ChatCORE", "ChatCORE metric", "chatcore_metric"], None),
 ]
 
 
@@ -389,17 +390,17 @@ class Report:
 
     def summary_table(self, sections, order):
         """{metric: {stage: value}} from the sections' logged numbers."""
-        aliases = {_normalize_key(a): metric for metric, names in SUMMARY_METRICS for a in names}
+        aliases = {_normalize_key(a): (metric, stages) for metric, names, stages in SUMMARY_METRICS for a in names}
         table = {}
         for slug in order:
             stage = stage_of(slug)
             if stage is None:
                 continue
             for key, value in sections[slug][2].items():
-                metric = aliases.get(_normalize_key(key))
-                if metric is not None:
+                metric, stages = aliases.get(_normalize_key(key), (None, None))
+                if metric is not None and (stages is None or stage in stages):
                     table.setdefault(metric, {})[stage] = value
-        ordered = [m for m, _ in SUMMARY_METRICS if m in table]
+        ordered = [m for m, _, _ in SUMMARY_METRICS if m in table]
         return {m: table[m] for m in ordered}
 
     def generate(self, copy_to_cwd=True):
