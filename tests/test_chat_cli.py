@@ -12,13 +12,6 @@ from scripts import chat_cli
 SEQ_LEN = 48
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny model: one thread is faster than two
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture
 def tiny_sft(_isolated_base_dir):

@@ -15,15 +15,6 @@ from scripts.chat_sft import ConversationPacker, step_loss_scale, parse_jsonl_sp
 T = 32  # SFT row length used throughout
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # these models are tiny: a second intra-op thread only adds synchronization (and, on a busy machine,
-    # waits for a core), so one thread is several times faster here
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _build_tiny_base(base_dir):
     """Tokenizer + a 2-layer GPT saved as base_checkpoints/d2 step 0, the way base_train saves one."""

@@ -11,13 +11,6 @@ import torch
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny model: one thread is faster than two
-    yield
-    torch.set_num_threads(threads)
-
 
 def _write_corpus(data_dir, num_files=3, docs_per_file=200):
     """jsonl shards of simple generated English (the last file is the val split)."""
