@@ -65,10 +65,10 @@ stage "report reset" $PY -m nanochat.report reset
 # Data and tokenizer
 if [ "$NANOCHAT_DATA" = "hub" ]; then
     stage "download climbmix" $PY -m nanochat.dataset -n 2   # ~250M chars each, plus the val shard
-    SFT_DATA=()
+    SFT_DATA=""             # the reference SFT mixture from the hub
 else
     stage "offline corpus" $PY -m nanochat.dataset --offline  # ~32M chars of stdlib docs/sources, kept if present
-    SFT_DATA=(--offline)
+    SFT_DATA="--offline"
 fi
 stage "tokenizer training" $PY -m scripts.tok_train --vocab-size=8192 --max-chars=20000000
 stage "tokenizer eval" $PY -m scripts.tok_eval
@@ -85,7 +85,7 @@ stage "base eval" $PY -m scripts.base_eval --eval=bpb,sample --device-batch-size
 
 # -----------------------------------------------------------------------------
 # SFT, then compare base and SFT on letter counting and arithmetic (both answer through the calculator tool)
-stage "SFT" $PY -m scripts.chat_sft "${SFT_DATA[@]}" \
+stage "SFT" $PY -m scripts.chat_sft $SFT_DATA \
     --max-seq-len=512 --device-batch-size=8 --total-batch-size=4096 --num-iterations="$SFT_STEPS" \
     --matrix-lr=0.02 --embedding-lr=0.3 --unembedding-lr=0.008 --identity-epochs=6 --eval-every=100 --eval-tokens=32768 --chatcore-every=-1 --run="$WANDB_RUN"
 stage "chat eval base" $PY -m scripts.chat_eval -i base -a "SpellingBee|Arithmetic" -x "$EVAL_PROBLEMS" -m 200
