@@ -77,6 +77,7 @@ class MockModel:
         self.config = MockConfig(sequence_len=sequence_len)
         self.scripts = scripts
         self.calls = []  # (batch, T) of every forward
+        self.threads = []  # torch intra-op threads during every forward
 
     def get_device(self):
         return torch.device("cpu")
@@ -84,6 +85,7 @@ class MockModel:
     def forward(self, ids, kv_cache=None):
         B, T = ids.shape
         self.calls.append((B, T))
+        self.threads.append(torch.get_num_threads())
         pos = kv_cache.get_pos()
         kv_cache.advance(T)
         logits = torch.zeros(B, T, VOCAB)
@@ -175,6 +177,21 @@ def test_prefill_runs_once_at_batch_one():
     Engine(model, TOK).generate_batch(PROMPT, num_samples=4, max_tokens=3, temperature=0.0)
     assert model.calls[0] == (1, len(PROMPT))
     assert all(call == (4, 1) for call in model.calls[1:]) and len(model.calls) == 3
+
+
+def test_decode_threads_apply_to_decode_steps_only():
+    model = MockModel()
+    torch.set_num_threads(2)  # the module fixture restores the original count
+    try:
+        seen_by_consumer = [torch.get_num_threads() for _ in Engine(model, TOK, decode_threads=1).generate(
+            PROMPT, max_tokens=4)]
+        assert seen_by_consumer == [2] * 4
+        assert model.threads == [2, 1, 1, 1]  # prefill keeps the process setting
+        model.threads.clear()
+        list(Engine(model, TOK, decode_threads=None).generate(PROMPT, max_tokens=3))
+        assert model.threads == [2, 2, 2]
+    finally:
+        torch.set_num_threads(1)
 
 
 def test_same_seed_same_output_and_seeds_differ():
