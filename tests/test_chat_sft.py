@@ -320,3 +320,44 @@ def test_finetune_sft_checkpoint_in_place_continues_step_numbers(base, tmp_path)
                                      "--num-iterations", "2", "--eval-every", "-1"))
     from nanochat.checkpoint_manager import find_last_step
     assert find_last_step(first["output_dir"]) == 4 and third["step"] == 2
+
+
+DIST_DRIVER = """
+import json, sys
+from scripts import chat_sft
+result = chat_sft.main(json.loads(sys.argv[1]))
+import os
+with open(sys.argv[2] + f".rank{os.environ['RANK']}", "w") as f:
+    json.dump({k: result[k] for k in ("step", "consumed", "trained_tokens", "val_bpb")}, f)
+"""
+
+
+def test_two_ranks_cover_the_epoch_once_and_stop_together(base, tmp_path):
+    # 11 conversations, rank-strided: rank 0 gets 6, rank 1 gets 5, and the long ones end up on rank 0, so
+    # rank 1 runs out first and must keep stepping on all-padding batches (zero loss) until rank 0 is done
+    import subprocess, sys
+    rows = _qa_rows(11)
+    for i in (0, 2, 4):
+        rows[i][1]["content"] = "a long answer " * 12
+    f = _write_jsonl(tmp_path / "mine.jsonl", rows)
+    driver, out = tmp_path / "driver.py", tmp_path / "result"
+    driver.write_text(DIST_DRIVER)
+    args = _tiny_args("--custom-only", "--extra-train-jsonl", f, "--device-batch-size", "1",
+                      "--total-batch-size", str(2 * T), "--eval-every", "-1")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=repo, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(driver), json.dumps(args), str(out)], cwd=repo, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r0, r1 = (json.load(open(f"{out}.rank{r}")) for r in (0, 1))
+    assert r0["consumed"] + r1["consumed"] == len(rows) and (r0["consumed"], r1["consumed"]) == (6, 5)
+    assert r0["step"] == r1["step"] and r0["trained_tokens"] == r1["trained_tokens"]  # all-reduced count
+    from nanochat.tokenizer import get_tokenizer
+    tok = get_tokenizer()
+    assert r0["trained_tokens"] == sum(sum(tok.render_conversation(r, max_tokens=T + 1)[1]) for r in rows)
+    assert math.isfinite(r0["val_bpb"]) and r0["val_bpb"] == r1["val_bpb"]
+    ckpt = os.path.join(base, "chatsft_checkpoints", "d2")
+    meta = json.load(open(os.path.join(ckpt, f"meta_{r0['step']:06d}.json")))
+    assert [s["cursor"] for s in meta["dataloader_state_dicts"]] == [12, 11]  # each rank's own stream, saved
+    assert os.path.exists(os.path.join(ckpt, f"optim_{r0['step']:06d}_rank1.pt"))
