@@ -310,30 +310,34 @@ def execute_code(code: str, timeout: float = 5.0, maximum_memory_bytes: Optional
                                                    lambda: on_overflow("stderr")), daemon=True),
         threading.Thread(target=_read_status, args=(status_r, status_chunks), daemon=True),
     ]
-    for t in readers:
-        t.start()
-    try:
-        proc.stdin.write(code.encode("utf-8", errors="replace"))
-    except (BrokenPipeError, OSError):
-        pass  # the child died before reading everything; its exit status says why
-    finally:
-        try:
-            proc.stdin.close()
-        except OSError:
-            pass
-
     timed_out = False
     try:
-        _wait_without_reaping(proc.pid, timeout)
-    except subprocess.TimeoutExpired:
-        timed_out = True
-    # The leader is now a zombie (or still running if it timed out): its group id cannot be reused yet, so
-    # killing the group also takes down anything it managed to leave behind.
-    _kill_group(pgid)
-    returncode = proc.wait()
-    for t in readers:
-        t.join(timeout=5)
-    shutil.rmtree(workdir, ignore_errors=True)
+        for t in readers:
+            t.start()
+        try:
+            proc.stdin.write(code.encode("utf-8", errors="replace"))
+        except (BrokenPipeError, OSError):
+            pass  # the child died before reading everything; its exit status says why
+        finally:
+            try:
+                proc.stdin.close()
+            except OSError:
+                pass
+        try:
+            _wait_without_reaping(proc.pid, timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+    finally:
+        # Also on errors/KeyboardInterrupt here. The leader is a zombie (or still running if it timed out), so
+        # its group id cannot have been reused: killing the group also takes down anything it left behind.
+        _kill_group(pgid)
+        returncode = proc.wait()
+        for t in readers:
+            if t.ident is not None:  # started
+                t.join(timeout=5)
+        if readers[2].ident is None:
+            os.close(status_r)  # normally the status reader closes it
+        shutil.rmtree(workdir, ignore_errors=True)
 
     stdout = b"".join(out_chunks).decode("utf-8", errors="replace")
     stderr = b"".join(err_chunks).decode("utf-8", errors="replace")
