@@ -177,7 +177,7 @@ class Engine:
         total_len = len(tokens) + max_tokens
         kv_cache = self._new_kv_cache(1, total_len if num_samples == 1 else len(tokens))
         ids = torch.tensor([tokens], dtype=torch.long, device=device)
-        logits = self.model.forward(ids, kv_cache=kv_cache)[:, -1, :]
+        logits = self.model.forward(ids, kv_cache=kv_cache, last_logits_only=True)[:, -1, :]
         if num_samples > 1:
             # 2) fan the prompt's cache out to one row per sample; every row samples its own first token
             decode_cache = self._new_kv_cache(num_samples, total_len)

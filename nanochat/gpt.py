@@ -85,10 +85,45 @@ def apply_rotary_emb(x, cos, sin):
     return torch.addcmul(x * cos, x.roll(x.size(-1) // 2, dims=-1), sin)
 
 
+def _cpu_inference(x):
+    """True where the inference-only weight caches below may be used: CPU, no autograd, not being traced."""
+    return x.device.type == "cpu" and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+
+
+def _weights_key(weights):
+    # a cached derivative of these weights is stale once one is replaced (identity), re-pointed (storage)
+    # or modified in place (version counter: optimizer steps, load_state_dict, copy_)
+    return [(w, w.data_ptr(), w._version) for w in weights]
+
+
+def _key_matches(cached, key):
+    return cached is not None and len(cached) == len(key) and \
+        all(a[0] is b[0] and a[1:] == b[1:] for a, b in zip(cached, key))
+
+
 class Linear(nn.Linear):
-    """nn.Linear without autocast: fp32 master weight, matmul in the activation's dtype."""
+    """
+    nn.Linear without autocast: fp32 master weight, matmul in the activation's dtype.
+
+    CPU inference (no grad) multiplies by a cached contiguous copy of the transposed weight, x @ W^T: MKL
+    streams that layout at ~16 GB/s against ~11 GB/s for F.linear's transposed access, and one-token decode
+    is bound by reading the weights (+20-25% decode throughput). The copy is rebuilt when the weight changes.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._wt, self._wt_key = None, None
+
+    def _transposed_weight(self, dtype):
+        key = _weights_key([self.weight])
+        if self._wt is None or self._wt.dtype != dtype or not _key_matches(self._wt_key, key):
+            self._wt = self.weight.detach().to(dtype).t().contiguous()
+            self._wt_key = key
+        return self._wt
 
     def forward(self, x):
+        if _cpu_inference(x):
+            return torch.matmul(x, self._transposed_weight(x.dtype))
         w = self.weight
         if w.dtype != x.dtype:  # checked in Python: a no-op .to() still costs a dispatcher call per matmul
             w = w.to(dtype=x.dtype)
@@ -122,22 +157,21 @@ class CausalSelfAttention(nn.Module):
         weights = [self.c_q.weight, self.c_k.weight, self.c_v.weight]
         if self.ve_gate is not None:
             weights.append(self.ve_gate.weight)
-        key = [(w, w.data_ptr(), w._version) for w in weights]
-        cached = self._fused_key
-        if (cached is None or self._fused_weight.dtype != dtype or
-                any(a[0] is not b[0] or a[1:] != b[1:] for a, b in zip(cached, key))):
-            rows = weights[:3]
+        key = _weights_key(weights)
+        if self._fused_weight is None or self._fused_weight.dtype != dtype or not _key_matches(self._fused_key, key):
+            rows = [w.detach() for w in weights[:3]]
             if self.ve_gate is not None:
-                rows.append(F.pad(self.ve_gate.weight, (0, self.c_q.in_features - VE_GATE_CHANNELS)))
-            self._fused_weight = torch.cat(rows).to(dtype)
+                rows.append(F.pad(self.ve_gate.weight.detach(), (0, self.c_q.in_features - VE_GATE_CHANNELS)))
+            # stored transposed (C, rows) for the same reason as Linear's cache
+            self._fused_weight = torch.cat(rows).to(dtype).t().contiguous()
             self._fused_key = key
         return self._fused_weight
 
     def forward(self, x, ve, cos, sin, window, kv_cache, pos):
         B, T, C = x.shape
         H, H_kv, D = self.n_head, self.n_kv_head, self.head_dim
-        if x.device.type == "cpu" and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            qkvg = F.linear(x, self._fused_input_weight(x.dtype))
+        if _cpu_inference(x):
+            qkvg = torch.matmul(x, self._fused_input_weight(x.dtype))
             qk = norm(apply_rotary_emb(qkvg[..., :(H + H_kv) * D].view(B, T, H + H_kv, D), cos, sin))
             q, k = qk[:, :, :H], qk[:, :, H:]
             v = qkvg[..., (H + H_kv) * D:(H + 2 * H_kv) * D].view(B, T, H_kv, D)
@@ -335,7 +369,9 @@ class GPT(nn.Module):
     # -------------------------------------------------------------------------
     # Forward
 
-    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
+    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean", last_logits_only=False):
+        """Loss if targets are given, else fp32 softcapped logits (B, T, vocab_size); last_logits_only=True
+        returns only the last position's (B, 1, vocab_size), skipping the lm_head over a whole prompt."""
         B, T = idx.shape
         pos = 0 if kv_cache is None else kv_cache.get_pos()
         if pos + T > self.cos.size(1):
@@ -362,6 +398,8 @@ class GPT(nn.Module):
             kv_cache.advance(T)
         if x_backout is not None:
             x = x - self.backout_lambda.to(x.dtype) * x_backout
+        if last_logits_only and targets is None:
+            x = x[:, -1:]
         x = norm(x)
 
         logits = self.lm_head(x)[..., :self.config.vocab_size].float()

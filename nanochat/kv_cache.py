@@ -22,16 +22,19 @@ class KVCache:
         self.k_cache = torch.zeros(num_layers, batch_size, seq_len, num_heads, head_dim, device=device, dtype=dtype)
         self.v_cache = torch.zeros(num_layers, batch_size, seq_len, num_heads, head_dim, device=device, dtype=dtype)
         self.cache_seqlens = torch.zeros(batch_size, dtype=torch.int32, device=device)
+        # the same position as a Python int: reading the tensor every step would sync with a GPU
+        self.pos = 0
         self.prev_embedding = None  # (B, 1, C) normalized embedding of the last token seen, set by GPT.forward
 
     def reset(self):
         """Forget everything (the K/V memory is not cleared: new writes overwrite it in order)."""
         self.cache_seqlens.zero_()
+        self.pos = 0
         self.prev_embedding = None
 
     def get_pos(self):
         """Number of tokens already in the cache (all rows share it)."""
-        return int(self.cache_seqlens[0])
+        return self.pos
 
     def get_layer_cache(self, layer_idx):
         """(k_cache, v_cache) views of shape (B, T_max, H, D) for one layer."""
@@ -40,6 +43,7 @@ class KVCache:
     def advance(self, num_tokens):
         """Move the position on after every layer has written its K/V for num_tokens new tokens."""
         self.cache_seqlens += num_tokens
+        self.pos += num_tokens
 
     def prefill(self, other):
         """Start this (empty) cache from another one, e.g. a batch-1 prompt prefill fanned out to B rows."""
@@ -53,6 +57,7 @@ class KVCache:
         self.k_cache[:, :, :pos] = other.k_cache[:, :, :pos]
         self.v_cache[:, :, :pos] = other.v_cache[:, :, :pos]
         self.cache_seqlens.fill_(pos)
+        self.pos = pos
         if other.prev_embedding is not None:
             # materialize one row per sample: rows diverge as soon as they sample different tokens
             self.prev_embedding = other.prev_embedding.expand(self.batch_size, -1, -1).clone()

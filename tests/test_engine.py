@@ -82,7 +82,7 @@ class MockModel:
     def get_device(self):
         return torch.device("cpu")
 
-    def forward(self, ids, kv_cache=None):
+    def forward(self, ids, kv_cache=None, last_logits_only=False):
         B, T = ids.shape
         self.calls.append((B, T))
         self.threads.append(torch.get_num_threads())

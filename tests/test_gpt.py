@@ -109,6 +109,8 @@ def test_cpu_inference_fast_path_matches_training_path_and_tracks_weight_changes
     with torch.no_grad():
         model.transformer.h[1].attn.c_k.weight.mul_(-2.0)
         model.transformer.h[1].attn.ve_gate.weight.add_(1.0)
+        model.transformer.h[0].mlp.c_fc.weight.mul_(1.5)  # Linear's cached transposed copies
+        model.lm_head.weight.add_(0.01)
     fast2, slow2 = both()
     assert (slow2 - slow).abs().max() > 1e-3
     torch.testing.assert_close(fast2, slow2, atol=1e-5, rtol=1e-5)
@@ -117,6 +119,21 @@ def test_cpu_inference_fast_path_matches_training_path_and_tracks_weight_changes
     fast3, slow3 = both()
     assert (slow3 - slow2).abs().max() > 1e-3
     torch.testing.assert_close(fast3, slow3, atol=1e-5, rtol=1e-5)
+
+
+def test_last_logits_only_matches_last_position_of_full_logits():
+    model = randomize(build(WINDOWED), seed=7)
+    idx = torch.randint(0, 300, (2, 9), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        full = model(idx)
+        last = model(idx, last_logits_only=True)
+        kv = KVCache(2, model.config.n_kv_head, 16, model.config.n_embd // model.config.n_head,
+                     model.config.n_layer, "cpu", torch.float32)
+        cached = model(idx, kv_cache=kv, last_logits_only=True)
+    assert last.shape == (2, 1, full.size(-1))
+    torch.testing.assert_close(last, full[:, -1:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cached, full[:, -1:], atol=1e-5, rtol=1e-5)
+    assert kv.get_pos() == 9
 
 
 def test_kv_cache_overflow_is_a_clear_error():
