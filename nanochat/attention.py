@@ -69,9 +69,33 @@ def attention(q, k, v, window, scale=None):
     if window >= T - 1:  # the window covers every earlier position: plain causal
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
     else:
-        mask = _causal_window_mask(T, T, 0, window, q.device)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+        y = _windowed_attention(q, k, v, window, scale, gqa)
     return y.transpose(1, 2)
+
+
+def _windowed_attention(q, k, v, window, scale, gqa):
+    """
+    Sliding-window causal attention on (B, H, T, D) tensors, in query chunks of max(window, 256): a chunk
+    [s, e) only needs keys [s - window, e). SDPA with an explicit mask computes every (query, key) pair, so
+    one T x T masked call costs T^2 while the chunks cost ~T * (chunk + window) (2-3x less at T = 2560 with
+    window 512 on CPU) and their masks are small. The first chunk is plain causal when the window covers it.
+    """
+    T = q.size(2)
+    chunk = max(window, 256)
+    outputs, masks = [], {}  # interior chunks share one mask shape: build it once
+    for s in range(0, T, chunk):
+        e = min(s + chunk, T)
+        ks = max(0, s - window)
+        qc, kc, vc = q[:, :, s:e], k[:, :, ks:e], v[:, :, ks:e]
+        if ks == 0 and s == 0 and window >= e - 1:
+            y = F.scaled_dot_product_attention(qc, kc, vc, is_causal=True, scale=scale, enable_gqa=gqa)
+        else:
+            shape = (e - s, e - ks, s - ks)
+            if shape not in masks:
+                masks[shape] = _causal_window_mask(*shape, window, q.device)
+            y = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=masks[shape], scale=scale, enable_gqa=gqa)
+        outputs.append(y)
+    return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
 
 
 def attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, pos, window, scale=None):

@@ -403,7 +403,10 @@ class GPT(nn.Module):
         x = norm(x)
 
         logits = self.lm_head(x)[..., :self.config.vocab_size].float()
-        logits = SOFTCAP * torch.tanh(logits / SOFTCAP)
+        if torch.is_grad_enabled():
+            logits = SOFTCAP * torch.tanh(logits / SOFTCAP)
+        else:  # in place: over a long prompt the logits are the biggest tensor (B*T*V), spare two more of them
+            logits = logits.div_(SOFTCAP).tanh_().mul_(SOFTCAP)
         if targets is None:
             return logits
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,

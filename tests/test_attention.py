@@ -53,6 +53,15 @@ def test_training_attention_matches_naive(H, H_kv, window):
     torch.testing.assert_close(y, naive_attention(q, k, v, window, scale=0.3), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("window", [0, 100, 300, 600, 698])
+def test_long_windowed_attention_in_query_chunks_matches_naive(window):
+    """T spans several query chunks (chunk = max(window, 256)): chunk boundaries must not change any output."""
+    B, T, H, H_kv, D = 1, 700, 2, 1, 8
+    q, k, v = rand(B, T, H, D, seed=4), rand(B, T, H_kv, D, seed=5), rand(B, T, H_kv, D, seed=6)
+    y = attention(q, k, v, window, scale=0.3)
+    torch.testing.assert_close(y, naive_attention(q, k, v, window, scale=0.3), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("H,H_kv", [(4, 4), (4, 2)])
 @pytest.mark.parametrize("window", [64, 6, 2])
 def test_kvcache_prefill_chunks_and_decode_match_naive(H, H_kv, window):
