@@ -393,6 +393,13 @@ def train(args, explicit=frozenset()):
         model = GPT(config)
     model_config_kwargs = asdict(config)
     print0(f"Model config:\n{json.dumps(model_config_kwargs, indent=2)}")
+    from nanochat.attention import HAS_FA3
+    if device_type == "cuda" and HAS_FA3 and COMPUTE_DTYPE == torch.bfloat16:
+        print0("Using Flash Attention 3 (Hopper)")
+    elif "S" in config.window_pattern.upper():
+        print0(f"WARNING: no Flash Attention 3 here, so attention runs on PyTorch SDPA, which cannot skip the masked-out "
+               f"part of sliding windows: window pattern {config.window_pattern} costs full-context compute plus a mask. "
+               f"Recommend --window-pattern L.")
     model.to_empty(device=device)
     model.init_weights()
 
