@@ -267,7 +267,7 @@ def test_two_gloo_ranks_equal_one_rank_with_grad_accum(base, text_dir, tmp_path,
     assert_weights_close(load_weights(os.path.join(root, "two"), 4), load_weights(os.path.join(root, "one"), 4), atol=1e-5)
     with open(os.path.join(root, "two", "meta_000004.json")) as f:
         meta = json.load(f)
-    assert meta["world_size"] == 2 and meta["val_bpb"] == pytest.approx(single["val_bpb"], rel=1e-5)
+    assert meta["world_size"] == 2 and meta["val_bpb"] == pytest.approx(single["val_bpb"], rel=1e-4)
     assert os.path.exists(os.path.join(root, "two", "optim_000004_rank1.pt"))
     # 2-rank resume on text: every rank's loader state is saved, so steps 2-3 repeat exactly
     assert sorted(dist_out["text_resumed"]) == [2, 3]
