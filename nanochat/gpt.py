@@ -49,6 +49,9 @@ class GPTConfig:
 
 def norm(x):
     # parameter-free RMSNorm (eps = the dtype's machine epsilon, like nanochat)
+    if x.device.type == "cpu" and not torch.is_grad_enabled():
+        # same math; CPU's F.rms_norm runs ~2x slower on long prompts (extra passes and scalar copies)
+        return x * torch.rsqrt(x.square().mean(-1, keepdim=True).add_(torch.finfo(x.dtype).eps))
     return F.rms_norm(x, (x.size(-1),))
 
 
@@ -200,7 +203,10 @@ class MLP(nn.Module):
         self.c_proj = Linear(4 * config.n_embd, config.n_embd, bias=False)
 
     def forward(self, x):
-        return self.c_proj(F.relu(self.c_fc(x)).square())
+        h = self.c_fc(x)
+        if torch.is_grad_enabled():
+            return self.c_proj(F.relu(h).square())
+        return self.c_proj(h.relu_().square_())  # in place: spares two (B, T, 4C) tensors on long prompts
 
 
 class Block(nn.Module):
