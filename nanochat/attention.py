@@ -7,7 +7,8 @@ i - w <= j <= i (flash-attention's window_size=(w, 0)); w >= the number of keys 
 
 Kernel: Flash-Attention-3 when the `flash_attn_interface` package is importable (Hopper GPU, bf16, no
 download), otherwise PyTorch SDPA:
-- training / no prefix: full causal uses is_causal=True; a window that bites needs an explicit boolean mask.
+- training / no prefix: full causal uses is_causal=True; a window that bites runs in query chunks, each with
+  a small explicit mask over only the keys it can see (see _windowed_attention).
 - single-token decode: attend to the valid cached prefix (the last w+1 keys when windowed); GQA is done by
   folding the query heads of each kv head into the query-length dim, so no mask and no K/V repeat.
 - chunk (T > 1) into a cache at an offset: explicit mask aligned to the cache position.
