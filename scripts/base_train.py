@@ -318,6 +318,15 @@ def warm_up_compiled(model, orig_model, x, y):
     return model
 
 
+def bump_param_versions(model):
+    """Mark every parameter as modified. torch's fused CPU AdamW kernel (used by MuonAdamW) updates weights in
+    place without bumping their autograd version counters, and the GPT's CPU inference caches (transposed /
+    fused weights) are keyed on those counters, so evaluation during training silently used step-0 weights
+    (val bpb frozen). Costs microseconds; harmless once the optimizer bumps the counters itself."""
+    for p in model.parameters():
+        torch.autograd.graph.increment_version(p)
+
+
 def peak_memory_mib(device_type):
     if device_type == "cuda":
         return torch.cuda.max_memory_allocated() / 1024 ** 2
@@ -609,6 +618,7 @@ def train(args, explicit=frozenset()):
             scaler.update()
         else:
             optimizer.step()
+        bump_param_versions(orig_model)
         model.zero_grad(set_to_none=True)
         # the loss of the whole batch: mean over micro-steps and ranks (one tiny all-reduce)
         train_loss = loss_sum / grad_accum_steps
@@ -670,7 +680,7 @@ def train(args, explicit=frozenset()):
     wandb_run.finish()
     return dict(losses=losses, val_bpb=val_bpb, min_val_bpb=min_val_bpb, num_iterations=num_iterations,
                 total_batch_size=total_batch_size, grad_accum_steps=grad_accum_steps, checkpoint_dir=checkpoint_dir,
-                model_config=model_config_kwargs, core_metric=core_results.get("core_metric"))
+                model_config=model_config_kwargs, core_metric=core_results.get("core_metric"), val_bpb_curve=val_curve)
 
 
 def config_for_init_from(args, explicit, init_src, vocab_size):

@@ -278,6 +278,24 @@ def test_two_gloo_ranks_equal_one_rank_with_grad_accum(base, text_dir, tmp_path,
     assert [s["rank"] for s in states] == [0, 1]
 
 
+def test_val_bpb_during_training_matches_reloaded_checkpoint(base, text_dir):
+    """The val bpb logged during training must be the bpb of the weights being trained (no stale inference
+    caches): it equals evaluate_bpb on the saved checkpoint, and it moves away from the initial value."""
+    from nanochat.checkpoint_manager import load_model
+    from nanochat.dataloader import tokenizing_distributed_data_loader_bos_bestfit
+    from nanochat.loss_eval import evaluate_bpb
+    from nanochat.tokenizer import get_token_bytes
+    out = bt.main(TINY + ["--data-dir", text_dir, "--num-iterations", "6", "--eval-every", "3", "--eval-tokens", "256",
+                          "--warmup-steps", "1"])
+    model, tokenizer, _ = load_model("base", "cpu", "eval")
+    loader = tokenizing_distributed_data_loader_bos_bestfit(tokenizer, 2, 32, "val", device="cpu", data_dir=text_dir)
+    fresh = evaluate_bpb(model, loader, 4, get_token_bytes())
+    assert out["val_bpb"] == pytest.approx(fresh, rel=1e-5)
+    with open(os.path.join(out["checkpoint_dir"], "meta_000006.json")) as f:
+        assert json.load(f)["val_bpb"] == out["val_bpb"]
+    assert out["val_bpb_curve"][-1][1] < out["val_bpb_curve"][0][1] - 0.01  # and it did learn
+
+
 def test_init_from_context_extension(base, capsys):
     src = bt.main(TINY + ["--synthetic-data", "--num-iterations", "2", "--model-tag", "d2"])
     capsys.readouterr()
