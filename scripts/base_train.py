@@ -318,6 +318,20 @@ def warm_up_compiled(model, orig_model, x, y):
     return model
 
 
+def warn_if_cpu_is_busy():
+    """OpenMP threads wait for each other at every op; when other processes hold the cores, one thread gets
+    descheduled and the rest wait (measured on a 2-core box under load: d4 step 8.7 s with 2 threads, 3.0 s
+    with OMP_WAIT_POLICY=PASSIVE, 2.1 s with 1 thread)."""
+    threads, cores = torch.get_num_threads(), os.cpu_count() or 1
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return
+    if threads > 1 and load > 0.5 * cores:
+        print0(f"WARNING: this machine is busy (load {load:.1f} on {cores} cores) and torch uses {threads} threads: "
+               f"steps can be several times slower than with OMP_NUM_THREADS=1 (or OMP_WAIT_POLICY=PASSIVE).")
+
+
 def bump_param_versions(model):
     """Mark every parameter as modified. torch's fused CPU AdamW kernel (used by MuonAdamW) updates weights in
     place without bumping their autograd version counters, and the GPT's CPU inference caches (transposed /
@@ -354,6 +368,8 @@ def train(args, explicit=frozenset()):
     else:
         peak_flops = 0.0  # MFU is not meaningful on CPU/MPS; reported as 0
     print0(f"COMPUTE_DTYPE: {COMPUTE_DTYPE} | device: {device} | world size: {world_size}")
+    if device_type == "cpu":
+        warn_if_cpu_is_busy()
 
     # wandb, only on rank 0 and only when asked for
     if args.run == "dummy" or not master_process:

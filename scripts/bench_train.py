@@ -77,7 +77,7 @@ def main(argv=None):
     print0(f"config: {config} | params: {num_params:,} | FLOPs/token: {flops_per_token:.3e} | grad accum: {grad_accum} | "
            f"compile: {use_compile} | threads: {torch.get_num_threads()} | dtype: {COMPUTE_DTYPE}")
 
-    step_times = []
+    step_times, opt_times = [], []
     for step in range(args.warmup_steps + args.steps):
         sync()
         t0 = time.time()
@@ -85,15 +85,19 @@ def main(argv=None):
             x, y, _ = next(loader)
             loss = train_model(x, y)
             (loss / grad_accum).backward()
+        sync()
+        t_opt = time.time()
         optimizer.step()
         train_model.zero_grad(set_to_none=True)
         loss.item()
         sync()
         dt = time.time() - t0
+        dt_opt = time.time() - t_opt
         timed = step >= args.warmup_steps
         if timed:
             step_times.append(dt)
-        print0(f"step {step} ({'timed' if timed else 'warmup'}): {dt * 1000:.1f} ms | loss {loss.item():.4f}")
+            opt_times.append(dt_opt)
+        print0(f"step {step} ({'timed' if timed else 'warmup'}): {dt * 1000:.1f} ms (optimizer {dt_opt * 1000:.1f} ms) | loss {loss.item():.4f}")
 
     step_times.sort()
     ms_per_step = 1000 * sum(step_times) / len(step_times)
@@ -103,6 +107,7 @@ def main(argv=None):
         "tok_per_sec": round(tok_per_sec, 1),
         "ms_per_step": round(ms_per_step, 2),
         "ms_per_step_median": round(1000 * step_times[len(step_times) // 2], 2),
+        "ms_optimizer": round(1000 * sum(opt_times) / len(opt_times), 2),  # part of ms_per_step
         "achieved_tflops": round(achieved / 1e12, 4),
         "peak_mem_mib": round(peak_memory_mib(device_type), 1),
         "device": torch.cuda.get_device_name(0) if device_type == "cuda" else device_type,
