@@ -412,7 +412,7 @@ def train(args, explicit=frozenset()):
                                         args.window_pattern, rope_base)
     else:
         config = config_for_init_from(args, explicit, init_src, vocab_size)
-        args.depth = config.n_layer
+        args.depth = user_config["depth"] = config.n_layer  # the shape came from the source checkpoint
     from nanochat.gpt import GPT
     with torch.device("meta"):
         model = GPT(config)
