@@ -332,15 +332,6 @@ def warn_if_cpu_is_busy():
                f"steps can be several times slower than with OMP_NUM_THREADS=1 (or OMP_WAIT_POLICY=PASSIVE).")
 
 
-def bump_param_versions(model):
-    """Mark every parameter as modified. torch's fused CPU AdamW kernel (used by MuonAdamW) updates weights in
-    place without bumping their autograd version counters, and the GPT's CPU inference caches (transposed /
-    fused weights) are keyed on those counters, so evaluation during training silently used step-0 weights
-    (val bpb frozen). Costs microseconds; harmless once the optimizer bumps the counters itself."""
-    for p in model.parameters():
-        torch.autograd.graph.increment_version(p)
-
-
 def peak_memory_mib(device_type):
     if device_type == "cuda":
         return torch.cuda.max_memory_allocated() / 1024 ** 2
@@ -634,7 +625,6 @@ def train(args, explicit=frozenset()):
             scaler.update()
         else:
             optimizer.step()
-        bump_param_versions(orig_model)
         model.zero_grad(set_to_none=True)
         # the loss of the whole batch: mean over micro-steps and ranks (one tiny all-reduce)
         train_loss = loss_sum / grad_accum_steps
