@@ -615,11 +615,12 @@ def main(argv=None):
         else:
             data_done = train_loader.exhausted
         train_loss = loss_sum.item() / max(1, step_tokens)
+        # the LR of this update follows the progress made before it (so the last update is not wasted at lr 0)
+        lrm = lr_multiplier(progress, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
         if args.num_iterations > 0:
             progress = (step + 1) / args.num_iterations
         else:
             progress = max(progress, min(1.0, train_loader.progress))
-        lrm = lr_multiplier(progress, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
         momentum = muon_momentum(step)
         for group in optimizer.param_groups:
             group["lr"] = group["initial_lr"] * lrm
