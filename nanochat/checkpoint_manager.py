@@ -99,6 +99,23 @@ def atomic_json_save(obj, path):
 # -----------------------------------------------------------------------------
 # Save / load raw checkpoint data
 
+# The GPTConfig fields nanochat itself knows; it builds GPTConfig(**model_config) and rejects anything else.
+NANOCHAT_CONFIG_FIELDS = ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "window_pattern")
+
+
+def nanochat_readable_meta(meta_data):
+    """Drop our extra model_config fields while they hold their defaults (then nanochat can load the checkpoint
+    and we lose nothing: a missing field reads back as its default). Non-default values are kept."""
+    config = meta_data.get("model_config") if isinstance(meta_data, dict) else None
+    if not isinstance(config, dict):
+        return meta_data
+    from nanochat.gpt import GPTConfig
+    defaults = {f.name: f.default for f in fields(GPTConfig)}
+    kept = {k: v for k, v in config.items()
+            if k in NANOCHAT_CONFIG_FIELDS or k not in defaults or v != defaults[k]}
+    return {**meta_data, "model_config": kept}
+
+
 def save_checkpoint(checkpoint_dir, step, model_data, optimizer_data, meta_data, rank=0):
     """Every rank calls this (each saves its own optimizer shard); rank 0 also saves the model and the meta.
     Order: meta of an older save of the same step removed, then model + optimizer shards, then (after all ranks
@@ -119,7 +136,7 @@ def save_checkpoint(checkpoint_dir, step, model_data, optimizer_data, meta_data,
     if optimizer_data is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
     if rank == 0:
-        atomic_json_save(meta_data, meta_path(checkpoint_dir, step))
+        atomic_json_save(nanochat_readable_meta(meta_data), meta_path(checkpoint_dir, step))
         log0(f"Saved metadata to: {meta_path(checkpoint_dir, step)}")
 
 

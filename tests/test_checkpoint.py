@@ -254,3 +254,19 @@ def test_our_save_loads_through_load_model(base_with_tokenizer):
     cm.save_checkpoint(d, 4, model.state_dict(), None, {"step": 4, "model_config": NANOCHAT_MODEL_CONFIG})
     loaded, _, _ = cm.load_model("sft", "cpu", "eval")
     assert_same_state(loaded.state_dict(), model.state_dict())
+
+
+def test_meta_model_config_stays_readable_by_nanochat(tmp_path):
+    """nanochat builds GPTConfig(**model_config): our extra fields are written only when they differ from
+    their defaults, and read back as defaults when absent."""
+    import json as _json
+    from nanochat.checkpoint_manager import save_checkpoint, patch_model_config, NANOCHAT_CONFIG_FIELDS
+    base = dict(sequence_len=64, vocab_size=128, n_layer=2, n_head=2, n_kv_head=2, n_embd=64, window_pattern="L")
+    save_checkpoint(str(tmp_path), 1, {}, None, {"model_config": {**base, "short_window": 0, "rope_base": 100000.0}})
+    saved = _json.loads((tmp_path / "meta_000001.json").read_text())["model_config"]
+    assert set(saved) == set(NANOCHAT_CONFIG_FIELDS)
+    from nanochat.gpt import GPTConfig
+    assert GPTConfig(**patch_model_config(saved)).rope_base == 100000.0
+    save_checkpoint(str(tmp_path), 2, {}, None, {"model_config": {**base, "short_window": 0, "rope_base": 4e5}})
+    saved = _json.loads((tmp_path / "meta_000002.json").read_text())["model_config"]
+    assert saved["rope_base"] == 4e5 and "short_window" not in saved
