@@ -251,7 +251,12 @@ def describe_loader_state(state):
 def convert_fp8(model, recipe):
     try:
         from nanochat.fp8 import Float8LinearConfig, convert_to_float8_training
+        if recipe != "tensorwise":  # our module implements tensorwise only; torchao has rowwise
+            from torchao.float8 import Float8LinearConfig, convert_to_float8_training
     except ImportError:
+        if recipe != "tensorwise":
+            raise SystemExit(f"--fp8-recipe {recipe} needs torchao (pip install torchao); "
+                             f"nanochat's built-in fp8 supports --fp8-recipe tensorwise")
         try:
             from torchao.float8 import Float8LinearConfig, convert_to_float8_training
         except ImportError:
