@@ -20,8 +20,8 @@ export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}"
 mkdir -p "$NANOCHAT_BASE_DIR"
 NANOCHAT_DATA="${NANOCHAT_DATA:-offline}"
 WANDB_RUN="${WANDB_RUN:-dummy}"
-BASE_STEPS="${BASE_STEPS:-70}"
-SFT_STEPS="${SFT_STEPS:-140}"
+BASE_STEPS="${BASE_STEPS:-65}"
+SFT_STEPS="${SFT_STEPS:-120}"
 EVAL_PROBLEMS="${EVAL_PROBLEMS:-25}"
 # one intra-op thread per core; more threads than cores only adds contention
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(python3 -c 'import os; print(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())')}"
@@ -93,9 +93,11 @@ stage "chat eval sft" $PY -m scripts.chat_eval -i sft -a "SpellingBee|Arithmetic
 
 stage "report generate" $PY -m nanochat.report generate
 echo
-echo "=== [runcpu] the SFT model, asked two questions (greedy) ==="
-$PY -m scripts.chat_cli -t 0 -p "What is your name?"
-$PY -m scripts.chat_cli -t 0 -p "How many r are in the word strawberry?"
+echo "=== [runcpu] the SFT model, asked two questions (greedy; letter counting is in report.md) ==="
+for question in "What is your name?" "What is 123 + 456?"; do
+    echo "User: $question"
+    $PY -m scripts.chat_cli -t 0 -p "$question"
+done
 
 echo
 echo "=== [runcpu] stage times ==="

@@ -12,6 +12,7 @@ the answer fit in the model's sequence length.
 """
 
 import argparse
+import logging
 
 import torch
 
@@ -118,6 +119,7 @@ def main(argv=None, input_fn=input, out=None):
     import sys
     out = out or sys.stdout
     args = build_parser().parse_args(argv)
+    logging.getLogger("nanochat").setLevel(logging.WARNING)  # no loading chatter between you and the model
     from nanochat.checkpoint_manager import load_model
     from nanochat.engine import Engine
     device_type = args.device_type or autodetect_device_type()
