@@ -375,9 +375,10 @@ class GPT(nn.Module):
     # -------------------------------------------------------------------------
     # Forward
 
-    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean", last_logits_only=False):
-        """Loss if targets are given, else fp32 softcapped logits (B, T, vocab_size); last_logits_only=True
-        returns only the last position's (B, 1, vocab_size), skipping the lm_head over a whole prompt."""
+    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean", last_logits_only=False, logits_from=0):
+        """Loss if targets are given, else fp32 softcapped logits (B, T, vocab_size). Without targets the lm_head
+        can skip positions nobody reads: last_logits_only=True returns only the last position's (B, 1, V);
+        logits_from=t returns positions t.. (B, T - t, V), e.g. only a scored continuation (CORE)."""
         B, T = idx.shape
         pos = 0 if kv_cache is None else kv_cache.get_pos()
         if pos + T > self.cos.size(1):
@@ -404,8 +405,10 @@ class GPT(nn.Module):
             kv_cache.advance(T)
         if x_backout is not None:
             x = x - self.backout_lambda.to(x.dtype) * x_backout
-        if last_logits_only and targets is None:
-            x = x[:, -1:]
+        if targets is None and (last_logits_only or logits_from):
+            if not 0 <= logits_from < T:
+                raise ValueError(f"logits_from={logits_from} must be in [0, {T}) for a sequence of {T} tokens")
+            x = x[:, -1:] if last_logits_only else x[:, logits_from:]
         x = norm(x)
 
         logits = self.lm_head(x)[..., :self.config.vocab_size].float()

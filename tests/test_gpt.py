@@ -136,6 +136,18 @@ def test_last_logits_only_matches_last_position_of_full_logits():
     assert kv.get_pos() == 9
 
 
+def test_logits_from_matches_the_tail_of_full_logits():
+    model = randomize(build(WINDOWED), seed=7)
+    idx = torch.randint(0, 300, (2, 9), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        full = model(idx)
+        tail = model(idx, logits_from=5)
+        with pytest.raises(ValueError, match="logits_from"):
+            model(idx, logits_from=9)
+    assert tail.shape == (2, 4, full.size(-1))
+    torch.testing.assert_close(tail, full[:, 5:], atol=1e-5, rtol=1e-5)
+
+
 def test_kv_cache_overflow_is_a_clear_error():
     model = build(WINDOWED)
     kv = kv_cache_for(model, 1, 4)
