@@ -24,11 +24,14 @@ import torch.nn.functional as F
 
 from nanochat.common import COMPUTE_DTYPE, print0
 from nanochat.attention import attention, attention_with_kvcache
+from nanochat import cpu_decode
 
 VE_GATE_CHANNELS = 12     # value-embedding gate reads the first 12 channels of the attention input
 SMEAR_GATE_CHANNELS = 24  # smear gate reads the first 24 channels of the embedding
 QK_SCALE = 1.2            # q and k are each multiplied by this after QK-norm ("sharper attention")
 SOFTCAP = 15.0
+# CPU one-token decode steps take the straight-line path in nanochat.cpu_decode (tests switch it off to compare)
+FAST_CPU_DECODE = True
 
 
 @dataclass
@@ -387,6 +390,9 @@ class GPT(nn.Module):
         if kv_cache is not None and pos + T > kv_cache.max_seq_len:
             raise ValueError(f"KV cache is full: {pos} cached + {T} new tokens > its {kv_cache.max_seq_len} rows; "
                              f"allocate a larger KVCache")
+        if (FAST_CPU_DECODE and T == 1 and targets is None and kv_cache is not None
+                and kv_cache.prev_embedding is not None and _cpu_inference(idx)):
+            return cpu_decode.decode_step(self, idx, kv_cache, COMPUTE_DTYPE)
         cos, sin = self.cos[:, pos:pos + T], self.sin[:, pos:pos + T]
 
         x = norm(self.transformer.wte(idx).to(COMPUTE_DTYPE))

@@ -148,6 +148,29 @@ def test_logits_from_matches_the_tail_of_full_logits():
     torch.testing.assert_close(tail, full[:, 5:], atol=1e-5, rtol=1e-5)
 
 
+def test_cpu_fast_decode_equals_the_module_path(monkeypatch):
+    """nanochat.cpu_decode restates the one-token forward: its logits and the K/V it writes must equal the
+    module path's, step after step (windows shorter than the cache, GQA, value embeddings, smear, backout)."""
+    import nanochat.gpt as gpt_module
+    model = randomize(build(WINDOWED), seed=3)
+    prompt = torch.randint(0, 300, (2, 5), generator=torch.Generator().manual_seed(4))
+    steps = torch.randint(0, 300, (2, 8), generator=torch.Generator().manual_seed(5))
+    results = {}
+    for fast in (True, False):
+        monkeypatch.setattr(gpt_module, "FAST_CPU_DECODE", fast)
+        kv = kv_cache_for(model, 2, 16)
+        with torch.inference_mode():
+            model(prompt, kv_cache=kv)
+            logits = [model(steps[:, t:t + 1], kv_cache=kv) for t in range(steps.size(1))]
+        results[fast] = (torch.cat(logits, dim=1), kv.k_cache.clone(), kv.v_cache.clone(), kv.get_pos())
+    (fast_logits, fast_k, fast_v, fast_pos), (slow_logits, slow_k, slow_v, slow_pos) = results[True], results[False]
+    assert fast_pos == slow_pos == 13
+    torch.testing.assert_close(fast_logits, slow_logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast_k, slow_k, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast_v, slow_v, atol=1e-5, rtol=1e-5)
+    assert fast_logits.abs().max() > 1.0  # a random model gives non-trivial logits: the comparison has teeth
+
+
 def test_kv_cache_overflow_is_a_clear_error():
     model = build(WINDOWED)
     kv = kv_cache_for(model, 1, 4)
