@@ -15,7 +15,7 @@ which holds anyway (cached K/V were computed with the old weights).
 
 import torch
 
-SMEAR_GATE_CHANNELS = 24  # must match nanochat.gpt (imported lazily there to avoid a cycle)
+SMEAR_GATE_CHANNELS = 24  # same as nanochat.gpt (which imports this module, so it is repeated here)
 
 
 class DecodeWeights:
