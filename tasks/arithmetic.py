@@ -14,9 +14,9 @@ Preview: python -m tasks.arithmetic
 
 import random
 
-from tasks.common import Task
+from tasks.common import GeneratedTask
 
-TEST_RANDOM_SEED_OFFSET = 10_000_000
+TEST_RANDOM_SEED_OFFSET = GeneratedTask.TEST_SEED_OFFSET
 
 
 def extract_answer(completion):
@@ -90,25 +90,11 @@ def make_problem(rng):
     return op, a, b, result
 
 
-class Arithmetic(Task):
+class Arithmetic(GeneratedTask):
     """size procedurally generated problems of one split; graded by the number after '#### '."""
 
-    def __init__(self, size=1000, split="train", **kwargs):
-        super().__init__(**kwargs)
-        assert split in ("train", "test"), f"Arithmetic split must be train|test, got {split}"
-        self.size = size
-        self.split = split
-
-    @property
-    def eval_type(self):
-        return "generative"
-
-    def num_examples(self):
-        return self.size
-
     def get_example(self, index):
-        seed = index if self.split == "train" else TEST_RANDOM_SEED_OFFSET + index
-        rng = random.Random(seed)
+        rng = self.example_rng(index)
         op, a, b, result = make_problem(rng)
         templates = OPERATIONS[op]
         expr = f"{a}{op}{b}"

@@ -69,6 +69,31 @@ class Task:
         return float(self.evaluate(conversation, completion))
 
 
+class GeneratedTask(Task):
+    """A task made up on the fly: `size` examples per split, example i of a split always the same one (it is drawn
+    from random.Random seeded by i; test seeds start past any train index, so the splits never share a seed)."""
+
+    TEST_SEED_OFFSET = 10_000_000
+
+    def __init__(self, size=1000, split="train", **kwargs):
+        super().__init__(**kwargs)
+        if split not in ("train", "test"):
+            raise ValueError(f"{type(self).__name__} split must be train or test, got {split!r}")
+        self.size = size
+        self.split = split
+
+    @property
+    def eval_type(self):
+        return "generative"
+
+    def num_examples(self):
+        return self.size
+
+    def example_rng(self, index):
+        """The random generator that draws example `index` of this split."""
+        return random.Random(index if self.split == "train" else self.TEST_SEED_OFFSET + index)
+
+
 class TaskMixture(Task):
     """
     Several tasks mixed together, e.g. for SFT. The (task, index) map is shuffled with a fixed seed so

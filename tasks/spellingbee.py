@@ -22,11 +22,11 @@ import random
 import string
 
 from nanochat.common import get_base_dir
-from tasks.common import Task
+from tasks.common import GeneratedTask
 
 LETTERS = string.ascii_lowercase
 WORD_LIST_URL = "https://raw.githubusercontent.com/dwyl/english-words/refs/heads/master/words_alpha.txt"
-TEST_RANDOM_SEED_OFFSET = 10_000_000  # bigger than any train index, so train and test seeds never collide
+TEST_RANDOM_SEED_OFFSET = GeneratedTask.TEST_SEED_OFFSET
 OFFLINE_WORD_RE = re.compile(r"[A-Za-z]+")
 
 ANSWER_RE = re.compile(r"#### (\-?[0-9\.\,]+)")  # same as GSM8K
@@ -167,25 +167,14 @@ def _find_word_list(words_file):
     return words
 
 
-class SpellingBee(Task):
+class SpellingBee(GeneratedTask):
 
     def __init__(self, size=1000, split="train", words_file=None, **kwargs):
-        super().__init__(**kwargs)
-        assert split in ("train", "test"), f"SpellingBee split must be train|test, got {split}"
-        self.size = size
-        self.split = split
+        super().__init__(size=size, split=split, **kwargs)
         self.words = load_word_list(words_file)
 
-    @property
-    def eval_type(self):
-        return "generative"
-
-    def num_examples(self):
-        return self.size
-
     def get_example(self, index):
-        seed = index if self.split == "train" else TEST_RANDOM_SEED_OFFSET + index
-        rng = random.Random(seed)
+        rng = self.example_rng(index)
         word = rng.choice(self.words)
         # a letter of the word 90% of the time, any letter otherwise (so the answer is sometimes 0)
         letter = rng.choice(word) if rng.random() < 0.9 else rng.choice(LETTERS)
@@ -240,28 +229,17 @@ class SpellingBee(Task):
         return int(pred_num == ref_num)
 
 
-class SimpleSpelling(Task):
+class SimpleSpelling(GeneratedTask):
     """Just spell words: 'Spell the word: cat' -> 'cat:c,a,t'."""
 
     def __init__(self, size=1000, split="train", words_file=None, **kwargs):
-        super().__init__(**kwargs)
-        assert split in ("train", "test"), f"SimpleSpelling split must be train|test, got {split}"
-        self.size = size
-        self.split = split
+        super().__init__(size=size, split=split, **kwargs)
         words = list(load_word_list(words_file))
         random.Random(42).shuffle(words)  # a different word order than SpellingBee's
         self.words = words
 
-    @property
-    def eval_type(self):
-        return "generative"
-
-    def num_examples(self):
-        return self.size
-
     def get_example(self, index):
-        seed = index if self.split == "train" else TEST_RANDOM_SEED_OFFSET + index
-        rng = random.Random(seed)
+        rng = self.example_rng(index)
         word = rng.choice(self.words)
         messages = [
             {"role": "user", "content": f"Spell the word: {word}"},

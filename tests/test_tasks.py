@@ -229,6 +229,8 @@ def test_spellingbee_is_deterministic_per_index_and_correct(tmp_path):
     test = SpellingBee(size=40, split="test", words_file=str(words_file))
     assert [train[i] for i in range(40)] == [again[i] for i in range(40)]
     assert [train[i] for i in range(40)] != [test[i] for i in range(40)]
+    with pytest.raises(ValueError, match="split must be train or test"):
+        SpellingBee(size=40, split="validation", words_file=str(words_file))
     for i in range(40):
         conv = train[i]
         parts = conv["messages"][1]["content"]
