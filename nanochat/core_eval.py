@@ -10,7 +10,12 @@ so numbers are comparable with nanochat's and with the GPT-2 reference CSVs in t
   suffix; lowest mean cross-entropy wins.
 - language_modeling: correct iff greedy argmax reproduces every continuation token.
 Few-shot examples: random.Random(1234 + idx).sample over the other items. Every prompt starts with BOS,
-the prompts of one example are right-padded with BOS into one batch and scored in one forward pass.
+the prompts of one example are right-padded with BOS into one batch.
+
+Computing it (score_example) does less work than the reference's single full-logits forward per example
+(score_example_plain, kept as the yardstick): logits only where something is scored, and the token prefix
+the options share (few-shot examples + question) run once through a KV cache instead of once per option.
+Both give the same per-option losses up to float rounding, hence the same decisions.
 
 Data: the eval bundle ($NANOCHAT_BASE_DIR/eval_bundle/, downloaded once from EVAL_BUNDLE_URL, or
 NANOCHAT_EVAL_BUNDLE_URL) with core.yaml, eval_meta_data.csv (random baselines) and eval_data/*.jsonl.
@@ -18,6 +23,7 @@ NANOCHAT_EVAL_BUNDLE_URL) with core.yaml, eval_meta_data.csv (random baselines) 
 
 import os
 import csv
+import inspect
 import json
 import random
 import shutil
@@ -32,7 +38,7 @@ from jinja2 import Template
 from filelock import FileLock
 from tqdm import tqdm
 
-from nanochat.common import get_base_dir, print0
+from nanochat.common import COMPUTE_DTYPE, get_base_dir, print0
 
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
@@ -219,7 +225,8 @@ def truncate_sequences(tokens, starts, ends, max_len):
 
 @torch.no_grad()
 def forward_model(model, input_ids):
-    """(B, T) ids → per-position cross-entropy against the next token (last column NaN) and argmax predictions."""
+    """(B, T) ids → per-position cross-entropy against the next token (last column NaN) and argmax predictions.
+    The reference's computation: logits at every position. Used by the plain path (score_example_plain)."""
     batch_size, seq_len = input_ids.size()
     logits = model(input_ids).float()
     target_ids = torch.roll(input_ids, shifts=-1, dims=1)
@@ -244,32 +251,123 @@ def prepare_example(idx, tokenizer, data, task_meta, max_seq_len=None):
     return tokens, starts, ends
 
 
+def decide(task_type, input_ids, losses, predictions, starts, ends, gold, first=0):
+    """
+    The reference's decision from per-position losses / argmax predictions whose column 0 is position `first`
+    of input_ids (0 for full logits). multiple_choice / schema: the option with the lowest mean cross-entropy
+    over its span (Python min/index over the list, so ties and NaNs resolve exactly like the reference);
+    language_modeling: every continuation token is the greedy prediction. → (is_correct, mean losses or None).
+    """
+    if task_type == "language_modeling":
+        s, e = starts[0], ends[0]
+        # predictions at position t guess input_ids[t + 1]
+        is_correct = bool(torch.all(predictions[0, s - 1 - first:e - 1 - first] == input_ids[0, s:e]).item())
+        return is_correct, None
+    mean_losses = torch.stack([losses[i, s - 1 - first:e - 1 - first].mean()
+                               for i, (s, e) in enumerate(zip(starts, ends))]).tolist()
+    pred = mean_losses.index(min(mean_losses))
+    return pred == gold, mean_losses
+
+
 @torch.no_grad()
-def score_example(idx, model, tokenizer, data, device, task_meta):
-    """(is_correct, mean losses per option) for item idx; the losses are None for language_modeling."""
+def score_example_plain(idx, model, tokenizer, data, device, task_meta):
+    """The reference's way, kept as the yardstick for the fast path: one forward over the whole batch with
+    logits at every position. → (is_correct, mean losses per option; None for language_modeling)."""
     task_type = task_meta["task_type"]
     tokens, starts, ends = prepare_example(idx, tokenizer, data, task_meta, model_max_seq_len(model))
     input_ids = stack_sequences(tokens, tokenizer.get_bos_token_id()).to(device)  # BOS as padding is fine
     losses, predictions = forward_model(model, input_ids)
+    return decide(task_type, input_ids, losses, predictions, starts, ends, data[idx].get("gold"))
+
+
+def _accepts_logits_from(model):
+    """Does the model's forward take logits_from (nanochat's GPT does; a plain callable may not)?"""
+    fn = model.forward if isinstance(model, torch.nn.Module) else model
+    try:
+        return "logits_from" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _logits_from(model, input_ids, first, **kwargs):
+    """Logits for positions first.. of input_ids, (B, T - first, V) in fp32, computing no more than needed."""
+    if first > 0 and _accepts_logits_from(model):
+        return model(input_ids, logits_from=first, **kwargs).float()
+    return model(input_ids, **kwargs)[:, first:].float()  # a model that only returns every position's logits
+
+
+def _can_share_prefix(model):
+    from nanochat.gpt import GPT  # only nanochat's GPT has the KV cache this needs
+    return isinstance(model, GPT)
+
+
+def _shared_prefix_logits(model, input_ids, prefix_len, first):
+    """
+    Logits for positions first.. of every row of input_ids, whose first prefix_len tokens are the same in all
+    rows (prefix_len <= first): the prefix goes through the model once (batch 1) into a KV cache, the cache is
+    fanned out to the B rows, and only the rest of each row is forwarded. Causal attention makes this exact:
+    a prefix position never sees what follows it, so its keys/values are the same in every row.
+    """
+    from nanochat.kv_cache import KVCache
+    config = model.config
+    batch_size, seq_len = input_ids.shape
+
+    def cache(rows, length):
+        return KVCache(batch_size=rows, num_heads=config.n_kv_head, seq_len=length,
+                       head_dim=config.n_embd // config.n_head, num_layers=config.n_layer,
+                       device=input_ids.device, dtype=COMPUTE_DTYPE)
+
+    prefix_cache = cache(1, prefix_len)
+    model(input_ids[:1, :prefix_len], kv_cache=prefix_cache, last_logits_only=True)  # logits unused
+    rows_cache = cache(batch_size, seq_len)
+    rows_cache.prefill(prefix_cache)
+    del prefix_cache
+    return _logits_from(model, input_ids[:, prefix_len:], first - prefix_len, kv_cache=rows_cache)
+
+
+@torch.no_grad()
+def score_example(idx, model, tokenizer, data, device, task_meta):
+    """
+    (is_correct, mean losses per option; None for language_modeling) for item idx: the same prompts, tokens,
+    truncation and decision as score_example_plain, computed with less work:
+    - logits and cross-entropy only from the first scored position on (the context is never scored);
+    - options that share a token prefix (the few-shot examples and the question, for multiple choice and for
+      schema's examples) run that prefix through the model once, not once per option.
+    """
+    task_type = task_meta["task_type"]
+    tokens, starts, ends = prepare_example(idx, tokenizer, data, task_meta, model_max_seq_len(model))
+    input_ids = stack_sequences(tokens, tokenizer.get_bos_token_id()).to(device)  # BOS as padding is fine
+    first = min(starts) - 1  # the first position whose next-token prediction is scored
+    # on the final (possibly truncated) tokens: rows cropped differently simply share less
+    prefix_len = min(find_common_length(tokens, direction="left"), first) if len(tokens) > 1 else 0
+    if prefix_len > 0 and _can_share_prefix(model):
+        logits = _shared_prefix_logits(model, input_ids, prefix_len, first)
+    else:
+        logits = _logits_from(model, input_ids, first)
+    batch_size, num_positions = logits.shape[:2]
+    targets = input_ids[:, first + 1:]  # position first + j predicts token first + j + 1
+    losses = predictions = None
     if task_type == "language_modeling":
-        s, e = starts[0], ends[0]
-        # predictions[t] is the guess for input_ids[t + 1]
-        is_correct = bool(torch.all(predictions[0, s - 1:e - 1] == input_ids[0, s:e]).item())
-        return is_correct, None
-    mean_losses = torch.stack([losses[i, s - 1:e - 1].mean() for i, (s, e) in enumerate(zip(starts, ends))]).tolist()
-    pred = mean_losses.index(min(mean_losses))
-    return pred == data[idx]["gold"], mean_losses
+        predictions = logits.argmax(dim=-1)
+    else:
+        # every position but the last has a target; the last column stays NaN like the reference's
+        losses = torch.full((batch_size, num_positions), float("nan"), device=logits.device)
+        losses[:, :-1] = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="none"
+        ).view(batch_size, num_positions - 1)
+    return decide(task_type, input_ids, losses, predictions, starts, ends, data[idx].get("gold"), first)
 
 
-def evaluate_example(idx, model, tokenizer, data, device, task_meta):
-    """True if the model gets item idx right."""
-    return score_example(idx, model, tokenizer, data, device, task_meta)[0]
+def evaluate_example(idx, model, tokenizer, data, device, task_meta, plain=False):
+    """True if the model gets item idx right. plain=True scores it the reference's way (full logits)."""
+    score = score_example_plain if plain else score_example
+    return score(idx, model, tokenizer, data, device, task_meta)[0]
 
 
-def evaluate_task(model, tokenizer, data, device, task_meta):
+def evaluate_task(model, tokenizer, data, device, task_meta, plain=False):
     """
     Accuracy on one task. Under torchrun every rank takes items rank, rank+world, ... and the per-item
-    results are summed across ranks, so every rank returns the same number.
+    results are summed across ranks, so every rank returns the same number. plain: see evaluate_example.
     """
     rank = dist.get_rank() if dist.is_initialized() else 0
     world_size = dist.get_world_size() if dist.is_initialized() else 1
@@ -277,7 +375,7 @@ def evaluate_task(model, tokenizer, data, device, task_meta):
     indices = range(rank, len(data), world_size)
     label = task_meta.get("label", task_meta["task_type"])
     for idx in tqdm(indices, desc=label, disable=rank != 0, leave=False, dynamic_ncols=True):
-        correct[idx] = float(evaluate_example(idx, model, tokenizer, data, device, task_meta))
+        correct[idx] = float(evaluate_example(idx, model, tokenizer, data, device, task_meta, plain=plain))
     if world_size > 1:
         dist.barrier()
         dist.all_reduce(correct, op=dist.ReduceOp.SUM)
@@ -358,10 +456,12 @@ def centered_accuracy(accuracy, random_baseline):
     return (accuracy - 0.01 * random_baseline) / (1.0 - 0.01 * random_baseline)
 
 
-def evaluate_core(model, tokenizer, device, max_per_task=-1, bundle_dir=None, tasks=None):
+def evaluate_core(model, tokenizer, device, max_per_task=-1, bundle_dir=None, tasks=None, plain=False):
     """
     The CORE metric. Returns {"results": {label: accuracy}, "centered_results": {label: centered},
     "core_metric": mean of the centered accuracies}. `tasks`: optional list of labels to run (a subset).
+    plain=True scores every item the reference's way (full logits, no prefix sharing): same decisions up to
+    float rounding, several times slower; kept to check and time the fast path against.
     Writes nothing; scripts.base_eval writes the CSV.
     """
     bundle_dir = bundle_dir or ensure_eval_bundle()
@@ -377,7 +477,7 @@ def evaluate_core(model, tokenizer, device, max_per_task=-1, bundle_dir=None, ta
         task_meta = core_task_meta(task)
         label = task_meta["label"]
         data = load_core_task_data(bundle_dir, task_meta, max_per_task)
-        accuracy = evaluate_task(model, tokenizer, data, device, task_meta)
+        accuracy = evaluate_task(model, tokenizer, data, device, task_meta, plain=plain)
         results[label] = accuracy
         centered_results[label] = centered_accuracy(accuracy, baselines[label])
         print0(f"{label:<35} ({task_meta['num_fewshot']}-shot, {task_meta['task_type']}, {len(data)} items): "

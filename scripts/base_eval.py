@@ -89,6 +89,9 @@ def build_parser():
     parser.add_argument("--model-tag", type=str, default=None, help="checkpoint tag under base_checkpoints (default: the largest model)")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last)")
     parser.add_argument("--max-per-task", type=int, default=-1, help="max examples per CORE task (-1 = all)")
+    parser.add_argument("--core-plain", action="store_true",
+                        help="score CORE the reference's way: a full-logits forward of every option, no shared "
+                             "prefix (same decisions up to float rounding, several times slower; for checking)")
     parser.add_argument("--device-batch-size", type=int, default=32, help="sequences per device per bpb batch")
     parser.add_argument("--split-tokens", type=int, default=40 * 524288,
                         help="tokens per split for bpb (rounded down to a multiple of batch x seq len x ranks)")
@@ -124,7 +127,7 @@ def main(argv=None):
                 from nanochat.core_eval import evaluate_core
             except ImportError:
                 raise SystemExit("--eval core needs nanochat.core_eval, which is missing from this install")
-            core = evaluate_core(model, tokenizer, device, max_per_task=args.max_per_task)
+            core = evaluate_core(model, tokenizer, device, max_per_task=args.max_per_task, plain=args.core_plain)
             out["core"] = core
             print0(f"CORE metric: {core['core_metric']:.4f}")
             if rank == 0:

@@ -12,6 +12,7 @@ import torch
 import yaml
 
 from nanochat import core_eval as ce
+from nanochat.gpt import GPT, GPTConfig
 
 # -----------------------------------------------------------------------------
 # Toy tokenizer and model
@@ -257,9 +258,9 @@ def test_evaluate_task_strides_over_ranks_and_all_reduces(monkeypatch):
     seen, reduced = [], []
     real = ce.evaluate_example
 
-    def spy(idx, *args):
+    def spy(idx, *args, **kwargs):
         seen.append(idx)
-        return real(idx, *args)
+        return real(idx, *args, **kwargs)
 
     def fake_all_reduce(tensor, op=None):
         reduced.append(tensor.clone())
@@ -401,3 +402,174 @@ def test_too_few_items_for_the_fewshot_count_is_a_clear_error():
     meta = {"task_type": "language_modeling", "num_fewshot": 5, "continuation_delimiter": " "}
     with pytest.raises(ValueError, match="max-per-task"):
         ce.evaluate_example(0, BigramModel(random_table(9)), TOK, data, "cpu", meta)
+
+
+# -----------------------------------------------------------------------------
+# The fast path (logits only where scored, shared option prefix through a KV cache) against the plain
+# full-logits path, on a tiny random GPT: same per-option mean losses, same decisions
+
+
+# GQA, a short sliding window on alternate layers (the KV-cache chunk then attends through a window mask)
+TINY_GPT = GPTConfig(sequence_len=64, vocab_size=VOCAB, n_layer=3, n_head=4, n_kv_head=2, n_embd=64,
+                     window_pattern="SL", short_window=8)
+
+
+def tiny_gpt(seed=0):
+    """A tiny GPT with every parameter random (init_weights zeroes output projections, which hides bugs)."""
+    torch.manual_seed(seed)
+    with torch.device("meta"):
+        model = GPT(TINY_GPT)
+    model.to_empty(device="cpu")
+    model.init_weights()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            scale = 0.5 if p.dim() < 2 or "wte" in name or "value_embeds" in name else p.size(1) ** -0.5
+            p.copy_(torch.randn(p.shape, generator=g) * scale)
+    return model.eval()
+
+
+@pytest.fixture
+def path_spy(monkeypatch):
+    """Counts how score_example computed its logits: shared-prefix KV path, and the logits_from it asked for."""
+    counts = {"shared": 0, "logits_from": []}
+    real_shared, real_forward = ce._shared_prefix_logits, GPT.forward
+
+    def shared(*args, **kwargs):
+        counts["shared"] += 1
+        return real_shared(*args, **kwargs)
+
+    def forward(self, idx, *args, logits_from=0, **kwargs):
+        counts["logits_from"].append(logits_from)
+        return real_forward(self, idx, *args, logits_from=logits_from, **kwargs)
+
+    monkeypatch.setattr(ce, "_shared_prefix_logits", shared)
+    monkeypatch.setattr(GPT, "forward", forward)
+    return counts
+
+
+def assert_fast_equals_plain(model, data, meta):
+    """Every item: the same decision, and the same per-option mean losses (NaN where a span is empty)."""
+    decisions = []
+    for idx in range(len(data)):
+        fast_ok, fast_losses = ce.score_example(idx, model, TOK, data, "cpu", meta)
+        plain_ok, plain_losses = ce.score_example_plain(idx, model, TOK, data, "cpu", meta)
+        assert fast_ok == plain_ok, f"item {idx}"
+        if meta["task_type"] == "language_modeling":
+            assert fast_losses is None and plain_losses is None
+        else:
+            assert fast_losses == pytest.approx(plain_losses, rel=1e-5, abs=1e-5, nan_ok=True), f"item {idx}"
+        decisions.append(plain_ok)
+    return decisions
+
+
+MC_DATA = [{"query": f"Question {i}: which word fits {'xyz'[i % 3]}?", "choices": choices, "gold": i % len(choices)}
+           for i, choices in enumerate([[" cat", " dog", " bird!"], [" red", " green"], [" up", " down", " left", " no"],
+                                        [" a", " b"], [" one", " two", " three"], [" cat", " cats"]])]
+# the last item's first choice is a token prefix of the second: its span is empty, its loss NaN (as in nanochat)
+
+
+def test_fast_path_matches_plain_multiple_choice(path_spy):
+    meta = {"task_type": "multiple_choice", "num_fewshot": 2, "continuation_delimiter": "\nAnswer:"}
+    decisions = assert_fast_equals_plain(tiny_gpt(1), MC_DATA, meta)
+    assert path_spy["shared"] > 0  # the few-shot examples + question went through the model once per item
+    assert len(set(decisions)) == 2  # the data exercises both outcomes
+
+
+SCHEMA_DATA = [{"context_options": [f"Sam{i} put the cup on the table", f"Sam{i} put the box in the bag"],
+                "continuation": f"because it was {'light' if i % 2 else 'heavy'}.", "gold": i % 2} for i in range(6)]
+
+
+def test_fast_path_matches_plain_schema(path_spy):
+    meta = {"task_type": "schema", "num_fewshot": 1, "continuation_delimiter": " "}
+    model = tiny_gpt(2)
+    decisions = assert_fast_equals_plain(model, SCHEMA_DATA, meta)
+    assert path_spy["shared"] > 0  # the few-shot example and "Sam<i> put the " are shared
+    assert len(set(decisions)) == 2
+    # the contexts differ in length, so one row's span starts later: its head is not scored, and no logits
+    # are computed for it (the chunk after the shared prefix starts before the earlier span)
+    path_spy["logits_from"].clear()
+    ce.score_example(0, model, TOK, SCHEMA_DATA, "cpu", meta)
+    assert path_spy["logits_from"][-1] > 0
+
+
+def _greedy_text(model, prompt, n):
+    """The model's greedy continuation of prompt (n characters), or None if it would emit BOS."""
+    ids = TOK.encode(prompt, prepend=BOS)
+    with torch.no_grad():
+        for _ in range(n):
+            next_id = int(model(torch.tensor([ids])).argmax(-1)[0, -1])
+            if next_id == BOS:
+                return None
+            ids.append(next_id)
+    return "".join(CHARS[i - 1] for i in ids[-n:])
+
+
+def test_fast_path_matches_plain_language_modeling(path_spy):
+    model = tiny_gpt(3)
+    # empty delimiter: the whole continuation is then the model's to predict after the (trimmed) context
+    meta = {"task_type": "language_modeling", "num_fewshot": 2, "continuation_delimiter": ""}
+    data = [{"context": f"Item {i} says ", "continuation": f"v{i}"} for i in range(6)]
+    # make some items right: their continuation is the model's own greedy one given their few-shot prompt
+    # (kept only while every item made so far stays right: an item is also other items' few-shot example)
+    made = []
+    for idx in range(len(data)):
+        data[idx]["continuation"] = ""
+        prompt = ce.render_prompts_lm(data[idx], "", ce.sample_fewshot(data, idx, 2))[1]
+        text = _greedy_text(model, prompt, 3)
+        data[idx]["continuation"] = text if text is not None else f"v{idx}"
+        if all(ce.score_example_plain(i, model, TOK, data, "cpu", meta)[0] for i in made + [idx]):
+            made.append(idx)
+        else:
+            data[idx]["continuation"] = f"v{idx}"
+    assert len(made) >= 2, "test setup: expected greedy continuations without BOS"
+    decisions = assert_fast_equals_plain(model, data, meta)
+    assert any(decisions) and not all(decisions)
+    # one of them gets a wrong last character: greedy on the first tokens, not the last
+    last = made[-1]
+    data[last]["continuation"] = data[last]["continuation"][:-1] + ("x" if data[last]["continuation"][-1] != "x" else "y")
+    assert_fast_equals_plain(model, data, meta)
+    path_spy["logits_from"].clear()
+    for idx in range(len(data)):
+        ce.score_example(idx, model, TOK, data, "cpu", meta)
+    assert min(path_spy["logits_from"]) > 0  # LM: the lm_head never ran over the context
+
+
+def test_fast_path_matches_plain_when_truncated(path_spy):
+    """A model that declares max_seq_len gets each row cut from the left on its own (nanochat's rule): rows of
+    equal length still share a (shorter) prefix, rows of different lengths share less or nothing."""
+    model = tiny_gpt(4)
+    model.max_seq_len = 40
+    mc = {"task_type": "multiple_choice", "num_fewshot": 2, "continuation_delimiter": "\nAnswer:"}
+    tokens, _, _ = ce.prepare_example(0, TOK, MC_DATA, mc)
+    assert len(tokens[0]) > 40  # really truncated
+    assert_fast_equals_plain(model, MC_DATA, mc)
+    assert path_spy["shared"] > 0
+    schema = {"task_type": "schema", "num_fewshot": 1, "continuation_delimiter": " "}
+    assert_fast_equals_plain(model, SCHEMA_DATA, schema)
+    lm = {"task_type": "language_modeling", "num_fewshot": 2, "continuation_delimiter": " "}
+    assert_fast_equals_plain(model, [{"context": f"Item {i} says ", "continuation": f"v{i}"} for i in range(5)], lm)
+
+
+def test_fast_and_plain_core_agree_on_a_toy_bundle(tmp_path):
+    _write_bundle(tmp_path / "bundle")
+    model = tiny_gpt(5)
+    fast = ce.evaluate_core(model, TOK, "cpu", bundle_dir=str(tmp_path / "bundle"))
+    plain = ce.evaluate_core(model, TOK, "cpu", bundle_dir=str(tmp_path / "bundle"), plain=True)
+    assert fast == plain
+
+
+def test_logits_from_fallback_for_models_without_it():
+    """A model that takes only ids gets a full forward, sliced; one that takes logits_from is asked for less."""
+    class TailModel(BigramModel):
+        def __call__(self, ids, logits_from=0):
+            self.calls.append((ids.shape, logits_from))
+            return self.table[ids][:, logits_from:]
+
+    table = random_table(10)
+    data = [{"query": "pet:", "choices": [" cat", " car", " dog!"], "gold": 2}]
+    meta = {"task_type": "multiple_choice", "num_fewshot": 0, "continuation_delimiter": ""}
+    tail, plain = TailModel(table), BigramModel(table)
+    assert ce.score_example(0, tail, TOK, data, "cpu", meta)[1] == \
+        pytest.approx(ce.score_example(0, plain, TOK, data, "cpu", meta)[1], abs=1e-6)
+    assert tail.calls == [((3, len(ids_of("pet: dog!"))), 5)]  # scored tokens start at 6, predicted from 5
