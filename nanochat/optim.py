@@ -497,3 +497,30 @@ def _check_group(group: dict) -> None:
                              f"{sorted(set(tuple(p.shape) for p in group['params']))}); group params by shape.")
     if kind == "muon" and not 1 <= group["ns_steps"] <= len(POLAR_EXPRESS_COEFFS):
         raise ValueError(f"ns_steps must be 1..{len(POLAR_EXPRESS_COEFFS)}, got {group['ns_steps']}.")
+
+
+# -----------------------------------------------------------------------------
+# What every training script does around optimizer.step()
+
+def set_schedule(optimizer, lr_multiplier, muon_momentum, muon_weight_decay=None):
+    """Scale every group's LR from its initial_lr; set Muon's momentum (and weight decay when given)."""
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"] * lr_multiplier
+        if group["kind"] == "muon":
+            group["momentum"] = muon_momentum
+            if muon_weight_decay is not None:
+                group["weight_decay"] = muon_weight_decay
+
+
+def optimizer_step(optimizer, scaler=None, ddp=False):
+    """optimizer.step(), through the fp16 GradScaler when there is one. Under DDP every rank must agree on
+    skipping a step with inf/NaN gradients, so the found-inf flags are max-reduced before scaler.step."""
+    if scaler is None:
+        optimizer.step()
+        return
+    scaler.unscale_(optimizer)
+    if ddp:
+        for found_inf in scaler._found_inf_per_device(optimizer).values():
+            dist.all_reduce(found_inf, op=dist.ReduceOp.MAX)
+    scaler.step(optimizer)
+    scaler.update()

@@ -36,6 +36,7 @@ from nanochat.common import (compute_init, compute_cleanup, print0, DummyWandb, 
 from nanochat.checkpoint_manager import (save_checkpoint, load_checkpoint, find_last_step, patch_model_config,
                                          patch_state_dict, check_vocab_compatible, meta_path)
 from nanochat.loss_eval import evaluate_bpb
+from nanochat.optim import optimizer_step, set_schedule
 
 B_REF = 2 ** 19          # optimal total batch size (tokens) measured at d12, the reference depth
 DEFAULT_ROPE_BASE = 100000.0
@@ -616,20 +617,8 @@ def train(args, explicit=frozenset()):
         lrm = lr_multiplier(step, **schedule)
         momentum = muon_momentum(step, num_iterations, args.warmdown_ratio)
         wd = muon_weight_decay(step, num_iterations, weight_decay_scaled)
-        for group in optimizer.param_groups:
-            group["lr"] = group["initial_lr"] * lrm
-            if group["kind"] == "muon":
-                group["momentum"] = momentum
-                group["weight_decay"] = wd
-        if scaler is not None:
-            scaler.unscale_(optimizer)
-            if ddp:  # every rank must agree on skipping the step
-                for v in scaler._found_inf_per_device(optimizer).values():
-                    dist.all_reduce(v, op=dist.ReduceOp.MAX)
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
+        set_schedule(optimizer, lrm, momentum, wd)
+        optimizer_step(optimizer, scaler, ddp)
         model.zero_grad(set_to_none=True)
         # the loss of the whole batch: mean over micro-steps and ranks (one tiny all-reduce)
         train_loss = loss_sum / grad_accum_steps

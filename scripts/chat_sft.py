@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 from nanochat.common import (compute_init, compute_cleanup, print0, DummyWandb, get_base_dir, get_peak_flops,
                              autodetect_device_type, COMPUTE_DTYPE)
+from nanochat.optim import optimizer_step, set_schedule
 
 # -----------------------------------------------------------------------------
 # CLI
@@ -622,19 +623,8 @@ def main(argv=None):
         else:
             progress = max(progress, min(1.0, train_loader.progress))
         momentum = muon_momentum(step)
-        for group in optimizer.param_groups:
-            group["lr"] = group["initial_lr"] * lrm
-            if group["kind"] == "muon":
-                group["momentum"] = momentum
-        if scaler is not None:
-            scaler.unscale_(optimizer)
-            if ddp:
-                for v in scaler._found_inf_per_device(optimizer).values():
-                    dist.all_reduce(v, op=dist.ReduceOp.MAX)
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
+        set_schedule(optimizer, lrm, momentum)
+        optimizer_step(optimizer, scaler, ddp)
         model.zero_grad(set_to_none=True)
         synchronize()
         dt = time.time() - t0
