@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from nanochat.common import COMPUTE_DTYPE
+from nanochat.cpu_decode import QUANTIZE_CHOICES, DecodeWeights
+from nanochat.gpt import _key_matches, _weights_key
 from nanochat.kv_cache import KVCache  # re-exported: nanochat users import KVCache from here
 from nanochat.tools import get_tool, use_calculator  # noqa: F401  (use_calculator: nanochat's public name)
 
@@ -111,7 +113,7 @@ class RowState:
 
 class Engine:
 
-    def __init__(self, model, tokenizer, tools="calculator", decode_threads=1):
+    def __init__(self, model, tokenizer, tools="calculator", decode_threads=1, quantize=None):
         """tools: "calculator" (nanochat's default), "python" (runs code in the sandbox), None (tool calls are
         not executed), or a function code -> str | None (see nanochat.tools).
 
@@ -119,11 +121,18 @@ class Engine:
         prompt prefill keeps the process setting). One-token steps are matrix-vector products that MKL runs on
         one thread anyway, and elementwise ops on a few hundred floats don't split; what extra threads do add
         is OpenMP hand-offs, which on a busy machine stall every op: measured 7x slower decode with 2 threads
-        than with 1 at load 4 on 2 cores. None leaves the process setting alone."""
+        than with 1 at load 4 on 2 cores. None leaves the process setting alone.
+
+        quantize: None (exact) or "int8": CPU one-token steps multiply by int8 weights (see nanochat.cpu_decode;
+        faster, slightly lossy). The quantized copy is made once and remade when the model's weights change."""
+        if quantize not in QUANTIZE_CHOICES:
+            raise ValueError(f"quantize must be one of {QUANTIZE_CHOICES}, got {quantize!r}")
         self.model = model
         self.tokenizer = tokenizer
         self.tool = get_tool(tools)
         self.decode_threads = decode_threads
+        self.quantize = quantize
+        self._decode_weights, self._decode_weights_key = None, None
 
     def _special(self, name):
         return self.tokenizer.encode_special(name)
@@ -133,6 +142,19 @@ class Engine:
         return KVCache(batch_size=batch_size, num_heads=config.n_kv_head, seq_len=seq_len,
                        head_dim=config.n_embd // config.n_head, num_layers=config.n_layer,
                        device=self.model.get_device(), dtype=COMPUTE_DTYPE)
+
+    def _attach_decode_weights(self, kv_cache):
+        """Give the cache the quantized decode weights (built once per set of model weights)."""
+        if self.quantize is None:
+            return
+        if self.model.get_device().type != "cpu":
+            raise ValueError(f"quantize={self.quantize!r} is for CPU decoding (the model is on "
+                             f"{self.model.get_device()}); run without it on a GPU")
+        key = _weights_key(list(self.model.parameters()))
+        if self._decode_weights is None or not _key_matches(self._decode_weights_key, key):
+            self._decode_weights = DecodeWeights(self.model, COMPUTE_DTYPE, quantize=self.quantize)
+            self._decode_weights_key = key
+        kv_cache.decode_weights = self._decode_weights
 
     def max_new_tokens(self, num_prompt_tokens, max_tokens=None):
         """How many tokens generate() will produce at most for a prompt of this length."""
@@ -184,6 +206,7 @@ class Engine:
             decode_cache.prefill(kv_cache)
             kv_cache = decode_cache
             logits = logits.expand(num_samples, -1)
+        self._attach_decode_weights(kv_cache)
 
         rows = [RowState() for _ in range(num_samples)]
         ids = torch.empty((num_samples, 1), dtype=torch.long, device=device)

@@ -116,6 +116,8 @@ def main():
     parser.add_argument("--prefill-len", type=int, default=0, help="prompt length for the prefill timing (0: context - 1)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per measurement (median and best reported)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave torch's default)")
+    parser.add_argument("--quantize", choices=["int8"], default=None,
+                        help="CPU decode with int8 weights (faster, slightly lossy; default: exact)")
     parser.add_argument("--decode-threads", type=int, default=1,
                         help="Engine(decode_threads=...): threads during CPU decode steps (0: same as --threads)")
     parser.add_argument("--device-type", default="", help="cuda|cpu|mps (default: autodetect)")
@@ -134,7 +136,8 @@ def main():
     vocab = config.vocab_size
     gen = torch.Generator().manual_seed(0)
     random_ids = lambda n: torch.randint(0, vocab, (n,), generator=gen).tolist()  # noqa: E731
-    engine = Engine(model, SpecialsOnlyTokenizer(vocab), tools=None, decode_threads=args.decode_threads or None)
+    engine = Engine(model, SpecialsOnlyTokenizer(vocab), tools=None, decode_threads=args.decode_threads or None,
+                    quantize=args.quantize)
     prompt = random_ids(args.prompt_len)
     max_tokens = engine.max_new_tokens(len(prompt), args.num_tokens)
 
@@ -152,7 +155,7 @@ def main():
         "sequence_len": config.sequence_len, "vocab_size": vocab,
         "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
         "device": str(device), "dtype": str(COMPUTE_DTYPE).replace("torch.", ""), "threads": torch.get_num_threads(),
-        "decode_threads": args.decode_threads or torch.get_num_threads(),
+        "decode_threads": args.decode_threads or torch.get_num_threads(), "quantize": args.quantize,
         "load_avg_1m": round(os.getloadavg()[0], 2),
         "prefill_len": prefill_len, "prefill_tok_per_s": round(prefill_len / min(prefill_times), 1),
         "prompt_len": len(prompt), "new_tokens": max_tokens,

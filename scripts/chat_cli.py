@@ -31,6 +31,8 @@ def build_parser():
     parser.add_argument("-k", "--top-k", type=int, default=50, help="sample from the k most likely tokens (0 = all)")
     parser.add_argument("-m", "--max-tokens", type=int, default=256, help="max tokens per answer")
     parser.add_argument("--seed", type=int, default=42, help="sampling seed of the first answer (then +1 per turn)")
+    parser.add_argument("--quantize", choices=["int8"], default=None,
+                        help="CPU only: decode with int8 weights (about 2x faster on small models, slightly lossy)")
     parser.add_argument("--device-type", type=str, default="", choices=["", "cuda", "cpu", "mps"],
                         help="cuda|cpu|mps (empty = autodetect)")
     return parser
@@ -123,9 +125,11 @@ def main(argv=None, input_fn=input, out=None):
     from nanochat.checkpoint_manager import load_model
     from nanochat.engine import Engine
     device_type = args.device_type or autodetect_device_type()
+    if args.quantize and device_type != "cpu":
+        raise SystemExit(f"--quantize {args.quantize} speeds up CPU decoding only; drop it on {device_type}")
     _, _, _, _, device = compute_init(device_type)
     model, tokenizer, _ = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
-    engine = Engine(model, tokenizer)
+    engine = Engine(model, tokenizer, quantize=args.quantize)
 
     if not args.prompt:
         print("\nNanoChat Interactive Mode", file=out)
