@@ -431,7 +431,9 @@ def tiny_gpt(seed=0):
 
 @pytest.fixture
 def path_spy(monkeypatch):
-    """Counts how score_example computed its logits: shared-prefix KV path, and the logits_from it asked for."""
+    """Counts how score_example computed its logits: shared-prefix KV path, and the logits_from it asked for.
+    Every shared prefix is used, however short (the real threshold is a speed trade-off, not a correctness one)."""
+    monkeypatch.setattr(ce, "MIN_SHARED_TOKENS", 1)
     counts = {"shared": 0, "logits_from": []}
     real_shared, real_forward = ce._shared_prefix_logits, GPT.forward
 
