@@ -21,7 +21,7 @@ mkdir -p "$NANOCHAT_BASE_DIR"
 NANOCHAT_DATA="${NANOCHAT_DATA:-offline}"
 WANDB_RUN="${WANDB_RUN:-dummy}"
 BASE_STEPS="${BASE_STEPS:-65}"
-SFT_STEPS="${SFT_STEPS:-120}"
+SFT_STEPS="${SFT_STEPS:-100}"
 EVAL_PROBLEMS="${EVAL_PROBLEMS:-25}"
 # one intra-op thread per core; more threads than cores only adds contention
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(python3 -c 'import os; print(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())')}"
@@ -80,7 +80,7 @@ stage "base training" $PY -m scripts.base_train \
     --depth=4 --head-dim=64 --window-pattern=L --max-seq-len=512 \
     --device-batch-size=16 --total-batch-size=8192 --num-iterations="$BASE_STEPS" --warmup-steps=10 \
     --matrix-lr=0.08 --embedding-lr=1.2 --unembedding-lr=0.032 \
-    --eval-every=50 --eval-tokens=65536 --core-metric-every=-1 --sample-every=-1 --run="$WANDB_RUN"
+    --eval-every=50 --eval-tokens=32768 --core-metric-every=-1 --sample-every=-1 --run="$WANDB_RUN"
 stage "base eval" $PY -m scripts.base_eval --eval=bpb,sample --device-batch-size=16 --split-tokens=32768
 
 # -----------------------------------------------------------------------------
