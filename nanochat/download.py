@@ -33,8 +33,11 @@ class _Retryable(Exception):
     """A failed attempt that is worth trying again."""
 
 
+DEFAULT_HF_ENDPOINT = "https://huggingface.co"
+
+
 def hf_endpoint():
-    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    return os.environ.get("HF_ENDPOINT", DEFAULT_HF_ENDPOINT).rstrip("/")
 
 
 def hf_dataset_url(repo_id, filename, revision="main"):

@@ -8,6 +8,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from nanochat.download import download_file, hf_dataset_url, DownloadError
+from nanochat import download
 
 
 class FileServer:
@@ -211,8 +212,8 @@ def test_concurrent_processes_download_once(tmp_path, payload):
 
 
 def test_hf_dataset_url_honours_hf_endpoint(monkeypatch):
-    monkeypatch.setenv("HF_ENDPOINT", "http://mirror.local:8080/")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:8080/")
     assert hf_dataset_url("karpathy/climbmix-400b-shuffle", "shard_00001.parquet") == \
-        "http://mirror.local:8080/datasets/karpathy/climbmix-400b-shuffle/resolve/main/shard_00001.parquet"
+        "http://127.0.0.1:8080/datasets/karpathy/climbmix-400b-shuffle/resolve/main/shard_00001.parquet"
     monkeypatch.delenv("HF_ENDPOINT")
-    assert hf_dataset_url("a/b", "c").startswith("https://huggingface.co/datasets/a/b/resolve/main/")
+    assert hf_dataset_url("a/b", "c") == f"{download.DEFAULT_HF_ENDPOINT}/datasets/a/b/resolve/main/c"
