@@ -8,16 +8,6 @@ from nanochat import attention as attn_mod
 from nanochat.attention import attention, attention_with_kvcache
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared, oversubscribed CPU two OpenMP threads
-    make every small op wait on a busy sibling core (measured 10-50x slower); restore afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def naive_attention(q, k, v, window, offset=0, scale=None):
     """Query i sits at absolute position offset + i and sees keys j with pos - window <= j <= pos."""
     B, Tq, H, D = q.shape

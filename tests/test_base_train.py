@@ -68,16 +68,6 @@ def assert_weights_close(a, b, atol=0.0):
             torch.testing.assert_close(a[k], b[k], rtol=0, atol=atol, msg=k)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread. With 2 OpenMP threads on a machine whose cores are busy, every parallel
-    region waits for a descheduled thread (measured: a d2 step 25 ms with 1 thread vs ~1.8 s with 2)."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 # -----------------------------------------------------------------------------
 # the depth dial vs the reference table (reference/nanochat.md §2.5), on meta-device models
 

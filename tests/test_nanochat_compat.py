@@ -6,21 +6,10 @@ logits equal a plain functional re-statement of nanochat's forward math written 
 import json
 import math
 
-import pytest
 import torch
 import torch.nn.functional as F
 
 from nanochat.gpt import GPT, GPTConfig
-
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared, oversubscribed CPU two OpenMP threads
-    make every small op wait on a busy sibling core (measured 10-50x slower); restore afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 MODEL_CONFIG = {"sequence_len": 256, "vocab_size": 100, "n_layer": 3, "n_head": 4, "n_kv_head": 2, "n_embd": 32,

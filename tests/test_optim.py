@@ -17,17 +17,6 @@ import nanochat.optim as optim
 from nanochat.optim import POLAR_EXPRESS_COEFFS, MuonAdamW, polar_express
 
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # These matrices are tiny: with 2 OpenMP threads on a busy shared box every matmul waits for a second
-    # core (measured 120 ms vs 0.5 ms per polar_express call), and one thread loses nothing here.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # -----------------------------------------------------------------------------
 # Plain re-statements: one param at a time, float64, no stacking, no 0-D tensors, no in-place tricks.
 
