@@ -9,8 +9,8 @@ Here the same math runs with no nn.Module calls, no per-op weight-cache checks, 
 GPT.forward sends CPU, no-grad, single-token steps with a warm cache here; tests check it against the
 full-sequence forward and the module path.
 
-The weights are gathered once per KV cache (one generation): weights must not change while a cache is in use,
-which holds anyway (cached K/V were computed with the old weights).
+The weights are gathered once per set of model weights and looked up once per KV cache (one generation):
+weights must not change while a cache is in use, which holds anyway (cached K/V were computed with the old ones).
 
 quantize="int8" (Engine(..., quantize="int8")): the matrices are stored as int8 with one scale per output
 channel and multiplied with torch._weight_int8pack_mm (bf16 activations, the kernel torchao and gpt-fast use on
@@ -20,7 +20,6 @@ CPU). A one-token step mostly streams weights from memory, so a quarter of the b
 
 import torch
 
-SMEAR_GATE_CHANNELS = 24  # same as nanochat.gpt (which imports this module, so it is repeated here)
 
 
 class Int8Matrix:
@@ -84,8 +83,10 @@ class DecodeWeights:
         self.backout_lambda = const(model.backout_lambda.item())
         self.cos, self.sin = model.cos[0, :, 0], model.sin[0, :, 0]  # (T, D)
         self.eps = const(torch.finfo(dtype).eps)
-        self.inv_softcap = torch.tensor(1.0 / 15.0)
-        self.softcap = torch.tensor(15.0)
+        from nanochat.gpt import SOFTCAP  # not at the top: nanochat.gpt imports this module
+        self.inv_softcap = torch.tensor(1.0 / SOFTCAP)
+        self.softcap = torch.tensor(SOFTCAP)
+        self.smear_channels = model.smear_gate.in_features
         self.three = const(3.0)
 
 
@@ -94,12 +95,20 @@ def _norm(x, eps):
     return x * torch.rsqrt(x.square().mean(-1, keepdim=True).add_(eps))
 
 
-def weights_for(model, kv_cache, dtype):
-    """The DecodeWeights for this cache's generation: the ones the Engine attached (e.g. quantized), else built
-    on its first one-token step."""
+def weights_for(model, kv_cache, dtype, quantize=None):
+    """The DecodeWeights for this cache's generation, attached to the cache on first use. The model keeps one
+    snapshot per (dtype, quantize), rebuilt only when its weights changed (checked once per cache, not per step).
+    quantize=None takes whatever is attached already (the Engine attaches quantized weights before decoding)."""
     weights = getattr(kv_cache, "decode_weights", None)
-    if weights is None or weights.model is not model or weights.dtype != dtype:
-        weights = DecodeWeights(model, dtype)
+    if (weights is None or weights.model is not model or weights.dtype != dtype
+            or (quantize is not None and weights.quantize != quantize)):
+        from nanochat.gpt import _key_matches, _weights_key  # not at the top: nanochat.gpt imports this module
+        key = _weights_key(list(model.parameters()))
+        snapshots = model.__dict__.setdefault("_decode_weights", {})  # plain attribute: not a module or buffer
+        weights, cached_key = snapshots.get((dtype, quantize), (None, None))
+        if weights is None or not _key_matches(cached_key, key):
+            weights = DecodeWeights(model, dtype, quantize=quantize)
+            snapshots[(dtype, quantize)] = (weights, key)
         kv_cache.decode_weights = weights
     return weights
 
@@ -116,7 +125,7 @@ def decode_step(model, idx, kv_cache, dtype):
     x = _norm(torch.nn.functional.embedding(idx, w.wte), w.eps)    # (B, 1, C)
     prev = kv_cache.prev_embedding
     kv_cache.prev_embedding = x
-    gate = torch.sigmoid(x[..., :SMEAR_GATE_CHANNELS] @ w.smear_gate).mul_(w.smear_lambda)
+    gate = torch.sigmoid(x[..., :w.smear_channels] @ w.smear_gate).mul_(w.smear_lambda)
     x = torch.addcmul(x, gate, prev)
     x0 = x
     x_backout = None

@@ -30,8 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from nanochat.common import COMPUTE_DTYPE
-from nanochat.cpu_decode import QUANTIZE_CHOICES, DecodeWeights
-from nanochat.gpt import _key_matches, _weights_key
+from nanochat.cpu_decode import QUANTIZE_CHOICES, weights_for
 from nanochat.kv_cache import KVCache  # re-exported: nanochat users import KVCache from here
 from nanochat.tools import get_tool, use_calculator  # noqa: F401  (use_calculator: nanochat's public name)
 
@@ -132,7 +131,6 @@ class Engine:
         self.tool = get_tool(tools)
         self.decode_threads = decode_threads
         self.quantize = quantize
-        self._decode_weights, self._decode_weights_key = None, None
 
     def _special(self, name):
         return self.tokenizer.encode_special(name)
@@ -144,17 +142,13 @@ class Engine:
                        device=self.model.get_device(), dtype=COMPUTE_DTYPE)
 
     def _attach_decode_weights(self, kv_cache):
-        """Give the cache the quantized decode weights (built once per set of model weights)."""
+        """Give the cache the quantized one-token-step weights (nanochat.cpu_decode keeps one copy per set of weights)."""
         if self.quantize is None:
             return
         if self.model.get_device().type != "cpu":
             raise ValueError(f"quantize={self.quantize!r} is for CPU decoding (the model is on "
                              f"{self.model.get_device()}); run without it on a GPU")
-        key = _weights_key(list(self.model.parameters()))
-        if self._decode_weights is None or not _key_matches(self._decode_weights_key, key):
-            self._decode_weights = DecodeWeights(self.model, COMPUTE_DTYPE, quantize=self.quantize)
-            self._decode_weights_key = key
-        kv_cache.decode_weights = self._decode_weights
+        weights_for(self.model, kv_cache, COMPUTE_DTYPE, quantize=self.quantize)
 
     def max_new_tokens(self, num_prompt_tokens, max_tokens=None):
         """How many tokens generate() will produce at most for a prompt of this length."""

@@ -44,15 +44,6 @@ class ByteTokenizer:
         return bytes(t for t in ids if t < 256).decode("utf-8", errors="replace")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # these models are tiny: one thread avoids OpenMP hand-offs that dominate (and stall on a busy machine)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 TOK = ByteTokenizer()
 S = TOK.special
 VOCAB = TOK.get_vocab_size()
@@ -181,7 +172,7 @@ def test_prefill_runs_once_at_batch_one():
 
 def test_decode_threads_apply_to_decode_steps_only():
     model = MockModel()
-    torch.set_num_threads(2)  # the module fixture restores the original count
+    torch.set_num_threads(2)  # conftest's fixture resets it for the next test
     try:
         seen_by_consumer = [torch.get_num_threads() for _ in Engine(model, TOK, decode_threads=1).generate(
             PROMPT, max_tokens=4)]
@@ -476,8 +467,8 @@ def test_int8_decode_stays_close_to_exact_and_is_opt_in(gpt):
     engine = Engine(gpt, TOK, tools=None, quantize="int8")
     results, _ = engine.generate_batch(random_prompt(10, seed=1), num_samples=2, max_tokens=12, temperature=0.0)
     assert all(len(row) > 10 for row in results)
-    first = engine._decode_weights
+    first = gpt._decode_weights[(torch.float32, "int8")][0]
     engine.generate_batch(random_prompt(10, seed=1), max_tokens=4, temperature=0.0)
-    assert engine._decode_weights is first  # quantized once while the weights stay the same
+    assert gpt._decode_weights[(torch.float32, "int8")][0] is first  # quantized once while the weights stay the same
     with pytest.raises(ValueError, match="quantize"):
         Engine(gpt, TOK, quantize="int4")

@@ -9,16 +9,6 @@ from nanochat.gpt import GPT, GPTConfig, has_ve
 from nanochat.kv_cache import KVCache
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared, oversubscribed CPU two OpenMP threads
-    make every small op wait on a busy sibling core (measured 10-50x slower); restore afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def build(config, seed=0):
     torch.manual_seed(seed)
     with torch.device("meta"):
@@ -169,6 +159,28 @@ def test_cpu_fast_decode_equals_the_module_path(monkeypatch):
     torch.testing.assert_close(fast_k, slow_k, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(fast_v, slow_v, atol=1e-5, rtol=1e-5)
     assert fast_logits.abs().max() > 1.0  # a random model gives non-trivial logits: the comparison has teeth
+
+
+def test_cpu_fast_decode_follows_weight_changes(monkeypatch):
+    """The decode weights are a snapshot kept on the model: a new cache after an in-place weight change (an
+    optimizer step, load_state_dict) must see the new weights, as the module path does."""
+    import nanochat.gpt as gpt_module
+    model = randomize(build(WINDOWED), seed=3)
+    prompt, step = torch.randint(0, 300, (1, 5)), torch.randint(0, 300, (1, 1))
+
+    def decode_logits(fast):
+        monkeypatch.setattr(gpt_module, "FAST_CPU_DECODE", fast)
+        kv = kv_cache_for(model, 1, 8)
+        with torch.inference_mode():
+            model(prompt, kv_cache=kv)
+            return model(step, kv_cache=kv)
+    before = decode_logits(True)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(2.0)
+        model.transformer.h[0].mlp.c_fc.weight.add_(0.1)
+    after = decode_logits(True)
+    assert (after - before).abs().max() > 1e-2
+    torch.testing.assert_close(after, decode_logits(False), atol=1e-5, rtol=1e-5)
 
 
 def test_kv_cache_overflow_is_a_clear_error():
