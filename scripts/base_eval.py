@@ -15,7 +15,7 @@ import argparse
 
 import torch
 
-from nanochat.common import compute_init, compute_cleanup, print0, get_base_dir, autodetect_device_type
+from nanochat.common import compute_init, compute_cleanup, print0, get_base_dir, autodetect_device_type, warn_if_cpu_is_busy
 
 SAMPLE_PROMPTS = [
     "The capital of France is",
@@ -71,20 +71,6 @@ def unconditional_samples(model, tokenizer, num_samples=8, max_tokens=128, tempe
     return [tokenizer.decode(ids) for ids in results]
 
 
-def warn_if_cpu_is_busy(device_type):
-    """CORE on a CPU is thousands of small forwards; with >1 OpenMP threads on a busy machine every op waits for a
-    descheduled sibling thread (measured: d6 hellaswag 2.9 s/item with 2 threads vs 0.2 s with 1, at load 4 on
-    2 cores)."""
-    threads, cores = torch.get_num_threads(), os.cpu_count() or 1
-    try:
-        load = os.getloadavg()[0]
-    except OSError:
-        return
-    if device_type == "cpu" and threads > 1 and load > 0.5 * cores:
-        print0(f"WARNING: this machine is busy (load {load:.1f} on {cores} cores) and torch uses {threads} threads: "
-               f"evaluation can be several times slower than with OMP_NUM_THREADS=1.")
-
-
 def write_core_csv(path, core_results):
     """nanochat's CSV: `Task, Accuracy, Centered` rows, then the CORE row."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -128,7 +114,8 @@ def main(argv=None):
 
     device_type = autodetect_device_type() if args.device_type == "" else args.device_type
     ddp, rank, local_rank, world_size, device = compute_init(device_type)
-    warn_if_cpu_is_busy(device_type)
+    if device_type == "cpu":
+        warn_if_cpu_is_busy("evaluation")
     try:
         model, tokenizer, meta = load_model("base", device, phase="eval", model_tag=args.model_tag, step=args.step)
         step = meta["step"]

@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from nanochat.common import (compute_init, compute_cleanup, print0, DummyWandb, get_base_dir, autodetect_device_type,
-                             get_peak_flops, COMPUTE_DTYPE)
+                             get_peak_flops, COMPUTE_DTYPE, warn_if_cpu_is_busy)
 from nanochat.checkpoint_manager import (save_checkpoint, load_checkpoint, find_last_step, patch_model_config,
                                          patch_state_dict, check_vocab_compatible, meta_path)
 from nanochat.loss_eval import evaluate_bpb
@@ -322,20 +322,6 @@ def warm_up_compiled(model, orig_model, x, y):
     orig_model.zero_grad(set_to_none=True)
     print0(f"Compilation warm-up: {time.time() - t0:.1f}s")
     return model
-
-
-def warn_if_cpu_is_busy():
-    """OpenMP threads wait for each other at every op; when other processes hold the cores, one thread gets
-    descheduled and the rest wait (measured on a 2-core box under load: d4 step 8.7 s with 2 threads, 3.0 s
-    with OMP_WAIT_POLICY=PASSIVE, 2.1 s with 1 thread)."""
-    threads, cores = torch.get_num_threads(), os.cpu_count() or 1
-    try:
-        load = os.getloadavg()[0]
-    except OSError:
-        return
-    if threads > 1 and load > 0.5 * cores:
-        print0(f"WARNING: this machine is busy (load {load:.1f} on {cores} cores) and torch uses {threads} threads: "
-               f"steps can be several times slower than with OMP_NUM_THREADS=1 (or OMP_WAIT_POLICY=PASSIVE).")
 
 
 def peak_memory_mib(device_type):
