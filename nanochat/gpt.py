@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from nanochat.common import COMPUTE_DTYPE, print0
 from nanochat.attention import attention, attention_with_kvcache
 from nanochat import cpu_decode
+from nanochat.chunked_loss import softcapped_cross_entropy
 
 VE_GATE_CHANNELS = 12     # value-embedding gate reads the first 12 channels of the attention input
 SMEAR_GATE_CHANNELS = 24  # smear gate reads the first 24 channels of the embedding
@@ -416,6 +417,10 @@ class GPT(nn.Module):
                 raise ValueError(f"logits_from={logits_from} must be in [0, {T}) for a sequence of {T} tokens")
             x = x[:, -1:] if last_logits_only else x[:, logits_from:]
         x = norm(x)
+        if targets is not None and x.device.type == "cpu" and (loss_reduction != "none" or not torch.is_grad_enabled()):
+            # the loss a few hundred rows at a time, never the whole (B*T, vocab) logits (see nanochat.chunked_loss)
+            return softcapped_cross_entropy(x.flatten(0, 1), self.lm_head.weight[:self.config.vocab_size],
+                                            targets.reshape(-1), SOFTCAP, loss_reduction)
 
         logits = self.lm_head(x)[..., :self.config.vocab_size].float()
         if torch.is_grad_enabled():

@@ -35,6 +35,7 @@ from nanochat.common import (compute_init, compute_cleanup, print0, DummyWandb, 
                              get_peak_flops, COMPUTE_DTYPE, warn_if_cpu_is_busy)
 from nanochat.checkpoint_manager import (save_checkpoint, load_checkpoint, find_last_step, patch_model_config,
                                          patch_state_dict, check_vocab_compatible, meta_path)
+from nanochat import chunked_loss
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.optim import optimizer_step, set_schedule
 
@@ -319,6 +320,7 @@ def warm_up_compiled(model, orig_model, x, y):
         print0(f"WARNING: torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
                f"training uncompiled (pass --compile 0 to skip the attempt)")
         model = orig_model
+        chunked_loss.COMPILE_ELEMENTWISE = False
     orig_model.zero_grad(set_to_none=True)
     print0(f"Compilation warm-up: {time.time() - t0:.1f}s")
     return model
@@ -434,6 +436,7 @@ def train(args, explicit=frozenset()):
     use_compile = should_compile(args.compile, device_type)
     if use_compile:
         model = torch.compile(model, dynamic=False)  # input shapes never change during training
+        chunked_loss.COMPILE_ELEMENTWISE = device_type == "cpu"  # the CPU loss's per-chunk kernel, compiled too
 
     # --- scaling laws: horizon, batch, LR and WD ---
     param_counts = orig_model.num_params_by_group()

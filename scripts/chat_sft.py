@@ -603,8 +603,7 @@ def main(argv=None):
         scale, step_tokens = step_loss_scale(micro_batches, world_size, ddp)
         loss_sum = torch.zeros((), dtype=torch.float32, device=device)
         for x, y in micro_batches:
-            token_losses = model(x, y, loss_reduction="none")
-            micro_loss = token_losses.sum()
+            micro_loss = model(x, y, loss_reduction="sum")
             loss_sum += micro_loss.detach().float()
             loss = micro_loss * scale
             (scaler.scale(loss) if scaler is not None else loss).backward()
