@@ -38,7 +38,7 @@ from jinja2 import Template
 from filelock import FileLock
 from tqdm import tqdm
 
-from nanochat.common import COMPUTE_DTYPE, get_base_dir, print0
+from nanochat.common import get_base_dir, print0
 
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
@@ -314,13 +314,10 @@ def _shared_prefix_logits(model, input_ids, prefix_len, first):
     a prefix position never sees what follows it, so its keys/values are the same in every row.
     """
     from nanochat.kv_cache import KVCache
-    config = model.config
     batch_size, seq_len = input_ids.shape
 
     def cache(rows, length):
-        return KVCache(batch_size=rows, num_heads=config.n_kv_head, seq_len=length,
-                       head_dim=config.n_embd // config.n_head, num_layers=config.n_layer,
-                       device=input_ids.device, dtype=COMPUTE_DTYPE)
+        return KVCache.for_model(model, rows, length, device=input_ids.device)
 
     prefix_cache = cache(1, prefix_len)
     model(input_ids[:1, :prefix_len], kv_cache=prefix_cache, last_logits_only=True)  # logits unused

@@ -136,10 +136,7 @@ class Engine:
         return self.tokenizer.encode_special(name)
 
     def _new_kv_cache(self, batch_size, seq_len):
-        config = self.model.config
-        return KVCache(batch_size=batch_size, num_heads=config.n_kv_head, seq_len=seq_len,
-                       head_dim=config.n_embd // config.n_head, num_layers=config.n_layer,
-                       device=self.model.get_device(), dtype=COMPUTE_DTYPE)
+        return KVCache.for_model(self.model, batch_size, seq_len)
 
     def _attach_decode_weights(self, kv_cache):
         """Give the cache the quantized one-token-step weights (nanochat.cpu_decode keeps one copy per set of weights)."""

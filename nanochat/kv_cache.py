@@ -26,6 +26,15 @@ class KVCache:
         self.pos = 0
         self.prev_embedding = None  # (B, 1, C) normalized embedding of the last token seen, set by GPT.forward
 
+    @classmethod
+    def for_model(cls, model, batch_size, seq_len, device=None):
+        """A cache shaped for this GPT's config (its kv heads, head dim, layers), in the compute dtype."""
+        from nanochat.common import COMPUTE_DTYPE
+        config = model.config
+        return cls(batch_size=batch_size, num_heads=config.n_kv_head, seq_len=seq_len,
+                   head_dim=config.n_embd // config.n_head, num_layers=config.n_layer,
+                   device=model.get_device() if device is None else device, dtype=COMPUTE_DTYPE)
+
     def reset(self):
         """Forget everything (the K/V memory is not cleared: new writes overwrite it in order)."""
         self.cache_seqlens.zero_()

@@ -34,7 +34,7 @@ import torch.distributed as dist
 from nanochat.common import (compute_init, compute_cleanup, print0, DummyWandb, get_base_dir, autodetect_device_type,
                              get_peak_flops, COMPUTE_DTYPE, warn_if_cpu_is_busy)
 from nanochat.checkpoint_manager import (save_checkpoint, load_checkpoint, find_last_step, patch_model_config,
-                                         patch_state_dict, check_vocab_compatible, meta_path)
+                                         patch_state_dict, meta_path)
 from nanochat import chunked_loss
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.optim import optimizer_step, set_schedule

@@ -63,11 +63,9 @@ def sync(device):
 
 
 def time_prefill(model, prompt, device, repeats):
-    config = model.config
     times = []
     for _ in range(repeats):
-        cache = KVCache(1, config.n_kv_head, len(prompt), config.n_embd // config.n_head, config.n_layer,
-                        device=device, dtype=COMPUTE_DTYPE)
+        cache = KVCache.for_model(model, 1, len(prompt), device=device)
         ids = torch.tensor([prompt], dtype=torch.long, device=device)
         sync(device)
         t0 = time.perf_counter()

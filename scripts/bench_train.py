@@ -12,7 +12,6 @@ MFU: on CUDA against the GPU's peak bf16 FLOP/s (nanochat's convention). On CPU 
 right before the run (an honest achievable peak, not a theoretical one).
 """
 
-import os
 import sys
 import json
 import time

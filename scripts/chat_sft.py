@@ -18,7 +18,6 @@ Checkpoints: $NANOCHAT_BASE_DIR/chatsft_checkpoints/<tag>/ (mid_checkpoints/ for
 import os
 os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
 import gc
-import json
 import time
 import argparse
 import dataclasses

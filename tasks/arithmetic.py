@@ -12,7 +12,6 @@ writes <<48/2=24>>); the final answer follows '#### '. Used by the offline SFT m
 Preview: python -m tasks.arithmetic
 """
 
-import random
 
 from tasks.common import GeneratedTask
 

@@ -145,7 +145,7 @@ def test_multiple_choice_scores_only_tokens_after_the_common_prefix():
 
 def test_multiple_choice_picks_lowest_mean_loss():
     table = torch.zeros(VOCAB, VOCAB)
-    a, b = CHARS.index("a") + 1, CHARS.index("b") + 1
+    b = CHARS.index("b") + 1
     colon = CHARS.index(":") + 1
     table[colon, b] = 5.0  # after ':' the model strongly expects 'b'
     data = [{"query": "x:", "choices": ["a", "b"], "gold": 1}, {"query": "y:", "choices": ["b", "a"], "gold": 1}]

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from nanochat import dataset
-from nanochat.dataset import parquets_iter_batched, list_parquet_files, split_parts, read_row_group
+from nanochat.dataset import parquets_iter_batched, list_parquet_files, split_parts
 from nanochat.offline_corpus import (build_offline_corpus, split_source, split_text, api_doc_entries, DOC_CHARS,
                                      VAL_ROW_GROUP_DOCS)
 from test_download import FileServer

@@ -6,7 +6,6 @@ import os
 import random
 
 import pytest
-import torch
 
 pytestmark = pytest.mark.slow
 

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from tasks.probes import ProbeOutput, check_probe, check_rule, load_probes, split_assistant_tokens, summarize
+from tasks.probes import ProbeOutput, check_rule, load_probes, split_assistant_tokens, summarize
 
 SPECIALS = ["<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>",
             "<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>"]

@@ -5,8 +5,6 @@ import datetime
 import subprocess
 import sys
 
-import pytest
-
 from nanochat import report as report_mod
 from nanochat.report import Report, DummyReport, get_report, slugify
 
