@@ -3,11 +3,12 @@ The training loss over the lm_head on CPU, a few hundred rows at a time: logits 
 cross-entropy against the targets (ignore_index -1), without ever holding the (tokens x vocab) logits.
 
 Why: at the CPU-demo shape (d6, 16K tokens per micro-batch, vocab 8192) the logits are 512 MB, and the passes over
-them -- softcap, log-softmax, their backward -- took 1.7 s of a 17 s step (10 %) in inductor's fused kernels,
-bound by memory traffic. Here each chunk of rows (2-16 MB) is computed, turned into its loss *and* its gradient
-while it sits in cache, and pushed through the two backward matmuls at once; backward only scales the stored
-gradients. Same math and the same matmul FLOPs; measured 4.2 s -> 2.6 s for the loss's forward + backward at that
-shape (2 threads), and peak memory falls by ~1 GB.
+them -- softcap, log-softmax, their backward, plus fresh 512 MB allocations -- took 1.7 s of a 17 s step in
+inductor's fused kernels, bound by memory traffic. Here each chunk of rows (16 MB) is computed, turned into its
+loss *and* its gradient while it sits in cache, and pushed through the two backward matmuls at once; backward only
+scales the stored gradients. Same math and the same matmul FLOPs. Measured on a 2-core EPYC (2 threads): the
+loss's forward + backward 4.2 s -> 2.6 s; the whole compiled d6 step ~17.5 s -> ~14.5 s (noisy machine; see
+the issue notes); peak memory 5.1 -> 3.8 GB.
 
 The gradients are computed in the forward pass, so this is only used when a backward is expected to follow with
 a uniform upstream gradient: reductions "mean" and "sum" (chat_sft sums token losses). With reduction "none" and
