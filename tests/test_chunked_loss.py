@@ -87,7 +87,7 @@ def test_model_loss_and_gradients_match_the_full_logits_path():
         model = GPT(config)
     model.to_empty(device="cpu")
     model.init_weights()
-    with torch.no_grad():  # lm_head starts at zero in init_weights: give it something to differentiate
+    with torch.no_grad():  # init_weights starts lm_head tiny (std 0.001): make the softcap and its gradient matter
         model.lm_head.weight.normal_(0, 0.5)
     gen = torch.Generator().manual_seed(1)
     idx = torch.randint(0, 70, (3, 32), generator=gen)
