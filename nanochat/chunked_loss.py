@@ -6,7 +6,8 @@ Why: at the CPU-demo shape (d6, 16K tokens per micro-batch, vocab 8192) the logi
 them -- softcap, log-softmax, their backward, plus fresh 512 MB allocations -- took 1.7 s of a 17 s step in
 inductor's fused kernels, bound by memory traffic. Here each chunk of rows (16 MB) is computed, turned into its
 loss *and* its gradient while it sits in cache, and pushed through the two backward matmuls at once; backward only
-scales the stored gradients. Same math and the same matmul FLOPs. Measured on a 2-core EPYC (2 threads): the
+scales the stored gradients (the trick of Liger-kernel's Triton fused linear cross-entropy, which has no CPU
+path). Same math and the same matmul FLOPs. Measured on a 2-core EPYC (2 threads): the
 loss's forward + backward 4.2 s -> 2.6 s; the whole compiled d6 step ~17.5 s -> ~14.5 s (noisy machine; see
 the issue notes); peak memory 5.1 -> 3.8 GB.
 
