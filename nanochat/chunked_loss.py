@@ -8,8 +8,8 @@ inductor's fused kernels, bound by memory traffic. Here each chunk of rows (16 M
 loss *and* its gradient while it sits in cache, and pushed through the two backward matmuls at once; backward only
 scales the stored gradients (the trick of Liger-kernel's Triton fused linear cross-entropy, which has no CPU
 path). Same math and the same matmul FLOPs. Measured on a 2-core EPYC (2 threads): the
-loss's forward + backward 4.2 s -> 2.6 s; the whole compiled d6 step ~17.5 s -> ~14.5 s (noisy machine; see
-the issue notes); peak memory 5.1 -> 3.8 GB.
+loss's forward + backward 4.2 s -> 2.6 s; the whole compiled d6 step 17-19 s -> 13-17 s in separate runs (this
+machine drifts +-15 %); peak memory 5.1 -> 3.8 GB.
 
 The gradients are computed in the forward pass, so this is only used when a backward is expected to follow with
 a uniform upstream gradient: reductions "mean" and "sum" (chat_sft sums token losses). With reduction "none" and
