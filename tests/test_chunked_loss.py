@@ -5,7 +5,8 @@ import torch.nn.functional as F
 
 from nanochat import chunked_loss
 from nanochat.chunked_loss import softcapped_cross_entropy
-from nanochat.gpt import GPT, GPTConfig, SOFTCAP
+from nanochat.gpt import SOFTCAP
+from tests.test_engine import tiny_gpt
 
 
 def full_logits_loss(x, weight, targets, reduction):
@@ -82,13 +83,7 @@ def test_unreduced_loss_with_autograd_is_refused():
 
 def test_model_loss_and_gradients_match_the_full_logits_path():
     """GPT.forward's CPU training loss (chunked) == cross-entropy over its own full logits, weights' grads too."""
-    config = GPTConfig(sequence_len=32, vocab_size=70, n_layer=2, n_head=2, n_kv_head=2, n_embd=32)  # vocab padded to 128
-    with torch.device("meta"):
-        model = GPT(config)
-    model.to_empty(device="cpu")
-    model.init_weights()
-    with torch.no_grad():  # init_weights starts lm_head tiny (std 0.001): make the softcap and its gradient matter
-        model.lm_head.weight.normal_(0, 0.5)
+    model = tiny_gpt(seed=1, sequence_len=32, vocab_size=70).train()  # vocab padded to 128; every weight random
     gen = torch.Generator().manual_seed(1)
     idx = torch.randint(0, 70, (3, 32), generator=gen)
     targets = torch.randint(0, 70, (3, 32), generator=gen)

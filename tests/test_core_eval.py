@@ -12,7 +12,8 @@ import torch
 import yaml
 
 from nanochat import core_eval as ce
-from nanochat.gpt import GPT, GPTConfig
+from nanochat.gpt import GPT
+from tests import test_engine as engine_tests
 
 # -----------------------------------------------------------------------------
 # Toy tokenizer and model
@@ -409,24 +410,10 @@ def test_too_few_items_for_the_fewshot_count_is_a_clear_error():
 # full-logits path, on a tiny random GPT: same per-option mean losses, same decisions
 
 
-# GQA, a short sliding window on alternate layers (the KV-cache chunk then attends through a window mask)
-TINY_GPT = GPTConfig(sequence_len=64, vocab_size=VOCAB, n_layer=3, n_head=4, n_kv_head=2, n_embd=64,
-                     window_pattern="SL", short_window=8)
-
-
 def tiny_gpt(seed=0):
-    """A tiny GPT with every parameter random (init_weights zeroes output projections, which hides bugs)."""
-    torch.manual_seed(seed)
-    with torch.device("meta"):
-        model = GPT(TINY_GPT)
-    model.to_empty(device="cpu")
-    model.init_weights()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            scale = 0.5 if p.dim() < 2 or "wte" in name or "value_embeds" in name else p.size(1) ** -0.5
-            p.copy_(torch.randn(p.shape, generator=g) * scale)
-    return model.eval()
+    """GQA and a short sliding window on alternate layers (the KV-cache chunk then attends through a window mask),
+    every parameter random (init_weights zeroes output projections, which hides bugs)."""
+    return engine_tests.tiny_gpt(seed, vocab_size=VOCAB)
 
 
 @pytest.fixture

@@ -374,9 +374,10 @@ def test_fit_shortens_system_then_last_user_message(chat_tokenizer):
 # -----------------------------------------------------------------------------
 # a tiny real GPT against naive full-recompute generation
 
-def tiny_gpt(seed=0, sequence_len=64):
+def tiny_gpt(seed=0, sequence_len=64, vocab_size=VOCAB):
+    """A tiny GPT (also used by other test files) with every parameter random and non-zero."""
     from nanochat.gpt import GPT, GPTConfig
-    config = GPTConfig(sequence_len=sequence_len, vocab_size=VOCAB, n_layer=3, n_head=4, n_kv_head=2, n_embd=64,
+    config = GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=3, n_head=4, n_kv_head=2, n_embd=64,
                        window_pattern="SL", short_window=8)  # GQA, and a window the decode runs past
     with torch.device("meta"):
         model = GPT(config)
