@@ -436,7 +436,7 @@ def train(args, explicit=frozenset()):
     use_compile = should_compile(args.compile, device_type)
     if use_compile:
         model = torch.compile(model, dynamic=False)  # input shapes never change during training
-        chunked_loss.COMPILE_ELEMENTWISE = device_type == "cpu"  # the CPU loss's per-chunk kernel, compiled too
+        chunked_loss.COMPILE_ELEMENTWISE = True  # the CPU loss's per-chunk kernel too (unused on GPUs)
 
     # --- scaling laws: horizon, batch, LR and WD ---
     param_counts = orig_model.num_params_by_group()

@@ -72,7 +72,7 @@ def main(argv=None):
     optimizer = model.setup_optimizer()
     use_compile = should_compile(args.compile, device_type)
     train_model = torch.compile(model, dynamic=False) if use_compile else model
-    chunked_loss.COMPILE_ELEMENTWISE = use_compile and device_type == "cpu"  # as base_train
+    chunked_loss.COMPILE_ELEMENTWISE = use_compile  # as base_train
     grad_accum = compute_grad_accum_steps(args.total_batch_size, args.device_batch_size, args.max_seq_len, world_size)
     loader = synthetic_loader(args.vocab_size, args.device_batch_size, args.max_seq_len, device, rank, world_size)
     print0(f"config: {config} | params: {num_params:,} | FLOPs/token: {flops_per_token:.3e} | grad accum: {grad_accum} | "
