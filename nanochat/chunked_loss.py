@@ -90,10 +90,24 @@ def _row_losses(x, weight, targets, softcap, chunk_rows):
     return out
 
 
-@torch.compiler.disable  # under a compiled model: a graph break here, this runs eagerly with its own kernels
+_eager_loss = None
+
+
 def softcapped_cross_entropy(x, weight, targets, softcap, reduction="mean", chunk_rows=CHUNK_ROWS):
     """F.cross_entropy(softcap * tanh(x @ weight.T / softcap), targets, ignore_index=-1, reduction=reduction)
     for x (N, C), weight (V, C), targets (N,), in row chunks. With autograd on only "mean" and "sum"."""
+    if not torch.compiler.is_compiling():
+        return _softcapped_cross_entropy(x, weight, targets, softcap, reduction, chunk_rows)
+    # Under a compiled model: a graph break, the loss runs eagerly with its own kernels. The disable wrapper is
+    # made here, not as a decorator at import, because it imports torch._dynamo: seconds of start-up for every
+    # process that merely loads a model (chat_cli, the server). Making it inside the trace is a graph break too.
+    global _eager_loss
+    if _eager_loss is None:
+        _eager_loss = torch.compiler.disable(_softcapped_cross_entropy)
+    return _eager_loss(x, weight, targets, softcap, reduction, chunk_rows)
+
+
+def _softcapped_cross_entropy(x, weight, targets, softcap, reduction, chunk_rows):
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)

@@ -398,3 +398,24 @@ def test_fp8_conversion_keeps_names_and_filters_small_layers():
     assert torch.isfinite(loss) and model.lm_head.weight.grad is not None
     with pytest.raises(ValueError, match="tensorwise"):
         Float8LinearConfig.from_recipe_name("rowwise")
+
+
+def test_inference_and_eval_never_import_dynamo():
+    """torch._dynamo costs seconds of import: a process that only builds, scores or samples a model (chat_cli,
+    the server, base_eval) must not pull it in -- e.g. through a module-level torch.compiler.disable."""
+    import subprocess
+    code = (
+        "import sys, torch\n"
+        "from nanochat.gpt import GPT, GPTConfig\n"
+        "from nanochat import engine, checkpoint_manager, loss_eval\n"
+        "with torch.device('meta'):\n"
+        "    m = GPT(GPTConfig(sequence_len=16, vocab_size=64, n_layer=2, n_head=2, n_kv_head=2, n_embd=32))\n"
+        "m.to_empty(device='cpu'); m.init_weights(); m.eval()\n"
+        "idx = torch.randint(0, 64, (1, 8))\n"
+        "with torch.no_grad():\n"
+        "    m(idx, targets=idx, loss_reduction='none'); m(idx, targets=idx)\n"
+        "list(m.generate(idx[0].tolist(), max_tokens=3))\n"
+        "print('torch._dynamo' in sys.modules)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "False"
