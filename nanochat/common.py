@@ -56,7 +56,13 @@ def _detect_compute_dtype():
     if override:
         if override not in _DTYPES:
             raise ValueError(f"NANOCHAT_DTYPE={override!r} is not one of bfloat16, float16, float32")
-        return _DTYPES[override]
+        dtype = _DTYPES[override]
+        if (dtype == torch.bfloat16 and not torch.cuda.is_available() and not torch.backends.mps.is_available()
+                and not cpu_has_fast_bf16()):
+            logger.warning("NANOCHAT_DTYPE=%s on a CPU without native bf16 (no avx512_bf16/amx_bf16 in "
+                           "/proc/cpuinfo): its matmuls are emulated, ~100x slower than float32. Unset "
+                           "NANOCHAT_DTYPE to compute in float32 here.", override)
+        return dtype
     if torch.cuda.is_available():
         major, _ = torch.cuda.get_device_capability()
         return torch.bfloat16 if major >= 8 else torch.float32

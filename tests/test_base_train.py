@@ -32,27 +32,34 @@ def tiny_tokenizer():
     return RustBPETokenizer.train_from_iterator(iter(make_docs(300, 0)), VOCAB_SIZE)
 
 
+def write_tokenizer(base_dir, tokenizer):
+    """The tokenizer and token_bytes in base_dir/tokenizer, like tok_train leaves them."""
+    from nanochat.tokenizer import save_token_bytes
+    tok_dir = os.path.join(base_dir, "tokenizer")
+    tokenizer.save(tok_dir)
+    save_token_bytes(tokenizer, tok_dir)
+
+
+def write_corpus(d):
+    """A tiny corpus as parquet shards (text column, several row groups); the last shard is val."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    os.makedirs(d, exist_ok=True)
+    for i in range(3):
+        table = pa.table({"text": make_docs(60, seed=100 + i)})
+        pq.write_table(table, os.path.join(d, f"shard_{i:05d}.parquet"), row_group_size=20)
+    return str(d)
+
+
 @pytest.fixture
 def base(_isolated_base_dir, tiny_tokenizer):
-    """A base dir holding the tiny tokenizer and token_bytes, like tok_train leaves it."""
-    from nanochat.tokenizer import save_token_bytes
-    tok_dir = os.path.join(_isolated_base_dir, "tokenizer")
-    tiny_tokenizer.save(tok_dir)
-    save_token_bytes(tiny_tokenizer, tok_dir)
+    write_tokenizer(_isolated_base_dir, tiny_tokenizer)
     return str(_isolated_base_dir)
 
 
 @pytest.fixture
 def text_dir(tmp_path):
-    """A tiny corpus as parquet shards (text column, several row groups); the last shard is val."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    d = tmp_path / "corpus"
-    d.mkdir()
-    for i in range(3):
-        table = pa.table({"text": make_docs(60, seed=100 + i)})
-        pq.write_table(table, d / f"shard_{i:05d}.parquet", row_group_size=20)
-    return str(d)
+    return write_corpus(tmp_path / "corpus")
 
 
 def load_weights(ckpt_dir, step):
