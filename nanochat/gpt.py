@@ -296,11 +296,12 @@ class GPT(nn.Module):
         torch.nn.init.constant_(self.backout_lambda, 0.2)
         torch.nn.init.uniform_(self.smear_gate.weight, 0.0, 0.02)
         self.cos, self.sin = self._precompute_rotary(self.cos.device)
-        # On CUDA the embedding tables live in the compute dtype, as nanochat does: at d20+ they and their Adam
-        # state are GBs. fp16 keeps them fp32 because GradScaler cannot unscale fp16 gradients. Elsewhere (CPU
-        # models are small) they stay fp32 master weights like every matrix: bf16 tables lose precision in their
-        # updates and summed row gradients -- a bf16 CPU run of 150 tiny steps ended at val bpb 2.235 with bf16
-        # tables, 2.227 with fp32 tables, 2.225 in pure fp32 (tests/test_bf16_cpu.py).
+        # On CUDA the embedding tables live in the compute dtype, as nanochat does: it halves the tables and their
+        # gradients, GBs at d20+ (unmeasured on a GPU here, so unchanged). fp16 keeps them fp32 because GradScaler
+        # cannot unscale fp16 gradients. Elsewhere (CPU models are small) they stay fp32 master weights like every
+        # matrix: bf16 tables round away part of each update and of the summed row gradients. Final val bpb of bf16
+        # CPU runs, bf16 tables / fp32 tables / pure fp32: 64 wide, 150 steps 2.235 / 2.227 / 2.225; 128 wide on
+        # real text, 120 steps 2.3568 / 2.3555 / 2.3546 (tests/test_bf16_cpu.py checks a short 64-wide run).
         if COMPUTE_DTYPE != torch.float16 and self.transformer.wte.weight.device.type == "cuda":
             self.transformer.wte.to(dtype=COMPUTE_DTYPE)
             for ve in self.value_embeds.values():
