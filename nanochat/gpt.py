@@ -395,6 +395,9 @@ class GPT(nn.Module):
         if kv_cache is not None and pos + T > kv_cache.max_seq_len:
             raise ValueError(f"KV cache is full: {pos} cached + {T} new tokens > its {kv_cache.max_seq_len} rows; "
                              f"allocate a larger KVCache")
+        if kv_cache is not None and kv_cache.k_cache.dtype != COMPUTE_DTYPE:
+            raise TypeError(f"KV cache holds {kv_cache.k_cache.dtype} but the model computes in {COMPUTE_DTYPE}; "
+                            f"build it with KVCache.for_model(model, batch_size, seq_len)")
         if (FAST_CPU_DECODE and T == 1 and targets is None and kv_cache is not None
                 and kv_cache.prev_embedding is not None and _cpu_inference(idx)):
             return cpu_decode.decode_step(self, idx, kv_cache, COMPUTE_DTYPE)

@@ -410,7 +410,7 @@ def test_kv_cache_decode_logits_match_full_forward(gpt):
     tokens = random_prompt(40)
     with torch.inference_mode():
         full = gpt(torch.tensor([tokens]))
-        cache = KVCache(1, 2, 64, 16, 3, device="cpu", dtype=torch.float32)
+        cache = KVCache.for_model(gpt, 1, 64)
         chunks = [gpt(torch.tensor([tokens[:12]]), kv_cache=cache), gpt(torch.tensor([tokens[12:20]]), kv_cache=cache)]
         chunks += [gpt(torch.tensor([[t]]), kv_cache=cache) for t in tokens[20:]]
     torch.testing.assert_close(torch.cat(chunks, dim=1), full, atol=1e-4, rtol=1e-4)

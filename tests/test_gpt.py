@@ -29,11 +29,6 @@ def randomize(model, seed=0):
     return model
 
 
-def kv_cache_for(model, batch_size, seq_len):
-    c = model.config
-    return KVCache(batch_size, c.n_kv_head, seq_len, c.n_embd // c.n_head, c.n_layer, "cpu", torch.float32)
-
-
 # windows S=3 (< T) on layers 0 and 2, full on 1 and 3; GQA; vocab 300 is padded to 320
 WINDOWED = GPTConfig(sequence_len=32, vocab_size=300, n_layer=4, n_head=4, n_kv_head=2, n_embd=64,
                      window_pattern="SL", short_window=3)
@@ -56,7 +51,7 @@ def test_kv_cache_prefill_chunk_decode_matches_full_forward(grad):
     idx = torch.randint(0, WINDOWED.vocab_size, (2, T), generator=torch.Generator().manual_seed(1))
     with torch.set_grad_enabled(grad):
         full = model(idx)
-        kv = kv_cache_for(model, 2, 20)
+        kv = KVCache.for_model(model, 2, 20)
         pieces = [model(idx[:, :6], kv_cache=kv), model(idx[:, 6:10], kv_cache=kv)]  # prefill, then a chunk
         for t in range(10, T):
             pieces.append(model(idx[:, t:t + 1], kv_cache=kv))  # token-by-token decode
@@ -71,9 +66,9 @@ def test_kv_cache_fan_out_prefill_matches_full_forward():
     prompt = torch.randint(0, 300, (1, 7), generator=torch.Generator().manual_seed(2))
     cont = torch.randint(0, 300, (3, 4), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        kv1 = kv_cache_for(model, 1, 7)
+        kv1 = KVCache.for_model(model, 1, 7)
         model(prompt, kv_cache=kv1)
-        kv3 = kv_cache_for(model, 3, 12)
+        kv3 = KVCache.for_model(model, 3, 12)
         kv3.prefill(kv1)
         steps = [model(cont[:, t:t + 1], kv_cache=kv3) for t in range(4)]
         full = model(torch.cat([prompt.expand(3, -1), cont], dim=1))
@@ -117,8 +112,7 @@ def test_last_logits_only_matches_last_position_of_full_logits():
     with torch.no_grad():
         full = model(idx)
         last = model(idx, last_logits_only=True)
-        kv = KVCache(2, model.config.n_kv_head, 16, model.config.n_embd // model.config.n_head,
-                     model.config.n_layer, "cpu", torch.float32)
+        kv = KVCache.for_model(model, 2, 16)
         cached = model(idx, kv_cache=kv, last_logits_only=True)
     assert last.shape == (2, 1, full.size(-1))
     torch.testing.assert_close(last, full[:, -1:], atol=1e-5, rtol=1e-5)
@@ -148,7 +142,7 @@ def test_cpu_fast_decode_equals_the_module_path(monkeypatch):
     results = {}
     for fast in (True, False):
         monkeypatch.setattr(gpt_module, "FAST_CPU_DECODE", fast)
-        kv = kv_cache_for(model, 2, 16)
+        kv = KVCache.for_model(model, 2, 16)
         with torch.inference_mode():
             model(prompt, kv_cache=kv)
             logits = [model(steps[:, t:t + 1], kv_cache=kv) for t in range(steps.size(1))]
@@ -170,7 +164,7 @@ def test_cpu_fast_decode_follows_weight_changes(monkeypatch):
 
     def decode_logits(fast):
         monkeypatch.setattr(gpt_module, "FAST_CPU_DECODE", fast)
-        kv = kv_cache_for(model, 1, 8)
+        kv = KVCache.for_model(model, 1, 8)
         with torch.inference_mode():
             model(prompt, kv_cache=kv)
             return model(step, kv_cache=kv)
@@ -185,7 +179,7 @@ def test_cpu_fast_decode_follows_weight_changes(monkeypatch):
 
 def test_kv_cache_overflow_is_a_clear_error():
     model = build(WINDOWED)
-    kv = kv_cache_for(model, 1, 4)
+    kv = KVCache.for_model(model, 1, 4)
     with pytest.raises(ValueError, match="KV cache is full"):
         model(torch.zeros(1, 5, dtype=torch.long), kv_cache=kv)
 
@@ -334,7 +328,7 @@ def test_naive_generate_greedy_matches_kv_cache_decode():
     model = randomize(build(WINDOWED), seed=7).eval()
     prompt = [5, 17, 42]
     naive = list(model.generate(prompt, max_tokens=8, temperature=0.0))
-    kv = kv_cache_for(model, 1, 12)
+    kv = KVCache.for_model(model, 1, 12)
     ids, out = torch.tensor([prompt]), []
     with torch.no_grad():
         for _ in range(8):
@@ -419,3 +413,12 @@ def test_inference_and_eval_never_import_dynamo():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_kv_cache_in_another_dtype_is_a_clear_error():
+    model = randomize(build(WINDOWED), seed=1)
+    c = model.config
+    other = torch.bfloat16 if KVCache.for_model(model, 1, 4).k_cache.dtype == torch.float32 else torch.float32
+    kv = KVCache(1, c.n_kv_head, 8, c.n_embd // c.n_head, c.n_layer, "cpu", other)
+    with pytest.raises(TypeError, match="KVCache.for_model"):
+        model(torch.zeros(1, 2, dtype=torch.long), kv_cache=kv)
