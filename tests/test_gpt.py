@@ -416,9 +416,10 @@ def test_inference_and_eval_never_import_dynamo():
 
 
 def test_kv_cache_in_another_dtype_is_a_clear_error():
+    from nanochat.common import COMPUTE_DTYPE
     model = randomize(build(WINDOWED), seed=1)
     c = model.config
-    other = torch.bfloat16 if KVCache.for_model(model, 1, 4).k_cache.dtype == torch.float32 else torch.float32
+    other = torch.bfloat16 if COMPUTE_DTYPE == torch.float32 else torch.float32
     kv = KVCache(1, c.n_kv_head, 8, c.n_embd // c.n_head, c.n_layer, "cpu", other)
     with pytest.raises(TypeError, match="KVCache.for_model"):
         model(torch.zeros(1, 2, dtype=torch.long), kv_cache=kv)
