@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from nanochat.common import get_base_dir
+from nanochat.fileio import atomic_open, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -53,47 +54,16 @@ def optim_path(checkpoint_dir, step, rank):
 
 
 # -----------------------------------------------------------------------------
-# Atomic file writes
-
-def _fsync_dir(directory):
-    # Make the rename itself durable (POSIX); not possible/needed everywhere, so best effort.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path, write_fn):
-    """Write via write_fn(file_object) to a temp file beside `path`, fsync, then rename over `path`.
-    On any error the temp file is removed and `path` is untouched."""
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp_path = os.path.join(directory, f".{os.path.basename(path)}.tmp{os.getpid()}")
-    try:
-        with open(tmp_path, "wb") as f:
-            write_fn(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise
-    _fsync_dir(directory)
-
+# Atomic file writes (nanochat.fileio): a crash mid-save never leaves a half-written file in place
 
 def atomic_torch_save(obj, path):
-    _atomic_write(path, lambda f: torch.save(obj, f))
+    with atomic_open(path, "wb") as f:
+        torch.save(obj, f)
 
 
 def atomic_json_save(obj, path):
     # allow_nan: nanochat writes min_val_bpb = Infinity before the first eval; keep that format.
-    _atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode("utf-8")))
+    atomic_write_text(path, json.dumps(obj, indent=2))
 
 
 # -----------------------------------------------------------------------------

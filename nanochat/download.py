@@ -37,7 +37,8 @@ DEFAULT_HF_ENDPOINT = "https://huggingface.co"
 
 
 def hf_endpoint():
-    return os.environ.get("HF_ENDPOINT", DEFAULT_HF_ENDPOINT).rstrip("/")
+    """The hub's base URL: $HF_ENDPOINT (a mirror) when set and not empty, else huggingface.co."""
+    return (os.environ.get("HF_ENDPOINT") or DEFAULT_HF_ENDPOINT).rstrip("/")
 
 
 def hf_dataset_url(repo_id, filename, revision="main"):

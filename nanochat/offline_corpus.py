@@ -38,6 +38,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from nanochat.fileio import atomic_open
+
 DOC_CHARS = 4000          # longer texts are cut into documents of at most this many characters
 MIN_DOC_CHARS = 64        # shorter documents carry too little to learn from
 MAX_FILE_BYTES = 2_000_000
@@ -381,8 +383,8 @@ def write_corpus(texts, out_dir, verbose=True):
     for index, (shard_texts, row_group_docs) in enumerate(shards):
         path = os.path.join(out_dir, f"shard_{index:05d}.parquet")
         table = pa.table({"text": pa.array(shard_texts, type=pa.string())})
-        pq.write_table(table, path + ".tmp", row_group_size=row_group_docs, compression="zstd")
-        os.replace(path + ".tmp", path)
+        with atomic_open(path, "wb") as f:
+            pq.write_table(table, f, row_group_size=row_group_docs, compression="zstd")
         paths.append(path)
     if verbose:
         print(f"Wrote {len(shards)} shards ({len(shards) - 1} train + 1 val) to {out_dir}")

@@ -22,6 +22,8 @@ import pickle
 import rustbpe
 import tiktoken
 
+from nanochat.fileio import atomic_open
+
 SPECIAL_TOKENS = [
     "<|bos|>",  # starts every document; also the document delimiter in packed pretraining rows
     # the rest only appear in rendered conversations (SFT, RL, chat)
@@ -101,10 +103,8 @@ class RustBPETokenizer:
         """Write `tokenizer_dir/tokenizer.pkl` (pickled tiktoken Encoding, nanochat's format), atomically."""
         os.makedirs(tokenizer_dir, exist_ok=True)
         pickle_path = os.path.join(tokenizer_dir, TOKENIZER_FILENAME)
-        tmp_path = pickle_path + f".tmp{os.getpid()}"
-        with open(tmp_path, "wb") as f:
+        with atomic_open(pickle_path, "wb") as f:
             pickle.dump(self.enc, f)
-        os.replace(tmp_path, pickle_path)
         print(f"Saved tokenizer encoding to {pickle_path}")
         return pickle_path
 
@@ -346,10 +346,8 @@ def save_token_bytes(tokenizer, tokenizer_dir):
     token_bytes = compute_token_bytes(tokenizer)
     os.makedirs(tokenizer_dir, exist_ok=True)
     path = os.path.join(tokenizer_dir, TOKEN_BYTES_FILENAME)
-    tmp_path = path + f".tmp{os.getpid()}"
-    with open(tmp_path, "wb") as f:
+    with atomic_open(path, "wb") as f:
         torch.save(token_bytes, f)
-    os.replace(tmp_path, path)
     print(f"Saved token_bytes to {path}")
     return token_bytes
 

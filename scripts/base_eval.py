@@ -15,6 +15,7 @@ import argparse
 
 import torch
 
+from nanochat.fileio import atomic_open
 from nanochat.common import compute_init, compute_cleanup, print0, get_base_dir, autodetect_device_type, warn_if_cpu_is_busy
 
 SAMPLE_PROMPTS = [
@@ -74,13 +75,11 @@ def unconditional_samples(model, tokenizer, num_samples=8, max_tokens=128, tempe
 def write_core_csv(path, core_results):
     """nanochat's CSV: `Task, Accuracy, Centered` rows, then the CORE row."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + f".tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_open(path, "w") as f:
         f.write(f"{'Task':<35}, {'Accuracy':<10}, {'Centered':<10}\n")
         for label, acc in core_results["results"].items():
             f.write(f"{label:<35}, {acc:<10.6f}, {core_results['centered_results'][label]:<10.6f}\n")
         f.write(f"{'CORE':<35}, {'':<10}, {core_results['core_metric']:<10.6f}\n")
-    os.replace(tmp, path)
 
 
 def build_parser():

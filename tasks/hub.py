@@ -35,17 +35,14 @@ import requests
 from filelock import FileLock
 
 from nanochat.common import get_base_dir
+from nanochat.fileio import atomic_write_text
+from nanochat.download import DEFAULT_HF_ENDPOINT, hf_endpoint
 
-DEFAULT_HF_ENDPOINT = "https://huggingface.co"
 DATA_EXTENSIONS = ("parquet", "jsonl", "json")
 
 
 class TaskDataUnavailable(RuntimeError):
     """Neither a local copy nor the hub could provide a task's data."""
-
-
-def hf_endpoint():
-    return (os.environ.get("HF_ENDPOINT") or DEFAULT_HF_ENDPOINT).rstrip("/")
 
 
 # -----------------------------------------------------------------------------
@@ -242,10 +239,7 @@ def download_hub_split(repo_id, config, split):
         num_rows = sum(pq.read_metadata(os.path.join(cache_dir, n)).num_rows for n in names)
         manifest = {"repo_id": repo_id, "config": config, "split": split, "urls": urls, "files": names,
                     "num_rows": num_rows}
-        tmp = os.path.join(cache_dir, "manifest.json.tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(manifest, f, indent=1)
-        os.replace(tmp, os.path.join(cache_dir, "manifest.json"))
+        atomic_write_text(os.path.join(cache_dir, "manifest.json"), json.dumps(manifest, indent=1))
     return [os.path.join(cache_dir, n) for n in names]
 
 

@@ -22,6 +22,7 @@ import random
 import string
 
 from nanochat.common import get_base_dir
+from nanochat.fileio import atomic_write_text
 from tasks.common import GeneratedTask
 
 LETTERS = string.ascii_lowercase
@@ -122,10 +123,7 @@ def _offline_words(base_dir):
             for doc in docs:
                 words.update(w.lower() for w in OFFLINE_WORD_RE.findall(doc) if 3 <= len(w) <= 12)
     words = sorted(words)
-    tmp = cache_path + f".tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write("\n".join(words) + "\n")
-    os.replace(tmp, cache_path)
+    atomic_write_text(cache_path, "\n".join(words) + "\n")
     return words
 
 

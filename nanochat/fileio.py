@@ -1,0 +1,97 @@
+"""
+Writing files so that a crash, a kill or a full disk never leaves a half-written one in place.
+
+    with atomic_open(path, "w") as f:      # a temp file beside `path`
+        f.write(...)                       # on a clean exit: flush, fsync, rename over `path`, fsync the dir
+                                           # on any error: the temp file is removed and `path` is untouched
+
+Temp files are named `.<name>.tmp<pid>` in the destination's directory (a rename is only atomic within one
+file system). A process killed mid-write leaves its temp file behind; `remove_stale_temp_files` clears those
+of processes that no longer run. No torch here: the tokenizer and the data tools use it too.
+"""
+
+import os
+import re
+from contextlib import contextmanager
+
+_TEMP_RE = re.compile(r"^\.(?P<name>.+)\.tmp(?P<pid>\d+)$")
+
+
+def temp_path_for(path):
+    """The temp file an atomic write of `path` goes through (in the same directory)."""
+    directory, name = os.path.split(os.path.abspath(path))
+    return os.path.join(directory, f".{name}.tmp{os.getpid()}")
+
+
+def fsync_dir(directory):
+    """Make a rename inside `directory` durable (best effort: some file systems refuse directory fsync)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_open(path, mode="wb", encoding=None):
+    """Open a temp file for writing; on success it replaces `path` in one rename. mode: "w" or "wb"."""
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_open writes whole files: mode must be 'w' or 'wb', got {mode!r}")
+    tmp_path = temp_path_for(path)
+    os.makedirs(os.path.dirname(tmp_path), exist_ok=True)
+    if mode == "w" and encoding is None:
+        encoding = "utf-8"
+    try:
+        with open(tmp_path, mode, encoding=encoding) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        try:
+            os.remove(tmp_path)
+        except OSError:
+            pass
+        raise
+    fsync_dir(os.path.dirname(tmp_path))
+
+
+def atomic_write_text(path, text):
+    with atomic_open(path, "w") as f:
+        f.write(text)
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temp_files(directory):
+    """Delete the temp files of atomic writes in `directory` whose writer process is gone (killed mid-save).
+    Returns the removed paths. Temp files of live processes (a concurrent writer) are left alone."""
+    removed = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return removed
+    for name in names:
+        match = _TEMP_RE.match(name)
+        if match is None or _pid_alive(int(match.group("pid"))):
+            continue
+        path = os.path.join(directory, name)
+        try:
+            os.remove(path)
+            removed.append(path)
+        except OSError:
+            pass
+    return removed
