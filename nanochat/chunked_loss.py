@@ -93,6 +93,12 @@ def _row_losses(x, weight, targets, softcap, chunk_rows):
 _eager_loss = None
 
 
+def use_chunked_loss(x, reduction):
+    """Where GPT.forward takes this path: CPU activations, and a reduction the gradient-in-forward trick serves
+    (any reduction without autograd). GPUs keep the full-logits loss, which torch.compile fuses there."""
+    return x.device.type == "cpu" and (reduction != "none" or not torch.is_grad_enabled())
+
+
 def softcapped_cross_entropy(x, weight, targets, softcap, reduction="mean", chunk_rows=CHUNK_ROWS):
     """F.cross_entropy(softcap * tanh(x @ weight.T / softcap), targets, ignore_index=-1, reduction=reduction)
     for x (N, C), weight (V, C), targets (N,), in row chunks. With autograd on only "mean" and "sum"."""

@@ -74,6 +74,17 @@ def _detect_compute_dtype():
 COMPUTE_DTYPE = _detect_compute_dtype()
 
 
+def embedding_table_dtype(device):
+    """Storage dtype of the embedding tables (wte, value embeddings). On CUDA the compute dtype, as nanochat
+    does: it halves tables and their gradients, GBs at d20+; fp16 keeps fp32 because GradScaler cannot unscale
+    fp16 gradients. Elsewhere fp32 master weights like every matrix: bf16 tables round away part of each update
+    and of the summed row gradients (dev/PERF.md, "bf16 on CPU")."""
+    device = torch.device(device)
+    if device.type == "cuda" and COMPUTE_DTYPE != torch.float16:
+        return COMPUTE_DTYPE
+    return torch.float32
+
+
 # -----------------------------------------------------------------------------
 # Printing and devices
 

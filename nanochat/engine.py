@@ -29,8 +29,8 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
-from nanochat.common import COMPUTE_DTYPE
-from nanochat.cpu_decode import QUANTIZE_CHOICES, weights_for
+from nanochat.cpu_decode import QUANTIZE_CHOICES, CPUDecoder
+from nanochat.gpt import GPT
 from nanochat.kv_cache import KVCache  # re-exported: nanochat users import KVCache from here
 from nanochat.tools import get_tool, use_calculator  # noqa: F401  (use_calculator: nanochat's public name)
 
@@ -123,29 +123,42 @@ class Engine:
         than with 1 at load 4 on 2 cores. None leaves the process setting alone.
 
         quantize: None (exact) or "int8": CPU one-token steps multiply by int8 weights (see nanochat.cpu_decode;
-        faster, slightly lossy). The quantized copy is made once and remade when the model's weights change."""
+        faster, slightly lossy).
+
+        On a CPU, one-token steps run through a nanochat.cpu_decode.CPUDecoder: a snapshot of the weights in the
+        layout decoding wants, made at the first generate. After changing the model's weights (an optimizer
+        step, load_state_dict) call weights_changed(); a forgotten call is caught by a sampled check of the
+        weights at each generate, which then rebuilds the snapshot too."""
         if quantize not in QUANTIZE_CHOICES:
             raise ValueError(f"quantize must be one of {QUANTIZE_CHOICES}, got {quantize!r}")
+        if quantize is not None and model.get_device().type != "cpu":
+            raise ValueError(f"quantize={quantize!r} is for CPU decoding (the model is on {model.get_device()}); "
+                             f"run without it on a GPU")
         self.model = model
         self.tokenizer = tokenizer
         self.tool = get_tool(tools)
         self.decode_threads = decode_threads
         self.quantize = quantize
+        self._decoder = None
+
+    def weights_changed(self):
+        """Say the model's weights were modified or replaced: the next generate re-reads them."""
+        self._decoder = None
+
+    def _decode_step_fn(self):
+        """What runs a one-token step: the CPU decoder (rebuilt if the weights moved), or the model itself (on a
+        GPU, or a model other than nanochat's GPT, whose math the decoder restates)."""
+        if self.model.get_device().type != "cpu" or not isinstance(self.model, GPT):
+            return self.model.forward
+        if self._decoder is None or not self._decoder.is_current(self.model):
+            self._decoder = CPUDecoder(self.model, quantize=self.quantize)
+        return self._decoder.step
 
     def _special(self, name):
         return self.tokenizer.encode_special(name)
 
     def _new_kv_cache(self, batch_size, seq_len):
         return KVCache.for_model(self.model, batch_size, seq_len)
-
-    def _attach_decode_weights(self, kv_cache):
-        """Give the cache the quantized one-token-step weights (nanochat.cpu_decode keeps one copy per set of weights)."""
-        if self.quantize is None:
-            return
-        if self.model.get_device().type != "cpu":
-            raise ValueError(f"quantize={self.quantize!r} is for CPU decoding (the model is on "
-                             f"{self.model.get_device()}); run without it on a GPU")
-        weights_for(self.model, kv_cache, COMPUTE_DTYPE, quantize=self.quantize)
 
     def max_new_tokens(self, num_prompt_tokens, max_tokens=None):
         """How many tokens generate() will produce at most for a prompt of this length."""
@@ -197,7 +210,7 @@ class Engine:
             decode_cache.prefill(kv_cache)
             kv_cache = decode_cache
             logits = logits.expand(num_samples, -1)
-        self._attach_decode_weights(kv_cache)
+        decode_step = self._decode_step_fn()
 
         rows = [RowState() for _ in range(num_samples)]
         ids = torch.empty((num_samples, 1), dtype=torch.long, device=device)
@@ -235,7 +248,7 @@ class Engine:
                     ids.copy_(torch.tensor(token_column, dtype=torch.long).view(-1, 1))
                 else:
                     ids.copy_(next_ids)  # stays on the device: no host round trip for the common case
-                logits = self.model.forward(ids, kv_cache=kv_cache)[:, -1, :]
+                logits = decode_step(ids, kv_cache=kv_cache)[:, -1, :]
                 next_ids = sample_next_token(logits, rng, temperature, top_k, top_p)
 
     def generate_batch(self, tokens, num_samples=1, **kwargs):

@@ -22,17 +22,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanochat.common import COMPUTE_DTYPE, print0
+from nanochat.common import COMPUTE_DTYPE, embedding_table_dtype, print0
 from nanochat.attention import attention, attention_with_kvcache
-from nanochat import cpu_decode
-from nanochat.chunked_loss import softcapped_cross_entropy
+from nanochat.chunked_loss import softcapped_cross_entropy, use_chunked_loss
+from nanochat.optim import MuonAdamW
 
 VE_GATE_CHANNELS = 12     # value-embedding gate reads the first 12 channels of the attention input
 SMEAR_GATE_CHANNELS = 24  # smear gate reads the first 24 channels of the embedding
 QK_SCALE = 1.2            # q and k are each multiplied by this after QK-norm ("sharper attention")
 SOFTCAP = 15.0
-# CPU one-token decode steps take the straight-line path in nanochat.cpu_decode (tests switch it off to compare)
-FAST_CPU_DECODE = True
 
 
 @dataclass
@@ -53,9 +51,6 @@ class GPTConfig:
 
 def norm(x):
     # parameter-free RMSNorm (eps = the dtype's machine epsilon, like nanochat)
-    if x.device.type == "cpu" and not torch.is_grad_enabled():
-        # same math; CPU's F.rms_norm runs ~2x slower on long prompts (extra passes and scalar copies)
-        return x * torch.rsqrt(x.square().mean(-1, keepdim=True).add_(torch.finfo(x.dtype).eps))
     return F.rms_norm(x, (x.size(-1),))
 
 
@@ -92,45 +87,10 @@ def apply_rotary_emb(x, cos, sin):
     return torch.addcmul(x * cos, x.roll(x.size(-1) // 2, dims=-1), sin)
 
 
-def _cpu_inference(x):
-    """True where the inference-only weight caches below may be used: CPU, no autograd, not being traced."""
-    return x.device.type == "cpu" and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-
-
-def _weights_key(weights):
-    # a cached derivative of these weights is stale once one is replaced (identity), re-pointed (storage)
-    # or modified in place (version counter: optimizer steps, load_state_dict, copy_)
-    return [(w, w.data_ptr(), w._version) for w in weights]
-
-
-def _key_matches(cached, key):
-    return cached is not None and len(cached) == len(key) and \
-        all(a[0] is b[0] and a[1:] == b[1:] for a, b in zip(cached, key))
-
-
 class Linear(nn.Linear):
-    """
-    nn.Linear without autocast: fp32 master weight, matmul in the activation's dtype.
-
-    CPU inference (no grad) multiplies by a cached contiguous copy of the transposed weight, x @ W^T: MKL
-    streams that layout at ~16 GB/s against ~11 GB/s for F.linear's transposed access, and one-token decode
-    is bound by reading the weights (+20-25% decode throughput). The copy is rebuilt when the weight changes.
-    """
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._wt, self._wt_key = None, None
-
-    def _transposed_weight(self, dtype):
-        key = _weights_key([self.weight])
-        if self._wt is None or self._wt.dtype != dtype or not _key_matches(self._wt_key, key):
-            self._wt = self.weight.detach().to(dtype).t().contiguous()
-            self._wt_key = key
-        return self._wt
+    """nn.Linear without autocast: fp32 master weight, matmul in the activation's dtype."""
 
     def forward(self, x):
-        if _cpu_inference(x):
-            return torch.matmul(x, self._transposed_weight(x.dtype))
         w = self.weight
         if w.dtype != x.dtype:  # checked in Python: a no-op .to() still costs a dispatcher call per matmul
             w = w.to(dtype=x.dtype)
@@ -153,44 +113,17 @@ class CausalSelfAttention(nn.Module):
         self.c_v = Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.c_proj = Linear(config.n_embd, config.n_embd, bias=False)
         self.ve_gate = Linear(VE_GATE_CHANNELS, self.n_kv_head, bias=False) if has_ve(layer_idx, config.n_layer) else None
-        self._fused_weight, self._fused_key = None, None  # inference-only cache, see _fused_input_weight
-
-    def _fused_input_weight(self, dtype):
-        """
-        CPU inference: c_q, c_k, c_v and the zero-padded ve_gate stacked into one matrix, so the input side of
-        attention is one matmul and q|k get rotary + norm together. Rebuilt whenever a weight is replaced or
-        modified in place (parameter identity, storage and version counter are the key).
-        """
-        weights = [self.c_q.weight, self.c_k.weight, self.c_v.weight]
-        if self.ve_gate is not None:
-            weights.append(self.ve_gate.weight)
-        key = _weights_key(weights)
-        if self._fused_weight is None or self._fused_weight.dtype != dtype or not _key_matches(self._fused_key, key):
-            rows = [w.detach() for w in weights[:3]]
-            if self.ve_gate is not None:
-                rows.append(F.pad(self.ve_gate.weight.detach(), (0, self.c_q.in_features - VE_GATE_CHANNELS)))
-            # stored transposed (C, rows) for the same reason as Linear's cache
-            self._fused_weight = torch.cat(rows).to(dtype).t().contiguous()
-            self._fused_key = key
-        return self._fused_weight
 
     def forward(self, x, ve, cos, sin, window, kv_cache, pos):
         B, T, C = x.shape
         H, H_kv, D = self.n_head, self.n_kv_head, self.head_dim
-        if _cpu_inference(x):
-            qkvg = torch.matmul(x, self._fused_input_weight(x.dtype))
-            qk = norm(apply_rotary_emb(qkvg[..., :(H + H_kv) * D].view(B, T, H + H_kv, D), cos, sin))
-            q, k = qk[:, :, :H], qk[:, :, H:]
-            v = qkvg[..., (H + H_kv) * D:(H + 2 * H_kv) * D].view(B, T, H_kv, D)
-            gate_logits = qkvg[..., (H + 2 * H_kv) * D:]
-        else:
-            q = norm(apply_rotary_emb(self.c_q(x).view(B, T, H, D), cos, sin))
-            k = norm(apply_rotary_emb(self.c_k(x).view(B, T, H_kv, D), cos, sin))
-            v = self.c_v(x).view(B, T, H_kv, D)
-            gate_logits = self.ve_gate(x[..., :VE_GATE_CHANNELS]) if ve is not None else None
+        q = norm(apply_rotary_emb(self.c_q(x).view(B, T, H, D), cos, sin))
+        k = norm(apply_rotary_emb(self.c_k(x).view(B, T, H_kv, D), cos, sin))
+        v = self.c_v(x).view(B, T, H_kv, D)
         if ve is not None:
             # value residual: v += 3 * sigmoid(gate) * ve, one gate per kv head, range (0, 3)
-            v = torch.addcmul(v, torch.sigmoid(gate_logits).unsqueeze(-1), ve.view(B, T, H_kv, D), value=3.0)
+            gate = torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))
+            v = torch.addcmul(v, gate.unsqueeze(-1), ve.view(B, T, H_kv, D), value=3.0)
         if kv_cache is None:
             y = attention(q, k, v, window, scale=self.softmax_scale)
         else:
@@ -207,10 +140,7 @@ class MLP(nn.Module):
         self.c_proj = Linear(4 * config.n_embd, config.n_embd, bias=False)
 
     def forward(self, x):
-        h = self.c_fc(x)
-        if torch.is_grad_enabled():
-            return self.c_proj(F.relu(h).square())
-        return self.c_proj(h.relu_().square_())  # in place: spares two (B, T, 4C) tensors on long prompts
+        return self.c_proj(F.relu(self.c_fc(x)).square())
 
 
 class Block(nn.Module):
@@ -296,16 +226,10 @@ class GPT(nn.Module):
         torch.nn.init.constant_(self.backout_lambda, 0.2)
         torch.nn.init.uniform_(self.smear_gate.weight, 0.0, 0.02)
         self.cos, self.sin = self._precompute_rotary(self.cos.device)
-        # On CUDA the embedding tables live in the compute dtype, as nanochat does: it halves the tables and their
-        # gradients, GBs at d20+ (unmeasured on a GPU here, so unchanged). fp16 keeps them fp32 because GradScaler
-        # cannot unscale fp16 gradients. Elsewhere (CPU models are small) they stay fp32 master weights like every
-        # matrix: bf16 tables round away part of each update and of the summed row gradients. Final val bpb of bf16
-        # CPU runs, bf16 tables / fp32 tables / pure fp32: 64 wide, 150 steps 2.235 / 2.227 / 2.225; 128 wide on
-        # real text, 120 steps 2.3568 / 2.3555 / 2.3546 (tests/test_bf16_cpu.py checks a short 64-wide run).
-        if COMPUTE_DTYPE != torch.float16 and self.transformer.wte.weight.device.type == "cuda":
-            self.transformer.wte.to(dtype=COMPUTE_DTYPE)
-            for ve in self.value_embeds.values():
-                ve.to(dtype=COMPUTE_DTYPE)
+        table_dtype = embedding_table_dtype(self.transformer.wte.weight.device)
+        self.transformer.wte.to(dtype=table_dtype)
+        for ve in self.value_embeds.values():
+            ve.to(dtype=table_dtype)
 
     def get_device(self):
         return self.transformer.wte.weight.device
@@ -351,8 +275,6 @@ class GPT(nn.Module):
     def setup_optimizer(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0, scalar_lr=0.5):
         """nanochat's parameter groups: AdamW for embeddings, lm_head and scalars, Muon (grouped by shape) for
         every matrix inside the blocks (VE gates included). AdamW LRs for tables scale as 1/sqrt(d_model/768)."""
-        from nanochat.optim import MuonAdamW  # imported here so the model works without the optimizer module
-
         dmodel_scale = (self.config.n_embd / 768) ** -0.5
         print0(f"Scaling the LR for the AdamW parameters ∝1/√({self.config.n_embd}/768) = {dmodel_scale:.6f}")
         matrix_params = list(self.transformer.h.parameters())
@@ -398,9 +320,6 @@ class GPT(nn.Module):
         if kv_cache is not None and kv_cache.k_cache.dtype != COMPUTE_DTYPE:
             raise TypeError(f"KV cache holds {kv_cache.k_cache.dtype} but the model computes in {COMPUTE_DTYPE}; "
                             f"build it with KVCache.for_model(model, batch_size, seq_len)")
-        if (FAST_CPU_DECODE and T == 1 and targets is None and kv_cache is not None
-                and kv_cache.prev_embedding is not None and _cpu_inference(idx)):
-            return cpu_decode.decode_step(self, idx, kv_cache, COMPUTE_DTYPE)
         cos, sin = self.cos[:, pos:pos + T], self.sin[:, pos:pos + T]
 
         x = norm(self.transformer.wte(idx).to(COMPUTE_DTYPE))
@@ -424,16 +343,13 @@ class GPT(nn.Module):
                 raise ValueError(f"logits_from={logits_from} must be in [0, {T}) for a sequence of {T} tokens")
             x = x[:, -1:] if last_logits_only else x[:, logits_from:]
         x = norm(x)
-        if targets is not None and x.device.type == "cpu" and (loss_reduction != "none" or not torch.is_grad_enabled()):
-            # the loss a few hundred rows at a time, never the whole (B*T, vocab) logits (see nanochat.chunked_loss)
+        if targets is not None and use_chunked_loss(x, loss_reduction):
+            # the same loss a few hundred rows at a time, never the whole (B*T, vocab) logits
             return softcapped_cross_entropy(x.flatten(0, 1), self.lm_head.weight[:self.config.vocab_size],
                                             targets.reshape(-1), SOFTCAP, loss_reduction)
 
         logits = self.lm_head(x)[..., :self.config.vocab_size].float()
-        if torch.is_grad_enabled():
-            logits = SOFTCAP * torch.tanh(logits / SOFTCAP)
-        else:  # in place: over a long prompt the logits are the biggest tensor (B*T*V), spare two more of them
-            logits = logits.div_(SOFTCAP).tanh_().mul_(SOFTCAP)
+        logits = SOFTCAP * torch.tanh(logits / SOFTCAP)
         if targets is None:
             return logits
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,

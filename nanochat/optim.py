@@ -137,9 +137,6 @@ def _adamw_cpu_fused(p: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tenso
                          beta1=beta1, beta2=beta2, weight_decay=wd, eps=eps, amsgrad=False, maximize=False)
     except (RuntimeError, NotImplementedError, TypeError):
         return False
-    # the fused kernel writes p without bumping its version counter; caches keyed on it (GPT's CPU inference
-    # weights) would otherwise keep serving the old values
-    torch.autograd.graph.increment_version(p)
     return True
 
 

@@ -31,6 +31,7 @@ if mode == "train":
                 "checkpoint_dir": out["checkpoint_dir"]}, out_path)
 else:  # probe a checkpoint: full-forward logits, KV-cache decode logits, the loss
     from nanochat.checkpoint_manager import load_model
+    from nanochat.cpu_decode import CPUDecoder
     from nanochat.kv_cache import KVCache
     model, tokenizer, _ = load_model("base", "cpu", "eval", model_tag=sys.argv[3])
     ids = torch.tensor([tokenizer.encode("the cat sat on a mat and then it ran far away from home",
@@ -41,8 +42,9 @@ else:  # probe a checkpoint: full-forward logits, KV-cache decode logits, the lo
         loss = model(ids[:, :-1], targets=ids[:, 1:])
         kv = KVCache.for_model(model, 1, ids.size(1))
         steps = [model(ids[:, :prompt], kv_cache=kv)[:, -1]]
+        decoder = CPUDecoder(model)  # the path the Engine decodes with on a CPU
         for t in range(prompt, ids.size(1) - 1):
-            steps.append(model(ids[:, t:t + 1], kv_cache=kv)[:, -1])
+            steps.append(decoder.step(ids[:, t:t + 1], kv)[:, -1])
     torch.save({"dtype": str(COMPUTE_DTYPE), "full": full[0], "decode": torch.stack(steps, 1)[0],
                 "loss": loss.item(), "prompt": prompt}, out_path)
 """
