@@ -34,8 +34,8 @@ class MalformedInput(Exception):
 
 def build_parser():
     parser = argparse.ArgumentParser(
-        prog="python -m scripts.filter_sft",
-        description="Drop SFT conversations whose assistant text matches an artifact rule; keep the rest unchanged.")
+        prog="python -m scripts.filter_sft", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Each rule's exact definition: the docstring of nanochat/sft_filter.py.")
     parser.add_argument("inputs", nargs="+", help="conversation JSONL files (read in order, streamed)")
     parser.add_argument("--output", required=True, help="JSONL of the kept rows, each exactly as in the input")
     parser.add_argument("--rejected", default=None,
