@@ -148,6 +148,37 @@ def _assistant_problems(content):
     return problems
 
 
+def parse_json_line(raw):
+    """One JSONL line (bytes) -> (value, None), or (None, problem) when it is not UTF-8 or not JSON.
+    Blank lines give (None, None): callers skip them."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return None, f"not valid UTF-8 ({e.reason} at byte {e.start})"
+    if not line.strip():
+        return None, None
+    try:
+        return json.loads(line), None
+    except json.JSONDecodeError as e:
+        return None, f"invalid JSON: {e.msg} (column {e.colno})"
+
+
+def parse_conversation_line(raw, for_training=True):
+    """One JSONL line (bytes) of a conversation file -> (row, problems): row is {"messages": [...], ...} (a bare
+    list is wrapped), problems a list of strings (empty when the row is good). Blank lines give (None, [])."""
+    row, problem = parse_json_line(raw)
+    if problem:
+        return None, [problem]
+    if row is None:
+        return None, []
+    if isinstance(row, list):
+        row = {"messages": row}
+    elif not isinstance(row, dict):
+        return None, [f"expected a list of messages or {{\"messages\": [...]}}, got {type(row).__name__}"]
+    problems = validate_conversation(row, for_training=for_training)
+    return (None if problems else row), problems
+
+
 def load_conversations_jsonl(path, strict=True, for_training=True):
     """Read a JSONL file of conversations -> list of {"messages": [...], ...}.
 
@@ -158,33 +189,12 @@ def load_conversations_jsonl(path, strict=True, for_training=True):
     conversations, errors, bad_lines = [], [], set()
     with open(path, "rb") as f:
         for line_no, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                bad_lines.add(line_no)
-                errors.append(f"{path}:{line_no}: not valid UTF-8 ({e.reason} at byte {e.start})")
-                continue
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                bad_lines.add(line_no)
-                errors.append(f"{path}:{line_no}: invalid JSON: {e.msg} (column {e.colno})")
-                continue
-            if isinstance(row, list):
-                row = {"messages": row}
-            elif not isinstance(row, dict):
-                bad_lines.add(line_no)
-                errors.append(f"{path}:{line_no}: expected a list of messages or {{\"messages\": [...]}}, "
-                              f"got {type(row).__name__}")
-                continue
-            problems = validate_conversation(row, for_training=for_training)
+            row, problems = parse_conversation_line(raw, for_training=for_training)
             if problems:
                 bad_lines.add(line_no)
                 errors.extend(f"{path}:{line_no}: {p}" for p in problems)
-                continue
-            conversations.append(row)
+            elif row is not None:
+                conversations.append(row)
     if errors:
         if strict:
             raise ValueError(f"{path}: {len(bad_lines)} bad row(s); fix them (or load with strict=False to skip them):\n"
