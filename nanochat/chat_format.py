@@ -148,6 +148,43 @@ def _assistant_problems(content):
     return problems
 
 
+# -----------------------------------------------------------------------------
+# Generated tokens -> an assistant message (the inverse of rendering one)
+
+_BLOCK_TOKENS = {"<|python_start|>": ("python", True), "<|python_end|>": ("python", False),
+                 "<|output_start|>": ("python_output", True), "<|output_end|>": ("python_output", False)}
+
+
+def assistant_parts_from_tokens(tokenizer, tokens):
+    """The token ids of one generated assistant turn -> its parts [{"type": "text"|"python"|"python_output",
+    "text": str}], up to <|assistant_end|> or <|bos|>. Empty text between blocks is dropped, an empty tool block
+    is kept (the model did open it); an unterminated block at the end is returned as what it was."""
+    kinds = {tokenizer.encode_special(name): kind for name, kind in _BLOCK_TOKENS.items()}
+    stop = {tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id()}
+    parts, current, kind = [], [], "text"
+    for token in tokens:
+        if token in stop:
+            break
+        if token in kinds:
+            if current or kind != "text":
+                parts.append({"type": kind, "text": tokenizer.decode(current)})
+            part_kind, opens = kinds[token]
+            current, kind = [], (part_kind if opens else "text")
+        else:
+            current.append(token)
+    if current or kind != "text":
+        parts.append({"type": kind, "text": tokenizer.decode(current)})
+    return parts
+
+
+def assistant_content(parts):
+    """Parts -> message content: a plain string when there are only text parts (so it renders like any reply),
+    else the list of parts (so the history re-renders exactly as it was generated)."""
+    if all(p["type"] == "text" for p in parts):
+        return "".join(p["text"] for p in parts)
+    return parts
+
+
 def parse_json_line(raw):
     """One JSONL line (bytes) -> (value, None), or (None, problem) when it is not UTF-8 or not JSON.
     Blank lines give (None, None): callers skip them."""

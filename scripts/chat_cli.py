@@ -13,10 +13,14 @@ the answer fit in the model's sequence length.
 
 import argparse
 import logging
+import sys
 
 import torch
 
+from nanochat.chat_format import assistant_content, assistant_parts_from_tokens
+from nanochat.checkpoint_manager import load_model
 from nanochat.common import compute_init, autodetect_device_type
+from nanochat.engine import Engine, fit_conversation_to_context
 
 
 def build_parser():
@@ -74,32 +78,12 @@ class TokenPrinter:
 def tokens_to_parts(tokenizer, tokens):
     """Generated assistant tokens -> message content: a string, or a list of text/python/python_output parts
     when it used a tool (so the history re-renders exactly as it was generated)."""
-    special = tokenizer.encode_special
-    kinds = {special("<|python_start|>"): ("python", True), special("<|python_end|>"): ("python", False),
-             special("<|output_start|>"): ("python_output", True), special("<|output_end|>"): ("python_output", False)}
-    stop = {special("<|assistant_end|>"), tokenizer.get_bos_token_id()}
-    parts, current, kind = [], [], "text"
-    for token in tokens:
-        if token in stop:
-            break
-        if token in kinds:
-            part_kind, opens = kinds[token]
-            if current or kind != "text":
-                parts.append({"type": kind, "text": tokenizer.decode(current)})
-            current, kind = [], (part_kind if opens else "text")
-        else:
-            current.append(token)
-    if current or kind != "text":
-        parts.append({"type": kind, "text": tokenizer.decode(current)})
-    if all(p["type"] == "text" for p in parts):
-        return "".join(p["text"] for p in parts)
-    return parts
+    return assistant_content(assistant_parts_from_tokens(tokenizer, tokens))
 
 
 def answer(engine, tokenizer, messages, args, seed, out):
     """Generate and stream the assistant's reply to `messages` (ending with a user message); returns
     (assistant content, number of exchanges dropped to fit the context)."""
-    from nanochat.engine import fit_conversation_to_context
     seq_len = engine.model.config.sequence_len
     # room for the answer: the requested max, but never more than half the context (a long history still fits)
     max_new = max(1, min(args.max_tokens, seq_len // 2))
@@ -118,12 +102,9 @@ def answer(engine, tokenizer, messages, args, seed, out):
 
 
 def main(argv=None, input_fn=input, out=None):
-    import sys
     out = out or sys.stdout
     args = build_parser().parse_args(argv)
     logging.getLogger("nanochat").setLevel(logging.WARNING)  # no loading chatter between you and the model
-    from nanochat.checkpoint_manager import load_model
-    from nanochat.engine import Engine
     device_type = args.device_type or autodetect_device_type()
     if args.quantize and device_type != "cpu":
         raise SystemExit(f"--quantize {args.quantize} speeds up CPU decoding only; drop it on {device_type}")

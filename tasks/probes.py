@@ -25,6 +25,8 @@ import json
 import re
 from dataclasses import dataclass, field
 
+from nanochat.chat_format import assistant_parts_from_tokens
+
 RULE_NAMES = ("contains", "contains_any", "not_contains", "regex", "not_regex", "calls_tool", "no_tool",
               "think_closed_before_answer", "max_chars")
 
@@ -168,39 +170,13 @@ def check_probe(probe, output):
 
 def split_assistant_tokens(tokens, tokenizer, tool_name="calculator"):
     """Turn the generated token ids of one assistant turn into a ProbeOutput."""
-    python_start = tokenizer.encode_special("<|python_start|>")
-    python_end = tokenizer.encode_special("<|python_end|>")
-    output_start = tokenizer.encode_special("<|output_start|>")
-    output_end = tokenizer.encode_special("<|output_end|>")
     stops = {tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id()}
-    text_parts, tool_calls, tool_outputs = [], [], []
-    mode, buf, plain = "text", [], []
     end = next((i for i, t in enumerate(tokens) if t in stops), len(tokens))
-    tokens = list(tokens[:end])
-
-    def flush_plain():
-        if plain:
-            text_parts.append(tokenizer.decode(plain))
-            plain.clear()
-
-    for tok in tokens:
-        if tok == python_start:
-            flush_plain(); mode, buf = "python", []
-        elif tok == python_end and mode == "python":
-            tool_calls.append((tool_name, tokenizer.decode(buf))); mode = "text"
-        elif tok == output_start:
-            flush_plain(); mode, buf = "output", []
-        elif tok == output_end and mode == "output":
-            tool_outputs.append(tokenizer.decode(buf)); mode = "text"
-        elif mode == "text":
-            plain.append(tok)
-        else:
-            buf.append(tok)
-    if mode == "python":  # unterminated tool call still counts as a call
-        tool_calls.append((tool_name, tokenizer.decode(buf)))
-    flush_plain()
-    raw = tokenizer.decode(tokens)
-    return ProbeOutput(raw_text=raw, text="".join(text_parts), tool_calls=tool_calls, tool_outputs=tool_outputs)
+    parts = assistant_parts_from_tokens(tokenizer, tokens)
+    return ProbeOutput(raw_text=tokenizer.decode(list(tokens[:end])),
+                       text="".join(p["text"] for p in parts if p["type"] == "text"),
+                       tool_calls=[(tool_name, p["text"]) for p in parts if p["type"] == "python"],
+                       tool_outputs=[p["text"] for p in parts if p["type"] == "python_output"])
 
 
 def summarize(results):
