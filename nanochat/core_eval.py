@@ -39,6 +39,9 @@ from filelock import FileLock
 from tqdm import tqdm
 
 from nanochat.common import get_base_dir, print0
+from nanochat.download import download_file
+from nanochat.gpt import GPT
+from nanochat.kv_cache import KVCache
 
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
@@ -302,7 +305,6 @@ MIN_SHARED_TOKENS = 64
 
 
 def _can_share_prefix(model):
-    from nanochat.gpt import GPT  # only nanochat's GPT has the KV cache this needs
     return isinstance(model, GPT)
 
 
@@ -313,7 +315,6 @@ def _shared_prefix_logits(model, input_ids, prefix_len, first):
     fanned out to the B rows, and only the rest of each row is forwarded. Causal attention makes this exact:
     a prefix position never sees what follows it, so its keys/values are the same in every row.
     """
-    from nanochat.kv_cache import KVCache
     batch_size, seq_len = input_ids.shape
 
     def cache(rows, length):
@@ -398,7 +399,6 @@ def ensure_eval_bundle():
             return bundle_dir  # another rank/process got it while we waited
         if os.path.exists(bundle_dir):
             raise RuntimeError(f"{bundle_dir} exists but has no core.yaml; remove it to re-download the eval bundle")
-        from nanochat.download import download_file
         url = os.environ.get("NANOCHAT_EVAL_BUNDLE_URL", EVAL_BUNDLE_URL)
         zip_path = os.path.join(base_dir, "eval_bundle.zip")
         try:

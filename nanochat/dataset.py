@@ -30,6 +30,7 @@ from functools import lru_cache
 from multiprocessing import Pool
 
 import pyarrow.parquet as pq
+import requests
 from tqdm import tqdm
 
 from nanochat.common import get_base_dir
@@ -251,7 +252,6 @@ def _download_shard_job(args):
 
 def check_endpoint_reachable(timeout=10):
     """Fail fast (instead of after every shard's retries) when the hub cannot be reached at all."""
-    import requests
     endpoint = hf_endpoint()
     try:
         requests.head(endpoint, timeout=timeout)

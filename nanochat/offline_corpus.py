@@ -32,12 +32,15 @@ import inspect
 import warnings
 import sysconfig
 import importlib
+import site
 from multiprocessing import Pool
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from pydoc_data.topics import topics
 from tqdm import tqdm
 
+from nanochat.common import get_base_dir
 from nanochat.fileio import atomic_open
 
 DOC_CHARS = 4000          # longer texts are cut into documents of at most this many characters
@@ -140,7 +143,6 @@ def _indent(text, prefix):
 # Sources of documents. Each yields (key, text); the key fixes the order before the seeded shuffle.
 
 def pydoc_topic_docs():
-    from pydoc_data.topics import topics
     for name in sorted(topics):
         for i, chunk in enumerate(split_text(topics[name])):
             yield (f"0topics/{name}/{i:04d}", f"Python language reference: {name}\n\n{chunk}")
@@ -351,7 +353,6 @@ def collect_documents(target_chars=DEFAULT_TARGET_CHARS, num_workers=None, verbo
             "stdlib test suite sources")
     if "site" in sources and total < target_chars:
         # A Python without its test suite (e.g. a distro's python3) is short: top up from site-packages.
-        import site
         roots = [p for p in site.getsitepackages() if os.path.isdir(p)]
         for root in roots:
             for top in sorted(os.listdir(root)):
@@ -395,7 +396,6 @@ def build_offline_corpus(out_dir=None, seed=42, target_chars=DEFAULT_TARGET_CHAR
                          verbose=True, sources=ALL_SOURCES):
     """Build (or reuse) the offline corpus; returns the list of shard paths."""
     if out_dir is None:
-        from nanochat.common import get_base_dir
         out_dir = os.path.join(get_base_dir(), "base_data_offline")
     existing = sorted(f for f in os.listdir(out_dir) if f.endswith(".parquet")) if os.path.isdir(out_dir) else []
     if existing and not force:

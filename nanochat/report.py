@@ -15,6 +15,7 @@ From code (rank 0 writes, other ranks get a no-op stand-in):
     report.log_point("train loss", step, loss, section="Base model training")   # or one point at a time
 """
 
+import argparse
 import os
 import re
 import json
@@ -23,6 +24,11 @@ import socket
 import platform
 import datetime
 import subprocess
+
+import psutil
+import torch
+
+from nanochat.common import get_base_dir, get_dist_info
 
 TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
 SERIES_FILE = "series.jsonl"
@@ -146,7 +152,6 @@ def get_git_info():
 
 
 def get_gpu_info():
-    import torch
     if not torch.cuda.is_available():
         return {"available": False}
     props = [torch.cuda.get_device_properties(i) for i in range(torch.cuda.device_count())]
@@ -160,8 +165,6 @@ def get_gpu_info():
 
 
 def get_system_info():
-    import psutil
-    import torch
     return {
         "hostname": socket.gethostname(),
         "platform": f"{platform.system()} {platform.release()} ({platform.machine()})",
@@ -252,7 +255,7 @@ def generate_header():
 # Plots (matplotlib, Agg backend: works headless)
 
 def _plot_curves(section, series, path):
-    import matplotlib
+    import matplotlib  # here, not at the top: a second of import time that only plotting needs
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     names = list(series)
@@ -271,7 +274,7 @@ def _plot_curves(section, series, path):
 
 def _plot_bars(table, path):
     """Grouped bars: one group per metric, one bar per stage that has a numeric value."""
-    import matplotlib
+    import matplotlib  # here, not at the top: a second of import time that only plotting needs
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     metrics = list(table)
@@ -501,7 +504,6 @@ class DummyReport:
 
 def get_report():
     """The report of $NANOCHAT_BASE_DIR/report on rank 0, a no-op stand-in on other ranks."""
-    from nanochat.common import get_base_dir, get_dist_info
     _, rank, _, _ = get_dist_info()
     if rank != 0:
         return DummyReport()
@@ -509,7 +511,6 @@ def get_report():
 
 
 if __name__ == "__main__":
-    import argparse
     parser = argparse.ArgumentParser(description="Reset or generate the nanochat run report ($NANOCHAT_BASE_DIR/report).")
     parser.add_argument("command", nargs="?", default="generate", choices=["generate", "reset"],
                         help="reset: start a new report (wipes sections, writes the header); "

@@ -21,7 +21,9 @@ import pickle
 
 import rustbpe
 import tiktoken
+import torch
 
+from nanochat.common import get_base_dir
 from nanochat.fileio import atomic_open
 
 SPECIAL_TOKENS = [
@@ -333,7 +335,6 @@ def compute_token_bytes(tokenizer):
     Measured on the raw token bytes. (nanochat at 5019accc decoded each id to a str first, which turns a token
     that is a partial UTF-8 sequence into U+FFFD and counts 3 bytes for it.)
     """
-    import torch
     enc = tokenizer.enc
     special_ids = {enc.encode_single_token(s) for s in enc.special_tokens_set}
     lengths = [0 if i in special_ids else len(enc.decode_single_token_bytes(i)) for i in range(enc.n_vocab)]
@@ -342,7 +343,6 @@ def compute_token_bytes(tokenizer):
 
 def save_token_bytes(tokenizer, tokenizer_dir):
     """Compute token_bytes and write `tokenizer_dir/token_bytes.pt` atomically; returns the tensor."""
-    import torch
     token_bytes = compute_token_bytes(tokenizer)
     os.makedirs(tokenizer_dir, exist_ok=True)
     path = os.path.join(tokenizer_dir, TOKEN_BYTES_FILENAME)
@@ -353,13 +353,10 @@ def save_token_bytes(tokenizer, tokenizer_dir):
 
 
 def get_tokenizer():
-    from nanochat.common import get_base_dir
     return RustBPETokenizer.from_directory(os.path.join(get_base_dir(), "tokenizer"))
 
 
 def get_token_bytes(device="cpu"):
-    import torch
-    from nanochat.common import get_base_dir
     path = os.path.join(get_base_dir(), "tokenizer", TOKEN_BYTES_FILENAME)
     if not os.path.exists(path):
         raise FileNotFoundError(f"No token bytes at {path}: they are written by `python -m scripts.tok_train`.")

@@ -21,6 +21,7 @@ import time
 import rustbpe
 import tiktoken
 
+from nanochat.dataset import parquets_iter_batched
 from nanochat.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, RustBPETokenizer, build_encoding
 
 
@@ -42,7 +43,6 @@ def stdlib_docs(max_chars, doc_cap):
 
 
 def dir_docs(data_dir, max_chars, doc_cap):
-    from nanochat.dataset import parquets_iter_batched
     docs, total = [], 0
     for batch in parquets_iter_batched("train", data_dir=data_dir):
         for doc in batch:

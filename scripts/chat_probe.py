@@ -14,6 +14,9 @@ import os
 import sys
 import time
 
+from nanochat.checkpoint_manager import load_model
+from nanochat.common import compute_init, get_base_dir
+from nanochat.engine import Engine
 from tasks.probes import check_probe, load_probes, split_assistant_tokens, summarize
 
 DEFAULT_PROBES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tasks", "data", "probes.jsonl")
@@ -57,9 +60,6 @@ def print_table(per_category, total):
 
 def load_engine(args):
     """(model, tokenizer, meta, engine) for the checkpoint named by the CLI flags."""
-    from nanochat.common import compute_init
-    from nanochat.checkpoint_manager import load_model
-    from nanochat.engine import Engine
     _, _, _, _, device = compute_init(args.device_type)
     model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
     engine = Engine(model, tokenizer) if args.tool == "calculator" else Engine(model, tokenizer, tools=args.tool)
@@ -84,7 +84,6 @@ def main(argv=None):
 
     probes = load_probes(args.probes)  # fail on a bad probe file before loading a model
 
-    from nanochat.common import get_base_dir
     model, tokenizer, meta, engine = load_engine(args)
 
     t0 = time.time()

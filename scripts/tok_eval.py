@@ -10,6 +10,8 @@ they are skipped with a note). Prints a table and writes the "Tokenizer evaluati
 import argparse
 import sys
 
+from nanochat.dataset import parquets_iter_batched
+from nanochat.report import get_report
 from nanochat.tokenizer import RustBPETokenizer, get_tokenizer
 
 PROSE = """\
@@ -105,12 +107,11 @@ def data_texts(data_dir):
     """The first train and val batch of the pretraining data (or DIR), when there is any."""
     texts = []
     try:
-        from nanochat.dataset import parquets_iter_batched
         for split in ("train", "val"):
             batch = next(parquets_iter_batched(split, data_dir=data_dir), None)
             if batch:
                 texts.append((f"data-{split}", "\n".join(batch)))
-    except Exception as e:  # no data downloaded yet, or no dataset module: the fixed texts still say a lot
+    except Exception as e:  # no data downloaded yet: the fixed texts still say a lot
         print(f"Note: skipping the train/val data texts ({type(e).__name__}: {e})")
     return texts
 
@@ -182,10 +183,6 @@ def main(argv=None):
     for note in notes:
         print(note)
 
-    try:
-        from nanochat.report import get_report
-    except ImportError:
-        return results
     get_report().log(section="Tokenizer evaluation", data=[
         {f"vocab size {n}": v for n, v in vocab_sizes.items()},
         "Compression (bytes per token, higher is better):\n\n" + markdown_table(texts, results) + "\n\n",

@@ -13,6 +13,8 @@ import time
 
 from nanochat.common import get_base_dir
 from nanochat.tokenizer import RustBPETokenizer, save_token_bytes
+from nanochat.dataset import parquets_iter_batched
+from nanochat.report import get_report
 
 # numbers, contractions, symbols, whitespace, CJK, Korean, emoji, code: each exercises a different regex branch
 ROUND_TRIP_TEXT = """Hello world! This is a test.
@@ -97,10 +99,6 @@ def train_and_save(batches, vocab_size, max_chars, doc_cap, tokenizer_dir):
 
 
 def log_report(args, results):
-    try:
-        from nanochat.report import get_report
-    except ImportError:
-        return  # the report module is optional
     get_report().log(section="Tokenizer training", data=[
         vars(args),
         {k: v for k, v in results.items() if k != "tokenizer"},
@@ -123,7 +121,6 @@ def main(argv=None, batches=None):
         print(f"{name}: {value:,}" if isinstance(value, int) else f"{name}: {value}")
 
     if batches is None:  # tests inject batches; normally we read the train split
-        from nanochat.dataset import parquets_iter_batched
         batches = parquets_iter_batched("train", data_dir=args.data_dir)
     tokenizer_dir = os.path.join(get_base_dir(), "tokenizer")
     results = train_and_save(batches, args.vocab_size, args.max_chars, args.doc_cap, tokenizer_dir)

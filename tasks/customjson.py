@@ -8,6 +8,7 @@ is loaded, so no training run silently uses broken data.
 
 import os
 
+from nanochat.chat_format import load_conversations_jsonl
 from tasks.common import Task
 
 
@@ -15,7 +16,6 @@ class CustomJSON(Task):
 
     def __init__(self, filepath, **kwargs):
         super().__init__(**kwargs)
-        from nanochat.chat_format import load_conversations_jsonl
         self.filepath = filepath
         if not os.path.exists(filepath):
             hint = ""

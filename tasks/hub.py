@@ -36,7 +36,7 @@ from filelock import FileLock
 
 from nanochat.common import get_base_dir
 from nanochat.fileio import atomic_write_text
-from nanochat.download import DEFAULT_HF_ENDPOINT, hf_endpoint
+from nanochat.download import DEFAULT_HF_ENDPOINT, download_file, hf_endpoint
 
 DATA_EXTENSIONS = ("parquet", "jsonl", "json")
 
@@ -222,7 +222,6 @@ def _cached_files(cache_dir):
 
 def download_hub_split(repo_id, config, split):
     """Download (once) a split's parquet export into the task_data cache; returns the local file paths."""
-    from nanochat.download import download_file
     cache_dir = cache_dir_for(repo_id, config, split)
     files = _cached_files(cache_dir)
     if files is not None:

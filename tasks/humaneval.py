@@ -6,6 +6,7 @@ Local data: NANOCHAT_TASK_DATA_HUMANEVAL or data_path= (e.g. HumanEval.jsonl).
 
 import re
 
+from nanochat.execution import execute_code
 from tasks.common import Task
 from tasks.hub import load_task_rows
 
@@ -56,7 +57,6 @@ class HumanEval(Task):
 
     def evaluate(self, conversation, completion):
         """True if the completion's program passes the problem's tests."""
-        from nanochat.execution import execute_code
         # the completion usually holds the whole function but may miss the prompt's imports, so add them
         imports = extract_imports(conversation["messages"][0]["content"])
         program = (imports + "\n\n" + extract_program(completion) + "\n\n" + conversation["test"] + "\n"

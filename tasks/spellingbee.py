@@ -22,6 +22,8 @@ import random
 import string
 
 from nanochat.common import get_base_dir
+from nanochat.dataset import parquets_iter_batched
+from nanochat.download import download_file
 from nanochat.fileio import atomic_write_text
 from tasks.common import GeneratedTask
 
@@ -115,7 +117,6 @@ def _offline_words(base_dir):
     data_dir = os.path.join(base_dir, "base_data_offline")
     if not os.path.isdir(data_dir):
         return None
-    from nanochat.dataset import parquets_iter_batched
     print(f"SpellingBee: word list unavailable, using the words of the offline corpus in {data_dir}")
     words = set()
     for split in ("train", "val"):
@@ -149,7 +150,6 @@ def _find_word_list(words_file):
     download_error = None
     if not os.path.exists(path):
         try:
-            from nanochat.download import download_file
             url = os.environ.get("NANOCHAT_WORDS_URL", WORD_LIST_URL)
             download_file(url, path, desc="words_alpha.txt", retries=2, timeout=10)
         except Exception as e:  # offline: fall back to the local corpus below

@@ -12,6 +12,7 @@ import torch
 import yaml
 
 from nanochat import core_eval as ce
+from nanochat import download
 from nanochat.gpt import GPT
 from tests import test_engine as engine_tests
 
@@ -350,7 +351,6 @@ def test_existing_bundle_in_base_dir_is_used_without_download(tmp_path, monkeypa
 
 
 def test_eval_bundle_download_and_unzip(tmp_path, monkeypatch, _isolated_base_dir):
-    pytest.importorskip("nanochat.download")
     import io
     import threading
     import zipfile
@@ -388,12 +388,11 @@ def test_eval_bundle_download_and_unzip(tmp_path, monkeypatch, _isolated_base_di
 
 
 def test_eval_bundle_unreachable_says_what_to_do(monkeypatch):
-    download = pytest.importorskip("nanochat.download")
 
     def refuse(*args, **kwargs):
         raise download.DownloadError("connection refused")
 
-    monkeypatch.setattr(download, "download_file", refuse)
+    monkeypatch.setattr(ce, "download_file", refuse)
     with pytest.raises(RuntimeError, match="NANOCHAT_EVAL_BUNDLE_URL"):
         ce.ensure_eval_bundle()
 

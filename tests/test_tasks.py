@@ -209,7 +209,6 @@ def test_humaneval_program_extraction_and_grading(tmp_path):
     assert conv["messages"][1]["content"] == prompt + "\n" + row["canonical_solution"]
     assert conv["entry_point"] == "add"
     assert HumanEval(data_path=str(tmp_path))[0] == conv  # folder with HumanEval.jsonl
-    pytest.importorskip("nanochat.execution")
     assert task.evaluate(conv, completion) is True
     assert task.evaluate(conv, "```python\ndef add(a, b):\n    return a - b\n```") is False
 
@@ -266,7 +265,6 @@ def test_simple_spelling(tmp_path, monkeypatch):
 
 
 def test_spellingbee_offline_corpus_words(_isolated_base_dir, monkeypatch):
-    pytest.importorskip("nanochat.dataset")
     from tasks.spellingbee import SpellingBee
     monkeypatch.setenv("NANOCHAT_WORDS_URL", "http://127.0.0.1:9/words_alpha.txt")
     monkeypatch.setenv("NANOCHAT_DOWNLOAD_BACKOFF", "0")
@@ -284,7 +282,6 @@ def test_spellingbee_offline_corpus_words(_isolated_base_dir, monkeypatch):
 # CustomJSON
 
 def test_customjson_both_line_shapes(tmp_path):
-    pytest.importorskip("nanochat.chat_format")
     from tasks.customjson import CustomJSON
     conv = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
     path = tmp_path / "mine.jsonl"
@@ -344,7 +341,6 @@ def parquet_bytes(rows, tmp_path, name):
 
 
 def test_hub_parquet_export_download_and_cache(tmp_path, monkeypatch, _isolated_base_dir):
-    pytest.importorskip("nanochat.download")
     from tasks.mmlu import MMLU
     rows = [{"question": f"q{i}", "subject": "virology", "choices": ["a", "b", "c", "d"], "answer": i % 4} for i in range(7)]
     hub = FakeHub({})
@@ -369,7 +365,6 @@ def test_hub_parquet_export_download_and_cache(tmp_path, monkeypatch, _isolated_
 
 
 def test_hub_falls_back_to_the_refs_convert_parquet_tree(tmp_path, monkeypatch, _isolated_base_dir):
-    pytest.importorskip("nanochat.download")
     from tasks.gsm8k import GSM8K
     rows = [{"question": f"q{i}", "answer": f"#### {i}"} for i in range(5)]
     hub = FakeHub({
@@ -388,7 +383,6 @@ def test_hub_falls_back_to_the_refs_convert_parquet_tree(tmp_path, monkeypatch, 
 
 
 def test_spellingbee_downloads_the_word_list_once(monkeypatch, _isolated_base_dir):
-    pytest.importorskip("nanochat.download")
     from tasks.spellingbee import SpellingBee, SimpleSpelling
     hub = FakeHub({"/words_alpha.txt": "\r\n".join(WORDS).encode() + b"\r\n"})
     monkeypatch.setenv("NANOCHAT_WORDS_URL", f"{hub.url}/words_alpha.txt")
