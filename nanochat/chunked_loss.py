@@ -2,27 +2,24 @@
 The training loss over the lm_head on CPU, a few hundred rows at a time: logits = softcap * tanh(x W^T / softcap),
 cross-entropy against the targets (ignore_index -1), without ever holding the (tokens x vocab) logits.
 
-Why: at the CPU-demo shape (d6, 16K tokens per micro-batch, vocab 8192) the logits are 512 MB, and the passes over
-them -- softcap, log-softmax, their backward, plus fresh 512 MB allocations -- took 1.7 s of a 17 s step in
-inductor's fused kernels, bound by memory traffic. Here each chunk of rows (16 MB) is computed, turned into its
-loss *and* its gradient while it sits in cache, and pushed through the two backward matmuls at once; backward only
-scales the stored gradients (the trick of Liger-kernel's Triton fused linear cross-entropy, which has no CPU
-path). Same math and the same matmul FLOPs. Measured on a 2-core EPYC (2 threads): the
-loss's forward + backward 4.2 s -> 2.6 s; the whole compiled d6 step 17-19 s -> 13-17 s in separate runs (this
-machine drifts +-15 %); peak memory 5.1 -> 3.8 GB.
+Why: at the CPU-demo shape the logits are hundreds of MB, and the passes over them (softcap, log-softmax, their
+backward, fresh allocations) are bound by memory traffic. Here each chunk of rows is computed, turned into its loss
+*and* its gradient while it sits in cache, and pushed through the two backward matmuls at once; backward only
+scales the stored gradients (the trick of Liger-kernel's Triton fused linear cross-entropy, which has no CPU path).
+Same math and the same matmul FLOPs; less time and peak memory per step (dev/PERF.md, "CPU training loss").
 
 The gradients are computed in the forward pass, so this is only used when a backward is expected to follow with
 a uniform upstream gradient: reductions "mean" and "sum" (chat_sft sums token losses). With reduction "none" and
 autograd on, GPT.forward keeps the full-logits path; without autograd every reduction is chunked (val bpb).
 
 COMPILE_ELEMENTWISE (set by base_train / chat_sft when they torch.compile the model): fuse each chunk's
-elementwise work (tanh, log-sum-exp, softmax gradient) into one inductor kernel per chunk shape, 2.6 s vs 3.3 s
-eager at the shape above. Off by default: every new chunk shape costs a few seconds of compilation.
+elementwise work (tanh, log-sum-exp, softmax gradient) into one inductor kernel per chunk shape, faster than
+eager. Off by default: every new chunk shape costs a few seconds of compilation.
 """
 
 import torch
 
-CHUNK_ROWS = 512  # 16 MB of fp32 logits at vocab 8192: measured best of 128-4096 rows on a 2-core EPYC
+CHUNK_ROWS = 512  # 16 MB of fp32 logits at vocab 8192: a chunk stays in cache (the best size measured, dev/PERF.md)
 COMPILE_ELEMENTWISE = False
 
 

@@ -38,8 +38,8 @@ _DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.
 
 
 def cpu_has_fast_bf16():
-    """bf16 matmuls only pay off on CPUs with native bf16 dot products (AVX512-BF16 / AMX);
-    elsewhere they are emulated and ~100x slower than fp32 (measured on an AVX2 EPYC: 0.8 vs 81 GFLOP/s)."""
+    """bf16 matmuls only pay off on CPUs with native bf16 dot products (AVX512-BF16 / AMX); elsewhere they are
+    emulated, far slower than fp32 (dev/PERF.md, "bf16 on CPU")."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -95,8 +95,8 @@ def print0(*args, **kwargs):
 
 def warn_if_cpu_is_busy(what="each step"):
     """OpenMP threads wait for each other at every op; when other processes hold the cores, one thread gets
-    descheduled and the rest wait (measured on a 2-core box at load ~4: a d4 train step 8.7 s with 2 threads vs
-    2.1 s with 1; CORE on d6 hellaswag 2.9 s/item vs 0.2 s). Call it for CPU runs only."""
+    descheduled and the rest wait: several times slower steps (dev/PERF.md, "Busy machines"). Call it for CPU
+    runs only."""
     threads, cores = torch.get_num_threads(), os.cpu_count() or 1
     try:
         load = os.getloadavg()[0]

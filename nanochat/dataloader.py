@@ -191,8 +191,8 @@ def tokenizing_distributed_data_loader_with_state_bos_bestfit(
     on_device = staging if device.type == "cpu" else [torch.empty(2 * B * T, dtype=torch.long, device=device)
                                                       for _ in range(2)]
     copied = [torch.cuda.Event() for _ in range(2)] if use_cuda else None
-    # numpy views of the staging buffers: np.copyto of the shifted rows is ~1000x faster than torch's strided
-    # copy_ here (measured 0.07 ms vs 55 ms for 32x2048 on a CPU box)
+    # numpy views of the staging buffers: np.copyto of the shifted rows is orders of magnitude faster than
+    # torch's strided copy_ here (dev/PERF.md, "Data loading")
     staged = [(s.numpy()[:B * T].reshape(B, T), s.numpy()[B * T:].reshape(B, T)) for s in staging]
     step = 0
     while True:

@@ -23,8 +23,9 @@ AdamW: decoupled weight decay, lerp-form moments, bias correction, math in fp32.
 
 Hyperparameters reach the kernels as 0-D CPU tensors, so schedules that change group["lr"],
 group["momentum"] or group["weight_decay"] between steps never trigger a recompile. The kernels are
-compiled with torch.compile on CUDA only. On CPU, compiling costs 20-45 s per graph and made Muon no
-faster (its matmuls dominate), so Muon runs eager and AdamW uses torch's fused CPU AdamW kernel.
+compiled with torch.compile on CUDA only. On CPU, compiling costs tens of seconds per graph and made Muon no
+faster (its matmuls dominate), so Muon runs eager and AdamW uses torch's fused CPU AdamW kernel
+(dev/PERF.md, "Optimizer").
 """
 
 import torch
@@ -77,8 +78,8 @@ def polar_express(X: Tensor, ns_steps: int = 5) -> Tensor:
     shape = X.shape
     X = X.reshape(-1, shape[-2], shape[-1])
     for a, b, c in POLAR_EXPRESS_COEFFS[:ns_steps]:
-        # X <- aX + (bA + cA^2) X, A = X X^T. baddbmm folds each scale-and-add into its matmul: 10-30 % less
-        # time than separate ops on CPU (fewer passes over the matrices)
+        # X <- aX + (bA + cA^2) X, A = X X^T. baddbmm folds each scale-and-add into its matmul: one pass over
+        # the matrices less than separate ops
         A = torch.bmm(X, X.mT)
         B = torch.baddbmm(A, A, A, beta=b, alpha=c)
         X = torch.baddbmm(X, B, X, beta=a)
@@ -126,9 +127,8 @@ _fused_adamw_cpu = getattr(torch, "_fused_adamw_", None)
 def _adamw_cpu_fused(p: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: int,
                      lr: float, beta1: float, beta2: float, eps: float, wd: float) -> bool:
     """torch's own single-pass CPU AdamW kernel (the one behind torch.optim.AdamW(fused=True)): the same
-    math as adamw_update (up to float rounding order), ~10x faster than eager ops on a large table (measured 8 ms vs
-    70-90 ms for 2M elements on 2 cores). Only for fp32 contiguous CPU tensors; returns False when it
-    can't run, so the caller falls back to the eager kernel."""
+    math as adamw_update (up to float rounding order) in one pass instead of a dozen eager ops. Only for fp32
+    contiguous CPU tensors; returns False when it can't run, so the caller falls back to the eager kernel."""
     tensors = (p, grad, exp_avg, exp_avg_sq)
     if _fused_adamw_cpu is None or any(t.dtype != torch.float32 or not t.is_contiguous() for t in tensors):
         return False
