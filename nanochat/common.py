@@ -88,8 +88,13 @@ def embedding_table_dtype(device):
 # -----------------------------------------------------------------------------
 # Printing and devices
 
+def is_rank0():
+    """True in a single process and on torchrun's rank 0: the process that prints, logs and writes reports."""
+    return int(os.environ.get("RANK", 0)) == 0
+
+
 def print0(*args, **kwargs):
-    if int(os.environ.get("RANK", 0)) == 0:
+    if is_rank0():
         print(*args, **kwargs)
 
 

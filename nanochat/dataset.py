@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 import requests
 from tqdm import tqdm
 
-from nanochat.common import get_base_dir
+from nanochat.common import get_base_dir, is_rank0
 from nanochat.download import download_file, hf_dataset_url, hf_endpoint, DownloadError
 from nanochat.offline_corpus import build_offline_corpus, split_text
 
@@ -64,7 +64,7 @@ _notes_printed = set()
 
 
 def _note_once(message):
-    if message not in _notes_printed and int(os.environ.get("RANK", 0)) == 0:
+    if message not in _notes_printed and is_rank0():
         _notes_printed.add(message)
         print(message, flush=True)
 
