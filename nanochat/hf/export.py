@@ -111,7 +111,7 @@ def export_model(model, tokenizer, meta, out_dir, source, fmt="auto", dtype_name
         _write_json(os.path.join(staging, "config.json"), config)
         _write_json(os.path.join(staging, "generation_config.json"), {
             "bos_token_id": bos, "eos_token_id": stop_ids, "pad_token_id": bos,
-            "use_cache": fmt == "native", "max_length": model.config.sequence_len})
+            "use_cache": fmt == "native"})
         hf_tokenizer(enc).save(os.path.join(staging, "tokenizer.json"))
         _write_json(os.path.join(staging, "tokenizer_config.json"),
                     tokenizer_config(eos_token, model.config.sequence_len))

@@ -45,11 +45,15 @@ def apply_rotary(x, cos, sin):
     return torch.addcmul(x * cos, x.roll(x.size(-1) // 2, dims=-1), sin)
 
 
-def causal_window_mask(seq_len, window, device):
-    """(T, T) boolean, True = attend: query i sees keys j with i - window <= j <= i."""
+def attention_mask_4d(seq_len, window, real, device):
+    """Boolean (1 or B, 1, T, T), True = attend: query i sees keys j with i - window <= j <= i, and no padding
+    (real: (B, T) bool or None). A pad sees itself, so its softmax row is never empty (its output is unused)."""
     rows = torch.arange(seq_len, device=device)[:, None]
     cols = torch.arange(seq_len, device=device)[None, :]
-    return (cols <= rows) & (rows - cols <= window)
+    mask = ((cols <= rows) & (rows - cols <= window))[None, None]
+    if real is not None:
+        mask = (mask & real[:, None, None, :]) | (rows == cols)
+    return mask
 
 
 class CausalSelfAttention(nn.Module):
@@ -148,17 +152,19 @@ class NanochatGPTForCausalLM(PreTrainedModel, GenerationMixin):
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, labels=None, use_cache=None,
                 logits_to_keep=0, return_dict=None, **kwargs):
         """Logits (B, T, vocab_size) in fp32; loss when labels are given (HF convention: labels are the input ids,
-        shifted here, -100 ignored). Right padding is fine (causal: real tokens never see it); left padding is not
-        supported (positions and the smear would shift)."""
-        _check_inputs(input_ids, attention_mask, use_cache, kwargs)
+        shifted here, -100 ignored). With padding (attention_mask 0, left or right) every real token gets the logits
+        it gets alone: pads are never attended to or smeared in, and positions count real tokens only."""
+        _check_inputs(input_ids, use_cache, kwargs)
         B, T = input_ids.shape
+        real = None if attention_mask is None or bool(attention_mask.all()) else attention_mask.to(torch.bool)
         if position_ids is None:
-            position_ids = torch.arange(T, device=input_ids.device)[None, :]
+            position_ids = (torch.arange(T, device=input_ids.device)[None, :] if real is None
+                            else (real.long().cumsum(-1) - 1).clamp(min=0))
         x = rms_norm(self.transformer.wte(input_ids))
-        x = self._smear(x)
+        x = self._smear(x, real)
         cos, sin = rotary_tables(position_ids, self.config.n_embd // self.config.n_head, self.config.rope_base,
                                  x.dtype)
-        masks = {w: causal_window_mask(T, w, x.device) for w in set(self.config.window_sizes)}
+        masks = {w: attention_mask_4d(T, w, real, x.device) for w in set(self.config.window_sizes)}
         x0, x_backout = x, None
         for i, block in enumerate(self.transformer.h):
             x = torch.addcmul(self.resid_lambdas[i] * x, self.x0_lambdas[i], x0)
@@ -180,23 +186,23 @@ class NanochatGPTForCausalLM(PreTrainedModel, GenerationMixin):
             return (logits,) if loss is None else (loss, logits)
         return CausalLMOutputWithPast(loss=loss, logits=logits)
 
-    def _smear(self, x):
-        # x[t] += smear_lambda * sigmoid(smear_gate(x[t][:channels])) * x[t-1]; the first token has no predecessor
+    def _smear(self, x, real):
+        # x[t] += smear_lambda * sigmoid(smear_gate(x[t][:channels])) * x[t-1]; the first token has no predecessor,
+        # nor has a token right after padding
         channels = self.smear_gate.in_features
         gate = self.smear_lambda * torch.sigmoid(self.smear_gate(x[:, 1:, :channels]))
+        if real is not None:
+            gate = gate * real[:, :-1, None]
         return torch.cat([x[:, :1], x[:, 1:] + gate * x[:, :-1]], dim=1)
 
 
-def _check_inputs(input_ids, attention_mask, use_cache, kwargs):
+def _check_inputs(input_ids, use_cache, kwargs):
     if input_ids is None:
         raise ValueError("NanochatGPTForCausalLM needs input_ids (inputs_embeds is not supported: value embeddings "
                          "are looked up from the token ids)")
     if use_cache or kwargs.get("past_key_values") is not None or kwargs.get("cache") is not None:
         raise ValueError("NanochatGPTForCausalLM has no KV cache: call it (and generate) with use_cache=False, "
                          "the default in its config")
-    if attention_mask is not None and bool((attention_mask[:, 1:] > attention_mask[:, :-1]).any()):
-        raise ValueError("left padding is not supported by NanochatGPTForCausalLM: pad on the right "
-                         "(tokenizer.padding_side = 'right') or run one sequence per call")
 
 
 def _shifted_loss(logits, labels, num_items_in_batch):
