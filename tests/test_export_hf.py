@@ -7,6 +7,7 @@ render_conversation; what does not map is refused by name; load_model reads the 
 """
 import hashlib
 import http.server
+import io
 import json
 import os
 import random
@@ -23,10 +24,10 @@ from nanochat.gpt import GPT, GPTConfig
 from nanochat.hf.export import export_model
 from nanochat.hf.native import UnmappableError
 from nanochat.tokenizer import RustBPETokenizer
-from scripts import export_hf
+from scripts import chat_cli, export_hf
 
 # 4 layers: value embeddings on 1 and 3, backout after 2; "SL" with a 4-token short window, sequences of 24 tokens;
-# 4 query heads on 2 kv heads; the 300-token vocab is padded to 320
+# 4 query heads on 2 kv heads; the 400-token vocab is padded to 448
 FULL_CONFIG = dict(sequence_len=32, n_layer=4, n_head=4, n_kv_head=2, n_embd=64, window_pattern="SL", short_window=4)
 NATIVE_CONFIG = dict(sequence_len=32, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, window_pattern="L")
 TRICKY_TEXTS = ["Hello world!", "I'm here, you're there, we'll see. DON'T", "12345678901 a1b22c333",
@@ -35,12 +36,22 @@ TRICKY_TEXTS = ["Hello world!", "I'm here, you're there, we'll see. DON'T", "123
                 "?!?!... ---", "a" * 60, ""]
 
 
+# Runs of letters from a small alphabet: pieces are long and rarely whole tokens, so they encode through many
+# competing merges, whose order must be tiktoken's (words alone would mostly be single tokens)
+MERGE_ALPHABET = "abcdé日1 "
+
+
+def merge_heavy_text(rng, length):
+    return "".join(rng.choice(MERGE_ALPHABET) for _ in range(length))
+
+
 @pytest.fixture(scope="module")
 def tokenizer():
     rng = random.Random(0)
     words = ["hello", "world", "the", "don't", "1234567", " ", "\n\n", "naïve", "日本語", "🙂", "x=y+1;", "sky"]
-    docs = [" ".join(rng.choice(words) for _ in range(50)) for _ in range(200)]
-    return RustBPETokenizer.train_from_iterator(iter(docs), 300)
+    docs = [" ".join(rng.choice(words) for _ in range(50)) for _ in range(100)]
+    docs += [merge_heavy_text(rng, 300) for _ in range(100)]
+    return RustBPETokenizer.train_from_iterator(iter(docs), 400)
 
 
 def random_gpt(tokenizer, seed, **config):
@@ -126,8 +137,43 @@ def test_full_feature_model_generates_our_tokens(full_export, hf_full, hf_tokeni
     assert out[0, len(prompt):].tolist() == ours
 
 
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_batch_gives_each_sequence_its_own_logits(full_export, hf_full, hf_tokenizer, tokenizer, side):
+    model, _ = full_export
+    texts = ["hello sky world", "abcdé日1 the naïve 🙂 sky x=y+1; don't"]  # 4 and 24 tokens with <|bos|>
+    hf_tokenizer.padding_side = side
+    batch = hf_tokenizer(texts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        logits = hf_full(**batch).logits
+        for row, text in enumerate(texts):
+            ids = tokenizer.encode(text, prepend="<|bos|>")
+            real = batch["attention_mask"][row].bool()
+            torch.testing.assert_close(logits[row, real], model(torch.tensor([ids]))[0], atol=1e-4, rtol=0)
+    if side == "left":  # batched generation, the way transformers does it
+        out = hf_full.generate(**batch, max_new_tokens=5, do_sample=False, eos_token_id=None)
+        for row, text in enumerate(texts):
+            ours = list(model.generate(tokenizer.encode(text, prepend="<|bos|>"), max_tokens=5, temperature=0))
+            assert out[row, batch["input_ids"].shape[1]:].tolist() == ours
+
+
+def test_exported_model_fine_tunes_with_transformers(full_export, tokenizer):
+    hf = AutoModelForCausalLM.from_pretrained(full_export[1], trust_remote_code=True, dtype=torch.float32).train()
+    optimizer = torch.optim.AdamW(hf.parameters(), lr=3e-3)
+    ids = batch_ids(tokenizer, 24, seed=3)
+    losses = []
+    for _ in range(5):
+        loss = hf(input_ids=ids, labels=ids).loss
+        optimizer.zero_grad()
+        loss.backward()
+        assert all(p.grad is not None for p in hf.parameters())  # every nanochat feature takes part in training
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
 def test_tokenizer_gives_our_ids(hf_tokenizer, tokenizer):
-    for text in TRICKY_TEXTS:
+    rng = random.Random(1)
+    for text in TRICKY_TEXTS + [merge_heavy_text(rng, rng.randint(1, 80)) for _ in range(200)]:
         assert hf_tokenizer(text, add_special_tokens=False)["input_ids"] == tokenizer.encode(text), text
         assert hf_tokenizer(text)["input_ids"] == tokenizer.encode(text, prepend="<|bos|>"), text
         ids = tokenizer.encode(text)
@@ -247,6 +293,15 @@ def test_load_model_from_a_hub_repo_id(full_export, tokenizer, monkeypatch):
     ids = batch_ids(tokenizer, 24, seed=2)
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids), model(ids), atol=1e-6, rtol=0)
+
+
+def test_chat_cli_talks_to_an_exported_folder(full_export, tokenizer):
+    model, out = full_export
+    prompt = tokenizer.render_for_completion([{"role": "user", "content": "hello sky"}])
+    answer = list(model.generate(prompt, max_tokens=6, temperature=0))
+    printed = io.StringIO()
+    chat_cli.main(["--device-type", "cpu", "-i", out, "-p", "hello sky", "-t", "0", "-m", "6"], out=printed)
+    assert tokenizer.decode(answer) in printed.getvalue()
 
 
 def test_model_card_front_matter(full_export):
