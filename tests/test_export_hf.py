@@ -16,6 +16,7 @@ from dataclasses import asdict
 
 import pytest
 import torch
+from huggingface_hub import ModelCard
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from nanochat import gpt
@@ -23,6 +24,7 @@ from nanochat.checkpoint_manager import load_model, save_checkpoint
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.hf.export import export_model
 from nanochat.hf.native import UnmappableError
+from nanochat.report import Report
 from nanochat.tokenizer import RustBPETokenizer
 from scripts import chat_cli, export_hf
 
@@ -88,6 +90,7 @@ def full_export(tmp_path_factory, tokenizer):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("NANOCHAT_BASE_DIR", str(base))
         save_run(str(base), model, tokenizer)
+        Report(str(base / "report")).log(section="Chat evaluation sft", data=[{"ARC-Easy": 0.3125, "GSM8K": 0.05}])
         assert export_hf.main(["--source", "sft", "--out", out, "--max-shard-size", "60KB"]) == 0
     return model, out
 
@@ -305,10 +308,11 @@ def test_chat_cli_talks_to_an_exported_folder(full_export, tokenizer):
 
 
 def test_model_card_front_matter(full_export):
-    card = open(os.path.join(full_export[1], "README.md")).read()
-    front = card.split("---")[1]
-    for line in ["license: mit", "library_name: transformers", "pipeline_tag: text-generation"]:
-        assert line in front
+    card = ModelCard.load(os.path.join(full_export[1], "README.md"))
+    data = card.data.to_dict()
+    assert (data["license"], data["library_name"], data["pipeline_tag"]) == ("mit", "transformers", "text-generation")
+    metrics = {r.metric_name: r.metric_value for r in card.data.eval_results}
+    assert metrics == {"ARC-Easy": 0.3125, "GSM8K": 0.05}  # the report's SFT column
 
 
 # -----------------------------------------------------------------------------

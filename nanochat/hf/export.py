@@ -34,6 +34,8 @@ from nanochat.hf.tokenizer import hf_tokenizer, tokenizer_config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REMOTE_CODE_FILES = ("configuration_nanochat_gpt.py", "modeling_nanochat_gpt.py")
+# the report's summary rows that are not accuracies (model-index metric types)
+METRIC_TYPES = {"val bpb": "bpb", "CORE": "core", "ChatCORE": "chatcore"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -151,7 +153,8 @@ def model_card(model, source, meta, fmt, license, base_model, metrics, repo_id=N
         license=license, library_name="transformers", pipeline_tag="text-generation", base_model=base_model,
         tags=["nanochat"], model_name=name,
         eval_results=[EvalResult(task_type="text-generation", dataset_type=metric, dataset_name=metric,
-                                 metric_type=metric, metric_name=metric, metric_value=value)
+                                 metric_type=METRIC_TYPES.get(metric, "accuracy"), metric_name=metric,
+                                 metric_value=value)
                       for metric, value in metrics.items()] or None)
     where = repo_id or "path/to/this/folder"
     remote = ", trust_remote_code=True" if fmt == "ours" else ""

@@ -138,7 +138,7 @@ def tokenizer_config(eos_token, model_max_length):
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": BOS,
         "eos_token": eos_token,
-        "pad_token": BOS,  # no pad token of our own; <|bos|> never needs a gradient from a padded position
+        "pad_token": BOS,  # no pad token of our own: nanochat pads with <|bos|> too (CORE batches, SFT rows)
         "model_max_length": model_max_length,
         "clean_up_tokenization_spaces": False,
         "chat_template": CHAT_TEMPLATE,
