@@ -2,7 +2,8 @@
 Export a checkpoint as a Hugging Face folder that `transformers` loads with our logits (and optionally push it).
 
     python -m scripts.export_hf --source sft --out exports/d20-sft
-    python -m scripts.export_hf --source base --model-tag d12 --step 2000 --out exports/d12 --push-to hf://me/nanochat-d12
+    python -m scripts.export_hf --source base --model-tag d12 --step 2000 --out exports/d12 \
+        --push-to hf://me/nanochat-d12
 
 Then, anywhere:
     AutoTokenizer.from_pretrained(DIR); AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)
@@ -75,8 +76,8 @@ def main(argv=None):
     except (FileNotFoundError, FileExistsError, ValueError) as e:  # UnmappableError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"Exported {args.source} step {meta.get('step')} as {'native nanochat' if fmt == 'native' else 'our modeling code'}"
-          f" to {args.out} in {time.time() - t0:.1f}s")
+    kind = "transformers' native nanochat type" if fmt == "native" else "our modeling code"
+    print(f"Exported {args.source} step {meta.get('step')} as {kind} to {args.out} in {time.time() - t0:.1f}s")
     if repo_id:
         push_folder(args.out, repo_id)
         print(f"Pushed to {repo_id}")

@@ -33,7 +33,7 @@ from scripts import chat_cli, export_hf
 FULL_CONFIG = dict(sequence_len=32, n_layer=4, n_head=4, n_kv_head=2, n_embd=64, window_pattern="SL", short_window=4)
 NATIVE_CONFIG = dict(sequence_len=32, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, window_pattern="L")
 TRICKY_TEXTS = ["Hello world!", "I'm here, you're there, we'll see. DON'T", "12345678901 a1b22c333",
-                "   leading and trailing   ", "tabs\t\tand\r\nCRLF\n\n\n", "emoji 🙂👍🏽 and 日本語テキスト",
+                "   leading and trailing   ", "tabs\t\tand\r\nCRLF\n\n\n", "emoji 🙂👍🏽 日本語テキスト",
                 "naïve café über", "x = [1, 2, 3]; y = {'a': 1}", "\u00a0nbsp\u2003em\u200bzw", "'s's'S'll've're",
                 "?!?!... ---", "a" * 60, ""]
 

@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 
 from nanochat.download import hf_endpoint
 from nanochat.fileio import atomic_write_text, temp_path_for
-from nanochat.gpt import SOFTCAP, SMEAR_GATE_CHANNELS, VE_GATE_CHANNELS
+from nanochat.gpt import SOFTCAP
 from nanochat.hf import ARCHITECTURE, META_FILENAME, MODEL_TYPE, native
 from nanochat.hf.tokenizer import hf_tokenizer, tokenizer_config
 
@@ -42,6 +42,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def ours_config(model, bos_token_id, eos_token_id, dtype_name):
     """config.json for our modeling code: GPTConfig verbatim plus the layout the GPT derived from it."""
     config = model.config
+    ve_gates = [block.attn.ve_gate for block in model.transformer.h if block.attn.ve_gate is not None]
     return {
         "model_type": MODEL_TYPE,
         "architectures": [ARCHITECTURE],
@@ -54,8 +55,8 @@ def ours_config(model, bos_token_id, eos_token_id, dtype_name):
         "backout_layer": model.backout_layer,
         "qk_scale": native.qk_scale(model),
         "logit_softcap": SOFTCAP,
-        "smear_gate_channels": SMEAR_GATE_CHANNELS,
-        "ve_gate_channels": VE_GATE_CHANNELS,
+        "smear_gate_channels": model.smear_gate.in_features,
+        "ve_gate_channels": ve_gates[0].in_features if ve_gates else 12,
         "tie_word_embeddings": False,
         "use_cache": False,
         "bos_token_id": bos_token_id,
@@ -162,8 +163,9 @@ def model_card(model, source, meta, fmt, license, base_model, metrics, repo_id=N
         prompt = 'inputs = tokenizer("The capital of France is", return_tensors="pt")  # starts with <|bos|>'
         decode = "print(tokenizer.decode(out[0]))"
     else:
-        prompt = ('inputs = tokenizer.apply_chat_template([{"role": "user", "content": "Why is the sky blue?"}],\n'
-                  '                                       add_generation_prompt=True, return_tensors="pt", return_dict=True)')
+        prompt = ('messages = [{"role": "user", "content": "Why is the sky blue?"}]\n'
+                  'inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",\n'
+                  '                                       return_dict=True)')
         decode = 'print(tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))'
     loads_as = ("transformers' native `nanochat` model type" if fmt == "native" else
                 "nanochat's own modeling code (shipped in this folder, so `trust_remote_code=True`); it has no KV "
