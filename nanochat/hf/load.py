@@ -37,7 +37,7 @@ def resolve_folder(source):
         return source
     repo_id = source.removeprefix("hf://")
     if not REPO_ID.fullmatch(repo_id):
-        raise ValueError(f"Unknown model source {source!r}: expected base|mid|sft|rl|dpo, an exported folder, "
+        raise ValueError(f"Unknown checkpoint source {source!r}: expected base|mid|sft|rl|dpo, an exported folder, "
                          f"or a hub repo id like org/name")
     try:
         return huggingface_hub.snapshot_download(repo_id, endpoint=hf_endpoint(), allow_patterns=HUB_FILES)
