@@ -275,5 +275,26 @@ def load_model_from_dir(checkpoints_dir, device, phase, model_tag=None, step=Non
 
 def load_model(source, *args, **kwargs):
     """load_model(source, device, phase, model_tag=None, step=None) -> (model, tokenizer, meta).
-    source: base | mid | sft | rl | dpo."""
-    return load_model_from_dir(checkpoints_root(source), *args, **kwargs)
+    source: base | mid | sft | rl | dpo, or a Hugging Face folder written by scripts.export_hf, or a hub repo id
+    (org/name or hf://org/name) holding one."""
+    if source in CHECKPOINT_DIRS:
+        return load_model_from_dir(checkpoints_root(source), *args, **kwargs)
+    return load_exported_model(source, *args, **kwargs)
+
+
+def load_exported_model(source, device, phase, model_tag=None, step=None):
+    """An exported folder / hub repo as (model, tokenizer, meta): the tokenizer is the folder's own."""
+    from nanochat.hf import load as hf_load  # like GPT in this file: importing it stays cheap for checkpoint tools
+    if model_tag is not None or step is not None:
+        raise ValueError(f"{source} holds one exported model: --model-tag / --step only pick checkpoints under "
+                         f"{get_base_dir()}")
+    if phase not in ("train", "eval"):
+        raise ValueError(f"phase must be 'train' or 'eval', got {phase!r}")
+    folder = hf_load.resolve_folder(source)
+    log0(f"Loading exported model from {folder}")
+    model_data, meta_data, tokenizer = hf_load.read_folder(folder)
+    model = build_model_from_data(model_data, meta_data, device)
+    hf_load.check_built_model(model, meta_data["hf_config"])
+    model.train(phase == "train")
+    check_vocab_compatible(tokenizer, meta_data["model_config"]["vocab_size"], folder)
+    return model, tokenizer, meta_data

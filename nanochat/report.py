@@ -295,6 +295,14 @@ def _plot_bars(table, path):
     plt.close(fig)
 
 
+def _section_order(sections):
+    """Pipeline order, then anything else in the order it was logged."""
+    known = [s for s in SECTION_ORDER if s in sections]
+    others = sorted((s for s in sections if s not in SECTION_ORDER),
+                    key=lambda s: (sections[s][1] or datetime.datetime.max, s))
+    return known + others
+
+
 # -----------------------------------------------------------------------------
 
 class Report:
@@ -406,15 +414,18 @@ class Report:
         ordered = [m for m, _, _ in SUMMARY_METRICS if m in table]
         return {m: table[m] for m in ordered}
 
+    def stage_metrics(self, stage):
+        """{metric: value} of one column of the summary table (BASE, MID, SFT, RL, DPO), e.g. for a model card."""
+        sections = self._read_sections()
+        table = self.summary_table(sections, _section_order(sections))
+        return {metric: row[stage] for metric, row in table.items() if stage in row}
+
     def generate(self, copy_to_cwd=True):
         """Assemble report.md in the report dir (and copy it to the current directory). Returns its path."""
         report_file = os.path.join(self.report_dir, "report.md")
         print(f"Generating report to {report_file}")
         sections = self._read_sections()
-        known = [s for s in SECTION_ORDER if s in sections]
-        others = sorted((s for s in sections if s not in SECTION_ORDER),
-                        key=lambda s: (sections[s][1] or datetime.datetime.max, s))
-        order = known + others
+        order = _section_order(sections)
         plots_dir = os.path.join(self.report_dir, PLOTS_DIR)
         os.makedirs(plots_dir, exist_ok=True)
 

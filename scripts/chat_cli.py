@@ -26,8 +26,9 @@ from nanochat.engine import Engine, fit_conversation_to_context
 def build_parser():
     parser = argparse.ArgumentParser(description="Chat with a nanochat model",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("-i", "--source", type=str, default="sft", choices=["base", "mid", "sft", "rl", "dpo"],
-                        help="which checkpoints to load")
+    parser.add_argument("-i", "--source", type=str, default="sft",
+                        help="which checkpoints to load: base|mid|sft|rl|dpo, or a folder written by "
+                             "scripts.export_hf, or a hub repo id (org/name)")
     parser.add_argument("-g", "--model-tag", type=str, default=None, help="model tag (default: the largest d<N>)")
     parser.add_argument("-s", "--step", type=int, default=None, help="step (default: the last one)")
     parser.add_argument("-p", "--prompt", type=str, default="", help="answer this one prompt and exit")

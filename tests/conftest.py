@@ -1,11 +1,18 @@
 """Tests are hermetic: every test gets its own NANOCHAT_BASE_DIR and a fixed fp32 compute dtype."""
+import atexit
 import os
+import shutil
+import tempfile
 
 # Must happen before nanochat.common is imported anywhere: COMPUTE_DTYPE is read once at import.
 os.environ.setdefault("NANOCHAT_DTYPE", "float32")
 # Tiny test models gain nothing from intra-op threads and lose a lot when cores are oversubscribed
 # (two gloo ranks, a sandbox child, the tokenizer pool): one thread per process.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# huggingface_hub / transformers caches (hub downloads, trust_remote_code modules) go to a temp dir, read at import
+_hf_home = tempfile.mkdtemp(prefix="nanochat-tests-hf-")
+os.environ["HF_HOME"] = _hf_home
+atexit.register(shutil.rmtree, _hf_home, True)
 
 import pytest
 import torch
