@@ -29,7 +29,6 @@ from nanochat.optim import MuonAdamW
 
 VE_GATE_CHANNELS = 12     # value-embedding gate reads the first 12 channels of the attention input
 SMEAR_GATE_CHANNELS = 24  # smear gate reads the first 24 channels of the embedding
-QK_SCALE = 1.2            # q and k are each multiplied by this after QK-norm ("sharper attention")
 SOFTCAP = 15.0
 
 
@@ -47,6 +46,9 @@ class GPTConfig:
     # Set explicitly to get a short window below 128 (tiny test models).
     short_window: int = 0
     rope_base: float = 100000.0
+    # q and k are each multiplied by this after QK-norm ("sharper attention"); 1.0 is nanochat's 2025
+    # architecture (and transformers' native nanochat type)
+    qk_scale: float = 1.2
 
 
 def norm(x):
@@ -106,8 +108,8 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.n_kv_head = config.n_kv_head
         self.head_dim = config.n_embd // config.n_head
-        # QK_SCALE on both q and k is folded into the softmax scale (one multiply instead of two tensors)
-        self.softmax_scale = QK_SCALE * QK_SCALE / math.sqrt(self.head_dim)
+        # qk_scale on both q and k is folded into the softmax scale (one multiply instead of two tensors)
+        self.softmax_scale = config.qk_scale ** 2 / math.sqrt(self.head_dim)
         self.c_q = Linear(config.n_embd, self.n_head * self.head_dim, bias=False)
         self.c_k = Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.c_v = Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)

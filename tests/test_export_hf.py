@@ -19,7 +19,6 @@ import torch
 from huggingface_hub import ModelCard
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from nanochat import gpt
 from nanochat.checkpoint_manager import load_model, save_checkpoint
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.hf.export import export_model
@@ -31,7 +30,7 @@ from scripts import chat_cli, export_hf
 # 4 layers: value embeddings on 1 and 3, backout after 2; "SL" with a 4-token short window, sequences of 24 tokens;
 # 4 query heads on 2 kv heads; the 400-token vocab is padded to 448
 FULL_CONFIG = dict(sequence_len=32, n_layer=4, n_head=4, n_kv_head=2, n_embd=64, window_pattern="SL", short_window=4)
-NATIVE_CONFIG = dict(sequence_len=32, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, window_pattern="L")
+NATIVE_CONFIG = dict(sequence_len=32, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, window_pattern="L", qk_scale=1.0)
 TRICKY_TEXTS = ["Hello world!", "I'm here, you're there, we'll see. DON'T", "12345678901 a1b22c333",
                 "   leading and trailing   ", "tabs\t\tand\r\nCRLF\n\n\n", "emoji 🙂👍🏽 日本語テキスト",
                 "naïve café über", "x = [1, 2, 3]; y = {'a': 1}", "\u00a0nbsp\u2003em\u200bzw", "'s's'S'll've're",
@@ -331,9 +330,6 @@ def neutral_for_native(model):
 
 
 def test_native_fit_loads_without_remote_code_and_back(tmp_path, tokenizer, monkeypatch):
-    # gpt.py applies a 1.2 QK scale to every model, which the native type lacks: a GPT built without it is the
-    # 2025 architecture exactly
-    monkeypatch.setattr(gpt, "QK_SCALE", 1.0)
     model = neutral_for_native(random_gpt(tokenizer, seed=2, **NATIVE_CONFIG))
     out = str(tmp_path / "native")
     assert export_model(model, tokenizer, {"step": 3}, out, "base") == "native"
@@ -346,14 +342,11 @@ def test_native_fit_loads_without_remote_code_and_back(tmp_path, tokenizer, monk
         torch.testing.assert_close(hf(input_ids=ids).logits, ours, atol=1e-4, rtol=0)
         loaded, _, _ = load_model(out, "cpu", "eval")
         torch.testing.assert_close(loaded(ids), ours, atol=1e-6, rtol=0)
-    # the GPT as gpt.py builds it (QK scale 1.2) cannot compute what the folder holds: refused, not approximated
-    monkeypatch.setattr(gpt, "QK_SCALE", 1.2)
-    with pytest.raises(UnmappableError, match="QK scale"):
-        load_model(out, "cpu", "eval")
+    assert loaded.config.qk_scale == 1.0  # the native type has no QK scale: imported as the 2025 architecture
 
 
 def test_qk_scale_alone_keeps_a_model_off_the_native_type(tmp_path, tokenizer):
-    model = neutral_for_native(random_gpt(tokenizer, seed=2, **NATIVE_CONFIG))
+    model = neutral_for_native(random_gpt(tokenizer, seed=2, **{**NATIVE_CONFIG, "qk_scale": 1.2}))
     with pytest.raises(UnmappableError) as refused:
         export_model(model, tokenizer, {}, str(tmp_path / "a"), "base", fmt="native")
     assert len(refused.value.problems) == 1 and "QK scale" in refused.value.problems[0]
@@ -372,7 +365,6 @@ def test_export_refuses_native_for_full_model_naming_what_does_not_map(_isolated
 
 
 def test_import_refuses_what_does_not_map(tmp_path, tokenizer, monkeypatch):
-    monkeypatch.setattr(gpt, "QK_SCALE", 1.0)
     out = str(tmp_path / "native")
     export_model(neutral_for_native(random_gpt(tokenizer, seed=2, **NATIVE_CONFIG)), tokenizer, {}, out, "base")
     from safetensors.torch import load_file, save_file

@@ -12,14 +12,13 @@ context length (sequence_len tokens), with every tensor it drops contributing ex
 - backout_lambda exactly 0;
 - every value-embedding table is zero on the rows a token can read (V gains 3*sigmoid(gate)*0; ve_gate unused);
 - every layer's window is >= sequence_len (an "L" layer: within the context, plain causal attention);
-- the attention scale is 1/sqrt(head_dim), i.e. no QK scale. nanochat/gpt.py applies QK_SCALE = 1.2 to every
-  model, so its checkpoints never fit today and export ships our modeling code instead; the check reads the
-  scale from the model, so this path is right the day a GPT can be built without it.
+- the attention scale is 1/sqrt(head_dim), i.e. GPTConfig.qk_scale == 1.0. Ours default to 1.2 (nanochat's
+  current recipe), so models trained here ship our modeling code; native folders (the 2025 architecture, e.g.
+  published nanochat models) import as GPTs with qk_scale 1.0.
 The rows of the padded vocab are never read (ids < vocab_size, logits cropped), so they are dropped; norms use
 the fp32 machine epsilon like ours. Anything else is refused with the list of what does not map.
 """
 
-import math
 
 import torch
 
@@ -64,13 +63,8 @@ def native_mismatches(model):
 
 
 def qk_scale(model):
-    """The factor the model applies to q and k after QK-norm, read back from its attention's softmax scale
-    (qk_scale^2 / sqrt(head_dim)) with float noise rounded off."""
-    head_dim = model.config.n_embd // model.config.n_head
-    scales = {round(math.sqrt(block.attn.softmax_scale * math.sqrt(head_dim)), 12) for block in model.transformer.h}
-    if len(scales) > 1:
-        raise UnmappableError("Layers use different QK scales", [str(sorted(scales))])
-    return scales.pop() if scales else 1.0
+    """The factor the model applies to q and k after QK-norm."""
+    return model.config.qk_scale
 
 
 def native_state_dict(model):
@@ -139,7 +133,8 @@ def from_native(config, state):
     model_config = {"sequence_len": config["max_position_embeddings"], "vocab_size": config["vocab_size"],
                     "n_layer": config["num_hidden_layers"], "n_head": config["num_attention_heads"],
                     "n_kv_head": config.get("num_key_value_heads") or config["num_attention_heads"],
-                    "n_embd": config["hidden_size"], "window_pattern": "L", "rope_base": _rope_theta(config)}
+                    "n_embd": config["hidden_size"], "window_pattern": "L", "rope_base": _rope_theta(config),
+                    "qk_scale": 1.0}
     state = dict(state)
     with torch.device("meta"):  # shapes only
         template = GPT(GPTConfig(**model_config)).state_dict()
