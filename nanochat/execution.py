@@ -23,8 +23,10 @@ What it is not: a hiding place. The code reads whatever files the calling user c
 must stay readable), and a kernel bug is a way out. README, "The code sandbox", says what each layer guarantees.
 """
 
+import functools
 import json
 import logging
+import marshal
 import os
 import shutil
 import signal
@@ -38,6 +40,10 @@ from typing import Optional
 DEFAULT_MAX_OUTPUT_BYTES = 1_000_000   # per stream; more than this kills the program
 DEFAULT_MAX_FILE_BYTES = 16 * 1024 * 1024  # RLIMIT_FSIZE inside the working directory
 CHILD_PROGRAM = os.path.join(os.path.dirname(os.path.abspath(__file__)), "execution_child.py")
+# The child interpreter runs this; it reads CHILD_PROGRAM's bytecode from stdin (length-prefixed, ahead of the user's
+# code), so that no call pays for compiling that program again.
+_BOOTSTRAP = ("import marshal, sys; n = int.from_bytes(sys.stdin.buffer.read(8), 'little'); "
+              "exec(marshal.loads(sys.stdin.buffer.read(n)), {'__name__': '__main__', '__builtins__': __builtins__})")
 NOBODY = 65534  # uid and gid the code runs as under drop-root
 LAYERS = ("namespaces", "drop-root", "landlock", "seccomp")
 # the probe also reads every sys.path folder, so a layer that hides the Python installation counts as refused
@@ -169,6 +175,7 @@ def execute_code(code: str, timeout: float = 5.0, maximum_memory_bytes: Optional
 
 def _execute(code, layers, timeout, maximum_memory_bytes, max_output_bytes):
     """execute_code with the layers given; also returns the child's status report (the probe reads it)."""
+    stdin_bytes = _child_program() + code.encode("utf-8", errors="replace")
     workdir = tempfile.mkdtemp(prefix="nanochat-sandbox-")
     if "drop-root" in layers:
         try:
@@ -183,7 +190,7 @@ def _execute(code, layers, timeout, maximum_memory_bytes, max_output_bytes):
     cfg = {"workdir": workdir, "mem": maximum_memory_bytes, "cpu": int(timeout) + 2, "fsize": DEFAULT_MAX_FILE_BYTES,
            "status_fd": status_w, "layers": list(layers), "nobody": NOBODY}
     try:
-        proc = subprocess.Popen([sys.executable, "-I", "-B", CHILD_PROGRAM, json.dumps(cfg)], stdin=subprocess.PIPE,
+        proc = subprocess.Popen([sys.executable, "-I", "-B", "-c", _BOOTSTRAP, json.dumps(cfg)], stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=workdir,
                                 env=_scrubbed_env(workdir), start_new_session=True, pass_fds=(status_w,),
                                 close_fds=True)
@@ -194,7 +201,7 @@ def _execute(code, layers, timeout, maximum_memory_bytes, max_output_bytes):
         raise
     os.close(status_w)  # only the child holds the write end now: EOF on our side means it is gone
     try:
-        run = _collect(proc, code, status_r, timeout, max_output_bytes)
+        run = _collect(proc, stdin_bytes, status_r, timeout, max_output_bytes)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     try:
@@ -204,8 +211,8 @@ def _execute(code, layers, timeout, maximum_memory_bytes, max_output_bytes):
     return _interpret(run, status, timeout, maximum_memory_bytes, max_output_bytes), status
 
 
-def _collect(proc, code, status_r, timeout, max_output_bytes):
-    """Feed the code, read the streams with their cap, wait with the timeout; always leaves nothing running."""
+def _collect(proc, stdin_bytes, status_r, timeout, max_output_bytes):
+    """Feed the child program and the code, read the streams with their cap, wait with the timeout; always leaves nothing running."""
     pgid = proc.pid  # start_new_session: the child leads its own group
     overflow, out_chunks, err_chunks, status_chunks = [], [], [], []
 
@@ -225,7 +232,7 @@ def _collect(proc, code, status_r, timeout, max_output_bytes):
         for t in readers:
             t.start()
         try:
-            proc.stdin.write(code.encode("utf-8", errors="replace"))
+            proc.stdin.write(stdin_bytes)
         except (BrokenPipeError, OSError):
             pass  # the child died before reading everything; its exit status says why
         finally:
@@ -280,6 +287,14 @@ def _interpret(run, status, timeout, maximum_memory_bytes, max_output_bytes):
         return ExecutionResult(False, stdout, stderr, f"Process killed by {name}{hint}")
     return ExecutionResult(False, stdout, stderr, f"Process exited with code {returncode} without finishing "
                            "the program (os._exit, or the sandbox's status pipe was closed)")
+
+
+@functools.lru_cache(maxsize=None)
+def _child_program():
+    """CHILD_PROGRAM compiled once per process, as the bootstrap reads it: 8-byte length, then marshal data."""
+    with open(CHILD_PROGRAM, "rb") as f:
+        data = marshal.dumps(compile(f.read(), CHILD_PROGRAM, "exec"))
+    return len(data).to_bytes(8, "little") + data
 
 
 def _read_status(fd, sink):

@@ -1,7 +1,8 @@
 """
-The program the sandbox's child interpreter runs: nanochat.execution starts `python -I -B execution_child.py CONFIG`
-with the untrusted code on stdin; nothing imports this file. It locks itself in with the layers CONFIG names, runs
-the code, and reports how it ended on a private status pipe (so printing or os._exit cannot fake a success).
+The program the sandbox's child interpreter runs: nanochat.execution starts `python -I -B -c BOOTSTRAP CONFIG` and
+sends this file's bytecode, then the untrusted code, on stdin; nothing imports this file. It locks itself in with
+the layers CONFIG names, runs the code, and reports how it ended on a private status pipe (so printing or os._exit
+cannot fake a success).
 
 The layers (README, "The code sandbox", says what each one guarantees and what it does not):
 - namespaces: fresh user, mount, PID, network, IPC and UTS namespaces. The runner forks a helper that unshares them;
