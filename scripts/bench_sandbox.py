@@ -4,7 +4,7 @@ with no OS layer, against a baseline execution.py (e.g. an older commit's), call
 of a shared machine hits all of them alike.
 
     git show f6b40b0:nanochat/execution.py > /tmp/execution_baseline.py
-    python -m dev.bench_sandbox --baseline /tmp/execution_baseline.py --rounds 30
+    python -m scripts.bench_sandbox --baseline /tmp/execution_baseline.py --rounds 30
 
 Prints one JSON line: median milliseconds per call of each variant for each program, and ratios to the baseline.
 """
@@ -12,6 +12,7 @@ Prints one JSON line: median milliseconds per call of each variant for each prog
 import argparse
 import importlib.util
 import json
+import os
 import statistics
 import time
 
@@ -38,10 +39,14 @@ def load_baseline(path):
 
 
 def main():
-    parser = argparse.ArgumentParser(description="Median per-call latency of execute_code, ours vs a baseline file.")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--baseline", required=True, help="path of the baseline execution.py (see the docstring)")
     parser.add_argument("--rounds", type=int, default=30, help="calls per variant and program (default 30)")
     args = parser.parse_args()
+    if not os.path.isfile(args.baseline):
+        parser.error(f"--baseline {args.baseline}: no such file (make one with the git show line in --help)")
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     baseline = load_baseline(args.baseline)
     layers = execution.isolation()  # probe once, outside the timing
     variants = {
