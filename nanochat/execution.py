@@ -2,29 +2,31 @@
 Run untrusted Python (model-written code: HumanEval completions, the python tool) in a separate process.
 
     result = execute_code("print(1 + 1)")   # ExecutionResult(success=True, stdout='2\n', ...)
+    isolation()                             # e.g. ('namespaces', 'drop-root', 'landlock', 'seccomp')
 
-What contains the code (each layer is cheap; together they stop what a simple or careless program would do):
-- a fresh interpreter (`sys.executable -I -B`: no user site, no PYTHON* variables, no .pyc writes) in its own
-  session and process group, so it cannot signal our group, and the whole group is SIGKILLed on timeout;
-- a wall-clock timeout measured by the parent, plus RLIMIT_CPU in the child as a backstop;
-- RLIMIT_AS/RLIMIT_DATA (memory), RLIMIT_FSIZE (file size), RLIMIT_NPROC=0 (no new processes for
-  non-root users; root is exempt from it, so the audit hook below is what stops forks there), RLIMIT_CORE=0;
-- stdout/stderr read through pipes with a byte cap: a program printing 100 MB is killed and truncated,
-  never buffered whole;
-- a scrubbed environment (no inherited secrets), stdin at /dev/null (and `sys.stdin` refuses reads),
-  a private temporary working directory that is deleted afterwards;
-- a `sys.addaudithook` guard installed before the user code runs (audit hooks cannot be removed from
-  Python code) that refuses: sockets, creating processes (fork/exec/spawn/system/Popen), signalling other
-  processes, writing/deleting/renaming anything outside the working directory, reading other processes'
-  /proc entries, ctypes/cffi, changing resource limits;
-- when the kernel allows it (`unshare --net` works), a private network namespace with no interfaces.
+The operating system holds the code in, so nothing it does inside the interpreter matters. The child program
+(nanochat/execution_child.py) puts these layers around it, each one where the kernel allows it (probed once per
+process; a refused layer is logged once, as a warning):
+- namespaces: its own user, mount, PID, network, IPC and UTS namespaces. Every mount is read-only except the
+  working directory; /run is empty (no daemon sockets); /dev holds only null/zero/full/random/urandom; /proc is
+  private (other processes' environments are not there to read); there is no network; the code is PID 1 of its
+  namespace, so every process it starts dies with the call.
+- drop-root: when we run as root, the code runs as nobody (it keeps CAP_DAC_READ_SEARCH so reads still work).
+- landlock: the kernel refuses writes outside the working directory and reads of other processes' /proc entries.
+- seccomp: no fork/exec, no sockets, no ptrace, no signals to other processes, no mount/namespace/bpf/io_uring.
+Always, whatever the kernel allows: a fresh interpreter (`-I -B`) in its own session, a wall-clock timeout after
+which the whole process group is killed, rlimits (memory, CPU time, file size, process count, no core dumps), a
+byte cap on stdout/stderr (more kills the program), a scrubbed environment, stdin at /dev/null, a private working
+directory deleted afterwards, and the audit hook of the earlier design as a second layer.
 
-What it is not: a kernel-enforced jail. Code that reads files the parent can read still reads them, and a
-determined attacker with deep knowledge of CPython internals may find a way around the audit hook. Run
-evaluations of untrusted models inside a container/VM as well.
+What it is not: a hiding place. The code reads whatever files the calling user can read (the Python installation
+must stay readable), and a kernel bug is a way out. README, "The code sandbox", says what each layer guarantees.
 """
 
+import functools
 import json
+import logging
+import marshal
 import os
 import shutil
 import signal
@@ -37,6 +39,25 @@ from typing import Optional
 
 DEFAULT_MAX_OUTPUT_BYTES = 1_000_000   # per stream; more than this kills the program
 DEFAULT_MAX_FILE_BYTES = 16 * 1024 * 1024  # RLIMIT_FSIZE inside the working directory
+CHILD_PROGRAM = os.path.join(os.path.dirname(os.path.abspath(__file__)), "execution_child.py")
+# The child interpreter runs this; it reads CHILD_PROGRAM's bytecode from stdin (length-prefixed, ahead of the user's
+# code), so that no call pays for compiling that program again.
+_BOOTSTRAP = ("import marshal, sys; n = int.from_bytes(sys.stdin.buffer.read(8), 'little'); "
+              "exec(marshal.loads(sys.stdin.buffer.read(n)), {'__name__': '__main__', '__builtins__': __builtins__})")
+NOBODY = 65534  # uid and gid the code runs as under drop-root
+LAYERS = ("namespaces", "drop-root", "landlock", "seccomp")
+# the probe also reads every sys.path folder, so a layer that hides the Python installation counts as refused
+_PROBE_CODE = """
+import fractions, os, sys
+for folder in sys.path:
+    try:
+        os.listdir(folder)
+    except FileNotFoundError:
+        pass
+print("ok")
+"""
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -65,181 +86,50 @@ class ExecutionResult:
 
 
 # -----------------------------------------------------------------------------
-# The program the child interpreter runs (passed with -c). It reads the user code from stdin, locks itself
-# down, runs the code, and reports how it ended on a private status pipe (so that printing to stdout or
-# calling os._exit cannot fake a success).
+# Which layers this machine allows, probed once per process
 
-_RUNNER = r'''
-import sys, os, json, builtins, resource, traceback
-cfg = json.loads(sys.argv[1])
-code = sys.stdin.buffer.read().decode("utf-8", errors="replace")
-_devnull = os.open(os.devnull, os.O_RDONLY); os.dup2(_devnull, 0); os.close(_devnull)
+_layers = None
+_layers_lock = threading.Lock()
 
-class _NoStdin:
-    def _refuse(self, *a, **k):
-        raise OSError("stdin is not available in the sandbox")
-    read = readline = readlines = __iter__ = __next__ = _refuse
-    def readable(self): return False
-    def isatty(self): return False
-    def fileno(self): return 0
-    def close(self): pass
-sys.stdin = _NoStdin()
 
-status = os.fdopen(cfg["status_fd"], "w")
-workdir = os.path.realpath(cfg["workdir"])
-mypid = os.getpid()
+def isolation():
+    """The operating-system layers execute_code puts around the code here: a tuple drawn from LAYERS, the
+    strictest set this machine allows. () means rlimits, the timeout and the audit hook only."""
+    global _layers
+    with _layers_lock:
+        if _layers is None:
+            _layers = _probe_layers()
+        return _layers
 
-def _limit(which, value):
-    try:
-        resource.setrlimit(which, (value, value))
-    except (ValueError, OSError):
-        pass  # a limit already lower than ours (or unsupported here) is fine
-if cfg["mem"]:
-    _limit(resource.RLIMIT_AS, cfg["mem"]); _limit(resource.RLIMIT_DATA, cfg["mem"])
-_limit(resource.RLIMIT_CPU, cfg["cpu"])
-_limit(resource.RLIMIT_FSIZE, cfg["fsize"])
-_limit(resource.RLIMIT_CORE, 0)
-_limit(resource.RLIMIT_NPROC, 0)
 
-_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
-_BLOCKED_EVENTS = {
-    "os.system": "running shell commands", "os.exec": "exec", "os.fork": "creating processes",
-    "os.forkpty": "creating processes", "os.posix_spawn": "creating processes", "os.spawn": "creating processes",
-    "subprocess.Popen": "creating processes", "os.startfile": "starting programs",
-    "resource.setrlimit": "changing resource limits", "resource.prlimit": "changing resource limits",
-"os.chroot": "chroot", "os.setuid": "changing user",
-    "pty.spawn": "creating processes", "webbrowser.open": "opening a browser", "os.putenv": None,
-}
-_BLOCKED_IMPORTS = {"cffi", "_cffi_backend", "_posixsubprocess", "resource", "pty",
-                    "multiprocessing", "_multiprocessing", "socket", "_socket", "ssl", "_ssl", "asyncio"}
-# events whose arguments at these positions are paths that get written/removed/renamed
-_PATH_EVENTS = {"os.remove": (0,), "os.rmdir": (0,), "os.rename": (0, 1), "os.mkdir": (0,), "os.symlink": (1,),
-                "os.link": (1,), "os.truncate": (0,), "os.chmod": (0,), "os.chown": (0,), "os.utime": (0,),
-                "os.chflags": (0,), "os.lchflags": (0,), "os.setxattr": (0,), "os.removexattr": (0,),
-                "shutil.rmtree": (0,), "shutil.move": (0, 1), "shutil.copyfile": (1,), "shutil.copytree": (1,),
-                "shutil.chown": (0,), "os.mkfifo": (0,), "os.mknod": (0,)}
-_realpath, _isdir, _fspath = os.path.realpath, os.path.isdir, os.fspath
-
-def _deny(what):
-    raise PermissionError(f"sandbox: {what} is not allowed")
-
-def _inside(path):
-    try:
-        p = _realpath(_fspath(path))
-    except (TypeError, ValueError):
-        return True  # file descriptors etc.: they were checked when opened
-    if isinstance(p, bytes):
-        p = p.decode("utf-8", "replace")
-    return p == workdir or p.startswith(workdir + "/") or p == "/dev/null"
-
-def _proc_of_other(path):
-    p = _fspath(path)
-    if isinstance(p, bytes):
-        p = p.decode("utf-8", "replace")
-    p = _realpath(p)
-    if p.startswith("/proc/"):
-        head = p[6:].split("/", 1)[0]
-        return head.isdigit() and int(head) != mypid
-    return False
-
-def _guard(event, args):
-    if event == "open":
-        path, mode, flags = args
-        if isinstance(path, int):
-            return
-        if _proc_of_other(path):
-            _deny(f"reading another process's /proc entry ({path})")
-        writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
-            isinstance(flags, int) and flags & _WRITE_FLAGS)
-        if writing and not _inside(path):
-            _deny(f"writing outside the working directory ({path})")
-        if mode is None and not _inside(path) and _isdir(path):
-            _deny(f"opening a directory outside the working directory as a file descriptor ({path})")
-        return
-    if event == "import":
-        name = args[0]
-        if name.split(".")[0] in _BLOCKED_IMPORTS:
-            _deny(f"importing {name}")
-        return
-    if event.startswith("socket."):
-        _deny("network access (" + event + ")")
-    if event.startswith("ctypes."):
-        # importing ctypes (numpy does) opens the process's own symbol table: allowed; calling, loading
-        # libraries or touching raw memory through it is not
-        if event == "ctypes.dlopen" and args[0] is None:
-            return
-        _deny("ctypes (" + event + ")")
-    if event in _BLOCKED_EVENTS:
-        if _BLOCKED_EVENTS[event] is None:
-            return
-        _deny(_BLOCKED_EVENTS[event] + f" ({event})")
-    if event in ("os.kill", "os.killpg"):
-        if args[0] not in (mypid, 0) or event == "os.killpg":
-            _deny(f"signalling other processes ({event} {args[0]})")
-        return
-    if event in _PATH_EVENTS:
-        for i in _PATH_EVENTS[event]:
-            if i < len(args) and args[i] is not None and not _inside(args[i]):
-                _deny(f"modifying files outside the working directory ({event} {args[i]})")
-        if event in ("os.rename", "os.link") and any(a is not None and a != -1 for a in args[2:4]):
-            _deny(f"{event} with dir_fd")
-        return
-
-for _name in ("socket", "_socket", "resource", "_posixsubprocess"):
-    sys.modules.pop(_name, None)
-sys.addaudithook(_guard)
-del _name
-
-def _report(**kw):
-    try:
-        status.write(json.dumps(kw)); status.flush(); status.close()
-    except Exception:
-        pass
-
-try:
-    exec(compile(code, "<sandbox>", "exec"), {"__name__": "__main__", "__builtins__": builtins})
-except MemoryError as e:
-    _report(status="memory", error=f"{type(e).__name__}: {e}"[:2000])
-except BaseException as e:
-    try:
-        traceback.print_exception(type(e), e, e.__traceback__.tb_next)  # skip this runner's own frame
-    except Exception:
-        pass
-    _report(status="error", error=f"{type(e).__name__}: {e}"[:2000])
-else:
-    _report(status="ok")
-try:
-    sys.stdout.flush(); sys.stderr.flush()
-except Exception:
-    pass
-'''
+def _probe_layers():
+    if not sys.platform.startswith("linux"):
+        logger.warning("the code sandbox has no operating-system isolation on %s: only rlimits, the timeout and an "
+                       "in-process audit hook hold untrusted code in (README, 'The code sandbox')", sys.platform)
+        return ()
+    layers = [layer for layer in LAYERS if layer != "drop-root" or os.geteuid() == 0]
+    refused = []
+    while layers:
+        result, status = _execute(_PROBE_CODE, tuple(layers), timeout=60, maximum_memory_bytes=None,
+                                  max_output_bytes=DEFAULT_MAX_OUTPUT_BYTES)
+        if result.success and result.stdout == "ok\n":
+            break
+        setup_failed = isinstance(status, dict) and status.get("status") == "setup"
+        culprit = status.get("layer") if setup_failed else None
+        if culprit not in layers:  # the probe program failed: drop the layer most likely to hide something
+            culprit = next(layer for layer in ("drop-root", "landlock", "seccomp", "namespaces") if layer in layers)
+        reason = status.get("error") if setup_failed else result.error or result.stderr.strip()[-300:]
+        refused.append(f"{culprit} ({reason})")
+        layers.remove(culprit)
+    if refused:
+        logger.warning("the code sandbox runs WITHOUT %s. It has: %s, plus rlimits, the timeout and the audit hook; "
+                       "untrusted code is held in less firmly than it could be (README, 'The code sandbox', says "
+                       "what each layer guarantees)", "; ".join(refused), ", ".join(layers) or "no OS layer")
+    return tuple(layers)
 
 
 # -----------------------------------------------------------------------------
-# Optional kernel-level network isolation, probed once per process.
-
-_isolation_prefix = None
-_isolation_lock = threading.Lock()
-
-
-def _network_isolation_prefix():
-    """["unshare", "--net", ...] when this machine lets us create a network namespace, else []."""
-    global _isolation_prefix
-    with _isolation_lock:
-        if _isolation_prefix is None:
-            _isolation_prefix = []
-            unshare = shutil.which("unshare")
-            if unshare and sys.platform.startswith("linux"):
-                prefix = [unshare, "--net"] + (["--map-root-user"] if os.geteuid() != 0 else []) + ["--"]
-                try:
-                    probe = subprocess.run(prefix + [sys.executable, "-I", "-c", "pass"], stdin=subprocess.DEVNULL,
-                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=10)
-                    if probe.returncode == 0:
-                        _isolation_prefix = prefix
-                except (OSError, subprocess.SubprocessError):
-                    pass
-        return _isolation_prefix
-
+# Running the child
 
 def _scrubbed_env(workdir):
     return {"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
@@ -280,29 +170,56 @@ def execute_code(code: str, timeout: float = 5.0, maximum_memory_bytes: Optional
     success is True only if the code ran to its end without raising (SystemExit counts as a failure, as in
     the reference, so `exit()` cannot skip a HumanEval check).
     """
+    return _execute(code, isolation(), timeout, maximum_memory_bytes, max_output_bytes)[0]
+
+
+def _execute(code, layers, timeout, maximum_memory_bytes, max_output_bytes):
+    """execute_code with the layers given; also returns the child's status report (the probe reads it)."""
+    stdin_bytes = _child_program() + code.encode("utf-8", errors="replace")
     workdir = tempfile.mkdtemp(prefix="nanochat-sandbox-")
+    if "drop-root" in layers:
+        try:
+            os.chown(workdir, NOBODY, NOBODY)  # the code runs as nobody and writes here
+        except OSError as e:  # e.g. root of a user namespace that has no nobody
+            shutil.rmtree(workdir, ignore_errors=True)
+            status = {"status": "setup", "layer": "drop-root", "error": f"drop-root: cannot give nobody the working "
+                      f"directory: {e}"}
+            return _interpret({"stdout": "", "stderr": "", "returncode": 1, "timed_out": False, "overflow": []},
+                              status, timeout, maximum_memory_bytes, max_output_bytes), status
     status_r, status_w = os.pipe()
     cfg = {"workdir": workdir, "mem": maximum_memory_bytes, "cpu": int(timeout) + 2, "fsize": DEFAULT_MAX_FILE_BYTES,
-           "status_fd": status_w}
-    cmd = _network_isolation_prefix() + [sys.executable, "-I", "-B", "-c", _RUNNER, json.dumps(cfg)]
+           "status_fd": status_w, "layers": list(layers), "nobody": NOBODY}
     try:
-        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                cwd=workdir, env=_scrubbed_env(workdir), start_new_session=True,
-                                pass_fds=(status_w,), close_fds=True)
+        proc = subprocess.Popen([sys.executable, "-I", "-B", "-c", _BOOTSTRAP, json.dumps(cfg)], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=workdir,
+                                env=_scrubbed_env(workdir), start_new_session=True, pass_fds=(status_w,),
+                                close_fds=True)
     except BaseException:
         os.close(status_r)
         os.close(status_w)
         shutil.rmtree(workdir, ignore_errors=True)
         raise
     os.close(status_w)  # only the child holds the write end now: EOF on our side means it is gone
+    try:
+        run = _collect(proc, stdin_bytes, status_r, timeout, max_output_bytes)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    try:
+        status = json.loads(run["status"].decode("utf-8", errors="replace") or "null")
+    except ValueError:
+        status = None
+    return _interpret(run, status, timeout, maximum_memory_bytes, max_output_bytes), status
+
+
+def _collect(proc, stdin_bytes, status_r, timeout, max_output_bytes):
+    """Feed the child program and the code, read the streams with their cap, wait with the timeout; always leaves nothing running."""
     pgid = proc.pid  # start_new_session: the child leads its own group
-    overflow = []
+    overflow, out_chunks, err_chunks, status_chunks = [], [], [], []
 
     def on_overflow(name):
         overflow.append(name)
         _kill_group(pgid)
 
-    out_chunks, err_chunks, status_chunks = [], [], []
     readers = [
         threading.Thread(target=_read_capped, args=(proc.stdout, max_output_bytes, out_chunks,
                                                    lambda: on_overflow("stdout")), daemon=True),
@@ -315,7 +232,7 @@ def execute_code(code: str, timeout: float = 5.0, maximum_memory_bytes: Optional
         for t in readers:
             t.start()
         try:
-            proc.stdin.write(code.encode("utf-8", errors="replace"))
+            proc.stdin.write(stdin_bytes)
         except (BrokenPipeError, OSError):
             pass  # the child died before reading everything; its exit status says why
         finally:
@@ -337,29 +254,32 @@ def execute_code(code: str, timeout: float = 5.0, maximum_memory_bytes: Optional
                 t.join(timeout=5)
         if readers[2].ident is None:
             os.close(status_r)  # normally the status reader closes it
-        shutil.rmtree(workdir, ignore_errors=True)
+    return {"stdout": b"".join(out_chunks).decode("utf-8", errors="replace"),
+            "stderr": b"".join(err_chunks).decode("utf-8", errors="replace"),
+            "status": b"".join(status_chunks), "returncode": returncode, "timed_out": timed_out,
+            "overflow": overflow}
 
-    stdout = b"".join(out_chunks).decode("utf-8", errors="replace")
-    stderr = b"".join(err_chunks).decode("utf-8", errors="replace")
-    try:
-        status = json.loads(b"".join(status_chunks).decode("utf-8", errors="replace") or "null")
-    except ValueError:
-        status = None
 
-    if timed_out:
+def _interpret(run, status, timeout, maximum_memory_bytes, max_output_bytes):
+    stdout, stderr, returncode = run["stdout"], run["stderr"], run["returncode"]
+    kind = status.get("status") if isinstance(status, dict) else None
+    if run["timed_out"]:
         return ExecutionResult(False, stdout, stderr, f"Execution timed out after {timeout:g} s (process killed)",
                                timeout=True)
-    if overflow:
+    if run["overflow"]:
         return ExecutionResult(False, stdout, stderr, f"Output limit exceeded: more than {max_output_bytes} bytes "
-                               f"written to {overflow[0]} (process killed, output truncated)")
-    if isinstance(status, dict) and status.get("status") == "ok" and returncode == 0:
+                               f"written to {run['overflow'][0]} (process killed, output truncated)")
+    if kind == "ok" and returncode == 0:
         return ExecutionResult(True, stdout, stderr, None)
-    if isinstance(status, dict) and status.get("status") == "memory":
+    if kind == "memory":
         limit = f" ({maximum_memory_bytes // (1024 * 1024)} MB)" if maximum_memory_bytes else ""
         return ExecutionResult(False, stdout, stderr, f"Memory limit exceeded{limit}: {status.get('error')}",
                                memory_exceeded=True)
-    if isinstance(status, dict) and status.get("status") == "error":
+    if kind == "error":
         return ExecutionResult(False, stdout, stderr, status.get("error"))
+    if kind == "setup":
+        return ExecutionResult(False, stdout, stderr, f"Sandbox setup failed, the code did not run: "
+                               f"{status.get('error')}")
     if returncode < 0:
         name = signal.Signals(-returncode).name if -returncode in signal.valid_signals() else str(-returncode)
         hint = " (CPU time limit)" if name == "SIGXCPU" else " (file size limit)" if name == "SIGXFSZ" else \
@@ -369,14 +289,25 @@ def execute_code(code: str, timeout: float = 5.0, maximum_memory_bytes: Optional
                            "the program (os._exit, or the sandbox's status pipe was closed)")
 
 
+@functools.lru_cache(maxsize=None)
+def _child_program():
+    """CHILD_PROGRAM compiled once per process, as the bootstrap reads it: 8-byte length, then marshal data."""
+    with open(CHILD_PROGRAM, "rb") as f:
+        data = marshal.dumps(compile(f.read(), CHILD_PROGRAM, "exec"))
+    return len(data).to_bytes(8, "little") + data
+
+
 def _read_status(fd, sink):
-    with os.fdopen(fd, "rb") as f:
+    """Raw reads: a buffered read would wait for 64 KiB or EOF, and EOF waits for every holder of the pipe."""
+    try:
         while True:
-            chunk = f.read(65536)
+            chunk = os.read(fd, 65536)
             if not chunk:
                 break
             if sum(len(c) for c in sink) < 65536:
                 sink.append(chunk)
+    finally:
+        os.close(fd)
 
 
 def _wait_without_reaping(pid, timeout):
