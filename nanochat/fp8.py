@@ -13,15 +13,20 @@ unchanged). Its three GEMMs run through torch._scaled_mm:
 Each operand gets one scale per tensor, scale = fp8_max / amax (computed in float64 so eager and compiled
 numerics agree), values saturate instead of overflowing. The fp8 copies are what is saved for backward.
 
-cuBLAS wants the first operand row-major and the second column-major, every dim divisible by 16; the filter
-in base_train keeps small layers (ve_gate, smear_gate) in bf16.
+cuBLAS wants the first operand row-major and the second column-major, every dim divisible by 16;
+`fp8_module_filter` keeps small layers (ve_gate, smear_gate) in bf16.
+
+For training: `enable_fp8_training(model, recipe, device_type)` converts (torchao for recipes other than
+tensorwise), and `with disable_fp8(model):` evaluates in bf16 on the same weights.
 """
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
+from nanochat.common import print0
 from nanochat.gpt import Linear
 
 AMAX_EPS = 1e-12  # an all-zero tensor gets a finite scale
@@ -119,3 +124,53 @@ def convert_to_float8_training(module, config=None, module_filter_fn=None):
         parent = module.get_submodule(parent_name) if parent_name else module
         setattr(parent, attr, Float8Linear.from_linear(child))
     return module
+
+
+# -----------------------------------------------------------------------------
+# Training with fp8: convert, and switch back to bf16 for evaluation
+
+def fp8_module_filter(module, fqn):
+    """fp8 GEMMs want dims divisible by 16 and big enough to pay off."""
+    return (isinstance(module, nn.Linear) and module.in_features % 16 == 0 and module.out_features % 16 == 0
+            and min(module.in_features, module.out_features) >= 128)
+
+
+def enable_fp8_training(model, recipe, device_type):
+    """--fp8: convert the big Linears in place (CUDA only; elsewhere a warning and bf16). nanochat's own module
+    implements the tensorwise recipe; other recipes come from torchao."""
+    if device_type != "cuda":
+        print0("WARNING: --fp8 needs a CUDA GPU; ignoring it")
+        return
+    if recipe == "tensorwise":
+        config_cls, convert = Float8LinearConfig, convert_to_float8_training
+    else:
+        try:
+            from torchao.float8 import Float8LinearConfig as config_cls  # optional dependency, only for this recipe
+            from torchao.float8 import convert_to_float8_training as convert
+        except ImportError:
+            raise SystemExit(f"--fp8-recipe {recipe} needs torchao (pip install torchao); "
+                             f"nanochat's built-in fp8 supports --fp8-recipe tensorwise") from None
+    num_linear = sum(isinstance(m, nn.Linear) for m in model.modules())
+    convert(model, config=config_cls.from_recipe_name(recipe), module_filter_fn=fp8_module_filter)
+    num_fp8 = sum("Float8" in type(m).__name__ for m in model.modules())
+    print0(f"FP8 training ({recipe}): converted {num_fp8}/{num_linear} Linear layers")
+
+
+@contextmanager
+def disable_fp8(model):
+    """Temporarily swap Float8Linear modules (ours or torchao's) for plain Linears sharing the same weights
+    (bf16 evaluation)."""
+    swapped = []
+    for name, module in list(model.named_modules()):
+        if "Float8" in type(module).__name__:
+            parent_name, _, attr = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            linear = Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
+            linear.weight = module.weight
+            setattr(parent, attr, linear)
+            swapped.append((parent, attr, module))
+    try:
+        yield
+    finally:
+        for parent, attr, module in swapped:
+            setattr(parent, attr, module)

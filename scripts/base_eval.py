@@ -13,63 +13,15 @@ import os
 import sys
 import argparse
 
-import torch
-
-from nanochat.fileio import atomic_open
+from nanochat.checkpoint_manager import load_model
 from nanochat.common import compute_init, compute_cleanup, print0, get_base_dir, autodetect_device_type, warn_if_cpu_is_busy
-
-SAMPLE_PROMPTS = [
-    "The capital of France is",
-    "The chemical symbol of gold is",
-    "If yesterday was Friday, then tomorrow will be",
-    "The opposite of hot is",
-    "The planets of the solar system are:",
-    "My favorite color is",
-    "If 5*x + 3 = 13, then x is",
-]
-
-
-def _engine(model, tokenizer):
-    try:
-        from nanochat.engine import Engine
-    except ImportError:
-        return None
-    return Engine(model, tokenizer)
-
-
-@torch.no_grad()
-def greedy_samples(model, tokenizer, prompts, max_tokens=16):
-    """Greedy continuation of each prompt (BOS-prefixed), decoded with the prompt. Uses the KV-cached Engine
-    when available, else the model's naive generate (same tokens, just slower)."""
-    engine = _engine(model, tokenizer)
-    seq_len = model.config.sequence_len
-    max_tokens = min(max_tokens, seq_len // 2)
-    texts = []
-    for prompt in prompts:
-        tokens = tokenizer.encode(prompt, prepend="<|bos|>")
-        tokens = tokens[-(seq_len - max_tokens):]  # tiny-context models: keep the end of the prompt
-        if engine is not None:
-            results, _ = engine.generate_batch(tokens, num_samples=1, max_tokens=max_tokens, temperature=0)
-            ids = results[0]
-        else:
-            ids = tokens + list(model.generate(tokens, max_tokens, temperature=0))
-        texts.append(tokenizer.decode(ids))
-    return texts
-
-
-@torch.no_grad()
-def unconditional_samples(model, tokenizer, num_samples=8, max_tokens=128, temperature=1.0, seed=42):
-    """Samples from a lone BOS token."""
-    tokens = [tokenizer.get_bos_token_id()]
-    engine = _engine(model, tokenizer)
-    if engine is not None:
-        results, _ = engine.generate_batch(tokens, num_samples=num_samples, max_tokens=max_tokens,
-                                           temperature=temperature, seed=seed)
-    else:
-        max_tokens = min(max_tokens, model.config.sequence_len - len(tokens))
-        results = [tokens + list(model.generate(tokens, max_tokens, temperature=temperature, seed=seed + i))
-                   for i in range(num_samples)]
-    return [tokenizer.decode(ids) for ids in results]
+from nanochat.core_eval import evaluate_core
+from nanochat.dataloader import tokenizing_distributed_data_loader_bos_bestfit
+from nanochat.fileio import atomic_open
+from nanochat.loss_eval import evaluate_bpb
+from nanochat.report import get_report
+from nanochat.samples import SAMPLE_PROMPTS, greedy_samples, unconditional_samples
+from nanochat.tokenizer import get_token_bytes
 
 
 def write_core_csv(path, core_results):
@@ -107,10 +59,6 @@ def main(argv=None):
     if bad or not modes:
         parser.error(f"--eval takes a comma-separated subset of core,bpb,sample; got {args.eval!r}")
 
-    from nanochat.checkpoint_manager import load_model
-    from nanochat.loss_eval import evaluate_bpb
-    from nanochat.tokenizer import get_token_bytes
-
     device_type = autodetect_device_type() if args.device_type == "" else args.device_type
     ddp, rank, local_rank, world_size, device = compute_init(device_type)
     if device_type == "cpu":
@@ -124,10 +72,6 @@ def main(argv=None):
         report_data = [{"Model": model_name}]
 
         if "core" in modes:
-            try:
-                from nanochat.core_eval import evaluate_core
-            except ImportError:
-                raise SystemExit("--eval core needs nanochat.core_eval, which is missing from this install")
             core = evaluate_core(model, tokenizer, device, max_per_task=args.max_per_task, plain=args.core_plain)
             out["core"] = core
             print0(f"CORE metric: {core['core_metric']:.4f}")
@@ -142,7 +86,6 @@ def main(argv=None):
             report_data.append(core["centered_results"])
 
         if "bpb" in modes:
-            from nanochat.dataloader import tokenizing_distributed_data_loader_bos_bestfit
             T = meta["model_config"]["sequence_len"]
             tokens_per_step = args.device_batch_size * T * world_size
             split_tokens = args.split_tokens // tokens_per_step * tokens_per_step
@@ -173,11 +116,7 @@ def main(argv=None):
             out["samples"], out["unconditional"] = completions, samples
             report_data.append("Samples:\n" + "\n".join(f"- `{t!r}`" for t in completions))
 
-        try:
-            from nanochat.report import get_report
-            get_report().log(section="Base model evaluation", data=report_data)
-        except ImportError:
-            pass
+        get_report().log(section="Base model evaluation", data=report_data)
         return out
     finally:
         compute_cleanup()

@@ -21,8 +21,9 @@ import torch
 
 from nanochat import chunked_loss
 from nanochat.common import compute_init, compute_cleanup, print0, autodetect_device_type, get_peak_flops, COMPUTE_DTYPE
-from scripts.base_train import (model_config_for_depth, compute_grad_accum_steps, synthetic_loader, peak_memory_mib,
-                                build_meta_model, should_compile)
+from nanochat.scaling import model_config_for_depth, build_meta_model
+from nanochat.synthetic_data import synthetic_loader
+from nanochat.training import compute_grad_accum_steps, peak_memory_mib, should_compile
 
 
 def measure_matmul_flops(device, dtype, n=1024, seconds=1.0):

@@ -8,131 +8,17 @@ Evaluate a chat model on the ChatCORE tasks.
 Categorical tasks (ARC, MMLU) are scored by one batched forward: the logits at the last prompt position,
 restricted to the answer letters, argmax. Generative tasks (GSM8K, HumanEval, SpellingBee) sample through the
 Engine and pass if any of the -n samples passes (pass@k). ChatCORE = mean centered accuracy over the six tasks.
+The evaluation itself lives in nanochat/chat_eval.py (chat_sft runs it during training too).
 """
 
 import argparse
 import time
 
-import torch
-import torch.distributed as dist
-
-from nanochat.common import compute_init, compute_cleanup, get_dist_info, print0
-
-# Random-guess accuracy of each task, for centering (0 = chance, 1 = perfect).
-BASELINES = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0, "HumanEval": 0.0,
-             "SpellingBee": 0.0}
-ALL_TASKS = list(BASELINES)
-
-
-def make_task(name):
-    """Build a task by its ChatCORE name (test splits as the reference; SpellingBee 256 test words)."""
-    if name in ("ARC-Easy", "ARC-Challenge"):
-        from tasks.arc import ARC
-        return ARC(subset=name, split="test")
-    if name == "MMLU":
-        from tasks.mmlu import MMLU
-        return MMLU(subset="all", split="test")
-    if name == "GSM8K":
-        from tasks.gsm8k import GSM8K
-        return GSM8K(subset="main", split="test")
-    if name == "HumanEval":
-        from tasks.humaneval import HumanEval
-        return HumanEval()
-    if name == "SpellingBee":
-        from tasks.spellingbee import SpellingBee
-        return SpellingBee(size=256, split="test")
-    if name == "Arithmetic":
-        from tasks.arithmetic import Arithmetic
-        return Arithmetic(size=256, split="test")
-    raise ValueError(f"unknown task {name!r}; choose from {'|'.join(ALL_TASKS + ['Arithmetic'])}")
-
-
-def _all_reduce_counts(passed, total, device):
-    if dist.is_available() and dist.is_initialized():
-        t = torch.tensor([passed, total], dtype=torch.long, device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        passed, total = t.tolist()
-    return passed, total
-
-
-@torch.inference_mode()
-def run_categorical_eval(task, tokenizer, model, batch_size, max_problems=None):
-    """Accuracy of picking the gold letter from the last-position logits restricted to the choices."""
-    _, rank, _, world = get_dist_info()
-    device = model.get_device()
-    bos = tokenizer.get_bos_token_id()
-    seq_len = model.config.sequence_len
-    n = len(task) if max_problems is None else min(len(task), max_problems)
-    indices = list(range(rank, n, world))
-    passed = 0
-    letter_ids = {}
-    for start in range(0, len(indices), batch_size):
-        conversations = [task[i] for i in indices[start:start + batch_size]]
-        prompts = [tokenizer.render_for_completion(c) for c in conversations]
-        prompts = [p if len(p) <= seq_len else p[:1] + p[-(seq_len - 1):] for p in prompts]  # keep BOS, keep the end
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), bos, dtype=torch.long)
-        for row, p in enumerate(prompts):
-            ids[row, :len(p)] = torch.tensor(p, dtype=torch.long)
-        logits = model(ids.to(device))
-        for row, (conversation, prompt) in enumerate(zip(conversations, prompts)):
-            letters = conversation["letters"]
-            for letter in letters:
-                if letter not in letter_ids:
-                    encoded = tokenizer.encode(letter)
-                    if len(encoded) != 1:
-                        raise ValueError(f"answer letter {letter!r} is not a single token in this tokenizer")
-                    letter_ids[letter] = encoded[0]
-            choice_logits = logits[row, len(prompt) - 1, [letter_ids[l] for l in letters]]
-            predicted = letters[int(choice_logits.argmax())]
-            passed += int(bool(task.evaluate(conversation, predicted)))
-    passed, total = _all_reduce_counts(passed, len(indices), device)
-    return passed / max(total, 1)
-
-
-@torch.inference_mode()
-def run_generative_eval(task, tokenizer, model, engine, num_samples, max_new_tokens, temperature, top_k,
-                        max_problems=None, verbose=True):
-    """pass@num_samples: a problem passes if any sampled completion passes the task's checker."""
-    _, rank, _, world = get_dist_info()
-    device = model.get_device()
-    seq_len = model.config.sequence_len
-    n = len(task) if max_problems is None else min(len(task), max_problems)
-    passed = total = 0
-    for i in range(rank, n, world):
-        conversation = task[i]
-        prompt = tokenizer.render_for_completion(conversation)
-        if len(prompt) >= seq_len:  # cannot answer at all: counts as a miss, never a crash
-            total += 1
-            continue
-        budget = min(max_new_tokens, seq_len - len(prompt))
-        results, _ = engine.generate_batch(prompt, num_samples=num_samples, max_tokens=budget,
-                                           temperature=temperature, top_k=top_k)
-        completions = [tokenizer.decode(r[len(prompt):]) for r in results]
-        passed += int(any(task.evaluate(conversation, c) for c in completions))
-        total += 1
-        if verbose and rank == 0:
-            print(f"\r\033[K{type(task).__name__} rank0 {passed}/{total} ({passed / total:.1%})", end="", flush=True)
-    if verbose and rank == 0:
-        print()
-    passed, total = _all_reduce_counts(passed, total, device)
-    return passed / max(total, 1)
-
-
-def run_chat_eval(task_name, model, tokenizer, engine, batch_size=8, num_samples=1, max_new_tokens=512,
-                  temperature=0.0, top_k=50, max_problems=None, task=None):
-    """Accuracy of one task; `task` overrides building it by name (for custom or local data)."""
-    task = task if task is not None else make_task(task_name)
-    if task.eval_type == "categorical":
-        return run_categorical_eval(task, tokenizer, model, batch_size, max_problems)
-    if task.eval_type == "generative":
-        return run_generative_eval(task, tokenizer, model, engine, num_samples, max_new_tokens, temperature,
-                                   top_k, max_problems)
-    raise ValueError(f"task {task_name} has unknown eval_type {task.eval_type!r}")
-
-
-def centered(accuracy, baseline):
-    return (accuracy - baseline) / (1.0 - baseline)
+from nanochat.chat_eval import ALL_TASKS, chatcore, run_chat_eval
+from nanochat.checkpoint_manager import load_model
+from nanochat.common import compute_init, compute_cleanup, print0
+from nanochat.engine import Engine
+from nanochat.report import get_report
 
 
 def main(argv=None):
@@ -151,8 +37,6 @@ def main(argv=None):
     parser.add_argument("--device-type", default="", help="cuda|cpu|mps (default: autodetect)")
     args = parser.parse_args(argv)
 
-    from nanochat.checkpoint_manager import load_model
-    from nanochat.engine import Engine
     _, rank, _, _, device = compute_init(args.device_type)
     model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
     engine = Engine(model, tokenizer)
@@ -168,16 +52,12 @@ def main(argv=None):
         print0(f"{name}: {acc:.2%} ({time.time() - t0:.1f}s)")
 
     report_data = [vars(args), results]
-    if all(name in results for name in ALL_TASKS):
-        chatcore = sum(centered(results[n], BASELINES[n]) for n in ALL_TASKS) / len(ALL_TASKS)
-        report_data.append({"ChatCORE metric": chatcore})
-        print0(f"ChatCORE metric: {chatcore:.4f}")
+    metric = chatcore(results)
+    if metric is not None:
+        report_data.append({"ChatCORE metric": metric})
+        print0(f"ChatCORE metric: {metric:.4f}")
     if rank == 0:
-        try:
-            from nanochat.report import get_report
-            get_report().log(section=f"Chat evaluation {args.source}", data=report_data)
-        except ImportError:
-            pass
+        get_report().log(section=f"Chat evaluation {args.source}", data=report_data)
     compute_cleanup()
     return results
 

@@ -17,18 +17,33 @@ Checkpoints: $NANOCHAT_BASE_DIR/chatsft_checkpoints/<tag>/ (mid_checkpoints/ for
 
 import os
 os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
-import gc
 import time
 import argparse
-import dataclasses
+from dataclasses import dataclass, asdict
 from importlib import resources
 
 import torch
 import torch.distributed as dist
 
-from nanochat.common import (compute_init, compute_cleanup, print0, DummyWandb, get_base_dir, get_peak_flops,
-                             autodetect_device_type, COMPUTE_DTYPE)
+from nanochat.chat_dataloader import ConversationPacker
+from nanochat.chat_eval import ALL_TASKS, evaluate_chat_tasks
+from nanochat.checkpoint_manager import available_steps, build_model, save_checkpoint
+from nanochat.common import compute_cleanup, get_base_dir, print0
+from nanochat.loss_eval import evaluate_bpb
 from nanochat.optim import optimizer_step, set_schedule
+from nanochat.report import get_report
+from nanochat.tokenizer import get_token_bytes
+from nanochat import training
+from nanochat.training import (ManualGC, StepMeter, compute_grad_accum_steps, find_checkpoint, linear_ramp,
+                               progress_lr_multiplier, step_loss_scale)
+from tasks.arithmetic import Arithmetic
+from tasks.common import TaskMixture
+from tasks.customjson import CustomJSON
+from tasks.gsm8k import GSM8K
+from tasks.hub import TaskDataUnavailable
+from tasks.mmlu import MMLU
+from tasks.smoltalk import SmolTalk
+from tasks.spellingbee import SimpleSpelling, SpellingBee
 
 # -----------------------------------------------------------------------------
 # CLI
@@ -144,7 +159,6 @@ def parse_jsonl_spec(spec):
 
 def load_custom(path):
     """A user's JSONL as a CustomJSON task; bad rows are reported as path:line: reason (nothing trains on them)."""
-    from tasks.customjson import CustomJSON
     try:
         return CustomJSON(filepath=path)
     except ValueError as e:
@@ -153,11 +167,6 @@ def load_custom(path):
 
 def hub_mixture(args, identity_path):
     """The reference mixture (hub data, or local copies via NANOCHAT_TASK_DATA*). Raises TaskDataUnavailable."""
-    from tasks.gsm8k import GSM8K
-    from tasks.mmlu import MMLU
-    from tasks.smoltalk import SmolTalk
-    from tasks.spellingbee import SimpleSpelling, SpellingBee
-    from tasks.customjson import CustomJSON
     identity = CustomJSON(filepath=identity_path)
     if args.preset == "midtrain":
         train = [SmolTalk(split="train"), MMLU(subset="auxiliary_train", split="train"),
@@ -176,9 +185,6 @@ def hub_mixture(args, identity_path):
 def offline_mixture(args, identity_path):
     """Everything generated or shipped locally: the persona, spelling/letter counting over the offline word
     list, and GSM8K-style arithmetic with calculator calls."""
-    from tasks.arithmetic import Arithmetic
-    from tasks.spellingbee import SimpleSpelling, SpellingBee
-    from tasks.customjson import CustomJSON
     n = args.offline_size
     identity = CustomJSON(filepath=identity_path)
     train = [*[identity] * args.identity_epochs, SimpleSpelling(size=n, split="train"),
@@ -190,8 +196,6 @@ def offline_mixture(args, identity_path):
 
 def build_mixtures(args):
     """(train TaskMixture, val TaskMixture, description, offline?)"""
-    from tasks.common import TaskMixture
-    from tasks.hub import TaskDataUnavailable
     extra_train = []
     for spec in args.extra_train_jsonl:
         path, repeat = parse_jsonl_spec(spec)
@@ -230,455 +234,290 @@ def build_mixtures(args):
 
 
 # -----------------------------------------------------------------------------
-# Data: packing conversations into rows
+# Settings: resolved once from the flags and the start checkpoint, read-only afterwards
 
-class ConversationPacker:
-    """
-    Yields (inputs, targets) of shape (B, T). Every row starts at the <|bos|> of a conversation; the largest
-    buffered conversation that still fits is added until none does, then the rest of the row is padded
-    (packing="pad", nothing is ever cropped) or filled with the start of the oldest buffered one ("crop").
-    Targets are -1 where the render mask is 0 (user turns, tool outputs, padding) when loss_on="assistant".
-    Conversations longer than T+1 tokens are truncated to T+1 when rendered, so every one fits a row.
-
-    Rank r reads conversations r, r+W, r+2W, ... With stop_at_epoch_end, each conversation is used exactly
-    once and `exhausted` turns True once the last one is packed (later batches are all padding); otherwise
-    the data loops over epochs. state_dict() / resume_state restore the exact stream (the buffered
-    conversations are re-rendered from their indices).
-    """
-
-    def __init__(self, dataset, tokenizer, batch_size, seq_len, device, rank=0, world_size=1, packing="pad",
-                 loss_on="assistant", stop_at_epoch_end=False, buffer_size=100, resume_state=None):
-        self.dataset, self.tokenizer = dataset, tokenizer
-        self.B, self.T = batch_size, seq_len
-        self.device = device
-        self.world_size = world_size
-        self.packing, self.loss_on = packing, loss_on
-        self.stop_at_epoch_end = stop_at_epoch_end
-        self.buffer_size = buffer_size
-        self.bos = tokenizer.get_bos_token_id()
-        self.cursor, self.epoch, self.consumed = rank, 1, 0
-        self.buffer = []  # (dataset index, ids, mask)
-        if resume_state is not None:
-            self.cursor, self.epoch, self.consumed = resume_state["cursor"], resume_state["epoch"], resume_state["consumed"]
-            self.buffer = [self._render(i) for i in resume_state["buffer"]]
-
-    def state_dict(self):
-        return {"cursor": self.cursor, "epoch": self.epoch, "consumed": self.consumed,
-                "buffer": [i for i, _, _ in self.buffer]}
+@dataclass(frozen=True)
+class Settings:
+    """What the run does beyond the plain flags: where its weights come from and where its checkpoints go, and
+    the batch sizes and LRs (a flag left unset inherits the source checkpoint's value). The run reads these,
+    never the flags they resolve (args.max_seq_len may be None)."""
+    source_tag: str
+    source_step: int
+    start_dir: str           # the weights this run starts from: the source checkpoint, or its own when resuming
+    start_step: int
+    output_dir: str
+    step_offset: int         # checkpoint numbers = this run's steps + step_offset (fine-tuning into the source's dir)
+    resume_step: int         # -1: a fresh run
+    max_seq_len: int
+    device_batch_size: int
+    total_batch_size: int
+    embedding_lr: float
+    unembedding_lr: float
+    matrix_lr: float
+    grad_accum_steps: int
+    report_section: str
+    user_config: dict        # the flags with the inherited values filled in, saved in every checkpoint
 
     @property
-    def exhausted(self):
-        return self.stop_at_epoch_end and self.cursor >= len(self.dataset) and not self.buffer
-
-    @property
-    def progress(self):
-        """Fraction of one epoch consumed (all ranks together, assuming they move in step)."""
-        return self.consumed * self.world_size / len(self.dataset)
-
-    def _render(self, index):
-        ids, mask = self.tokenizer.render_conversation(self.dataset[index], max_tokens=self.T + 1)
-        if self.loss_on == "all":
-            mask = [0] + [1] * (len(ids) - 1)  # every next token (the leading <|bos|> is never a target)
-        return index, ids, mask
-
-    def _refill(self):
-        while len(self.buffer) < self.buffer_size:
-            if self.cursor >= len(self.dataset):
-                if self.stop_at_epoch_end:
-                    return
-                self.cursor %= len(self.dataset)
-                self.epoch += 1
-            self.buffer.append(self._render(self.cursor))
-            self.cursor += self.world_size
-
-    def _take(self, i):
-        self.consumed += 1
-        return self.buffer.pop(i)
-
-    def next_rows(self):
-        """Lists of (ids, mask) rows of exactly T+1 tokens."""
-        capacity = self.T + 1
-        rows = []
-        for _ in range(self.B):
-            ids, mask = [], []
-            while len(ids) < capacity:
-                self._refill()
-                if not self.buffer:
-                    break  # end of the epoch: pad the rest
-                remaining = capacity - len(ids)
-                best = max((k for k in range(len(self.buffer)) if len(self.buffer[k][1]) <= remaining),
-                           key=lambda k: len(self.buffer[k][1]), default=None)
-                if best is not None:
-                    _, conv_ids, conv_mask = self._take(best)
-                    ids += conv_ids
-                    mask += conv_mask
-                elif self.packing == "crop":
-                    _, conv_ids, conv_mask = self._take(0)
-                    ids += conv_ids[:remaining]
-                    mask += conv_mask[:remaining]
-                else:
-                    break
-            pad = capacity - len(ids)
-            rows.append((ids + [self.bos] * pad, mask + [0] * pad))
-        return rows
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        rows = self.next_rows()
-        ids = torch.tensor([r for r, _ in rows], dtype=torch.long)
-        mask = torch.tensor([m for _, m in rows], dtype=torch.bool)
-        inputs = ids[:, :-1]
-        targets = ids[:, 1:].masked_fill(~mask[:, 1:], -1)
-        use_cuda = self.device.type == "cuda" if isinstance(self.device, torch.device) else str(self.device).startswith("cuda")
-        if use_cuda:
-            inputs, targets = inputs.pin_memory(), targets.pin_memory()
-        return (inputs.to(self.device, non_blocking=use_cuda).contiguous(),
-                targets.to(self.device, non_blocking=use_cuda).contiguous())
+    def resuming(self):
+        return self.resume_step >= 0
 
 
-# -----------------------------------------------------------------------------
-# Training math
-
-def step_loss_scale(micro_batches, world_size, ddp):
-    """Scale that turns each micro-batch's *summed* per-token loss into its share of the step's mean loss over
-    every trained token of the step (all micro-batches, all ranks). The optimizer averages gradients over
-    ranks, hence the world_size factor. max(1, .) makes a step without any trained token a zero-gradient
-    step instead of a division by zero. Returns (scale, number of trained tokens in the step)."""
-    device = micro_batches[0][1].device
-    count = torch.zeros((), dtype=torch.long, device=device)
-    for _, y in micro_batches:
-        count += (y >= 0).sum()
-    if ddp:
-        dist.all_reduce(count, op=dist.ReduceOp.SUM)
-    num_tokens = int(count.item())
-    return world_size / max(1, num_tokens), num_tokens
-
-
-def lr_multiplier(progress, warmup_ratio, warmdown_ratio, final_lr_frac):
-    """Linear warmup, constant, linear warmdown to final_lr_frac, over progress 0 -> 1."""
-    if warmup_ratio > 0 and progress < warmup_ratio:
-        return (progress + 1e-8) / warmup_ratio
-    if warmdown_ratio <= 0 or progress <= 1.0 - warmdown_ratio:
-        return 1.0
-    decay = min(1.0, (progress - (1.0 - warmdown_ratio)) / warmdown_ratio)
-    return (1 - decay) + decay * final_lr_frac
-
-
-def muon_momentum(step):
-    frac = min(step / 300, 1)
-    return (1 - frac) * 0.85 + frac * 0.95
-
-
-def resolve_inherited(args, meta):
-    """Fill None batch sizes / LRs from the source checkpoint's meta (printing where each value came from)."""
+def inherit_from(args, meta):
+    """Batch sizes and LRs: the flags when given, else the start checkpoint's (printing where each came from)."""
     source_user_config = meta.get("user_config") or {}
     model_seq_len = (meta.get("model_config") or {}).get("sequence_len", 2048)
-    for name, fallback, source in [
-        ("max_seq_len", model_seq_len, meta),
-        ("device_batch_size", 32, meta),
-        ("total_batch_size", 524288, meta),
-        ("embedding_lr", 0.3, source_user_config),
-        ("unembedding_lr", 0.004, source_user_config),
-        ("matrix_lr", 0.02, source_user_config),
-    ]:
-        arg_val, source_val = getattr(args, name), source.get(name)
-        if arg_val is None:
-            resolved = source_val if source_val is not None else fallback
-            setattr(args, name, resolved)
-            origin = "the source checkpoint" if source_val is not None else "the default (not in the checkpoint)"
-            print0(f"Inherited {name}={resolved} from {origin}")
-        elif source_val is not None and arg_val != source_val:
-            print0(f"NOTE: --{name.replace('_', '-')}={arg_val} overrides the source checkpoint's value of {source_val}")
-        else:
-            print0(f"Using {name}={arg_val}")
+    return training.inherit_settings([
+        ("max_seq_len", args.max_seq_len, meta.get("max_seq_len"), model_seq_len),
+        ("device_batch_size", args.device_batch_size, meta.get("device_batch_size"), 32),
+        ("total_batch_size", args.total_batch_size, meta.get("total_batch_size"), 524288),
+        ("embedding_lr", args.embedding_lr, source_user_config.get("embedding_lr"), 0.3),
+        ("unembedding_lr", args.unembedding_lr, source_user_config.get("unembedding_lr"), 0.004),
+        ("matrix_lr", args.matrix_lr, source_user_config.get("matrix_lr"), 0.02),
+    ])
 
 
-def run_chat_evals(model, tokenizer, offline, args):
-    """{task: accuracy} on the ChatCORE tasks (or the offline ones), plus ChatCORE when all six ran."""
-    from nanochat.engine import Engine
-    from scripts.chat_eval import run_chat_eval, ALL_TASKS, BASELINES, centered
-    engine = Engine(model, tokenizer)
-    names = ["SpellingBee", "Arithmetic"] if offline else ALL_TASKS
-    results = {}
-    for name in names:
-        categorical = name in ("ARC-Easy", "ARC-Challenge", "MMLU")
-        limit = args.chatcore_max_cat if categorical else args.chatcore_max_sample
-        results[name] = run_chat_eval(name, model, tokenizer, engine, batch_size=args.device_batch_size,
-                                      max_new_tokens=min(512, model.config.sequence_len),
-                                      max_problems=None if limit < 0 else limit)
-    if all(n in results for n in ALL_TASKS):
-        results["ChatCORE"] = sum(centered(results[n], BASELINES[n]) for n in ALL_TASKS) / len(ALL_TASKS)
-    return results
-
-
-# -----------------------------------------------------------------------------
-
-def main(argv=None):
-    args = parse_args(argv)
-    user_config = vars(args).copy()
-    phase_dir = "mid_checkpoints" if args.preset == "midtrain" else "chatsft_checkpoints"
-    section = "Midtraining" if args.preset == "midtrain" else "Chat SFT"
-
-    from nanochat.checkpoint_manager import (CHECKPOINT_DIRS, build_model, load_checkpoint, save_checkpoint,
-                                             find_largest_model, find_last_step, available_steps)
-    from nanochat.loss_eval import evaluate_bpb
-    from nanochat.tokenizer import get_token_bytes
-    from nanochat.report import get_report
-
-    device_type = args.device_type or autodetect_device_type()
-    ddp, rank, _, world_size, device = compute_init(device_type)
-    master = rank == 0
-    synchronize = torch.cuda.synchronize if device_type == "cuda" else (lambda: None)
-    peak_flops = get_peak_flops(torch.cuda.get_device_name(0)) if device_type == "cuda" else 0.0
-    if args.run == "dummy" or not master:
-        wandb_run = DummyWandb()
-    else:
-        try:
-            import wandb
-        except ImportError:
-            raise SystemExit("ERROR: --run needs wandb (pip install wandb), or pass --run dummy") from None
-        project = "nanochat-mid" if args.preset == "midtrain" else "nanochat-sft"
-        wandb_run = wandb.init(project=project, name=args.run, config=user_config)
-
-    # ---- where we start from
-    base_dir = get_base_dir()
-    source_root = os.path.join(base_dir, CHECKPOINT_DIRS[args.source])
-    source_tag = args.model_tag or find_largest_model(source_root)
-    source_dir = os.path.join(source_root, source_tag)
-    source_step = args.model_step if args.model_step is not None else find_last_step(source_dir)
-    output_tag = args.output_tag or source_tag
-    output_dir = os.path.join(base_dir, phase_dir, output_tag)
-    # fine-tuning an SFT model into its own directory: number this run's steps after the source's
-    step_offset = source_step if os.path.abspath(output_dir) == os.path.abspath(source_dir) else 0
+def resolve_settings(args, world_size):
+    """Settings from the flags and the start checkpoint's meta (read before any weights are loaded)."""
+    source_dir, source_tag, source_step = find_checkpoint(args.source, args.model_tag, args.model_step)
+    checkpoints = "mid_checkpoints" if args.preset == "midtrain" else "chatsft_checkpoints"
+    output_dir = os.path.join(get_base_dir(), checkpoints, args.output_tag or source_tag)
     resuming = args.resume_from_step >= 0
-    resume_meta = None
+    start_dir, start_step = (output_dir, args.resume_from_step) if resuming else (source_dir, source_step)
+    print0(f"{'Resuming' if resuming else 'Starting'} from {start_dir} step {start_step}")
+    meta = training.read_checkpoint_meta(start_dir, start_step)
     if resuming:
-        print0(f"Resuming from {output_dir} step {args.resume_from_step}")
-        model, tokenizer, resume_meta = build_model(output_dir, args.resume_from_step, device, phase="train")
-        inherit_meta = resume_meta
-        step_offset = resume_meta["loop_state"]["step_offset"]
-    else:
-        print0(f"Starting from {source_dir} step {source_step}")
-        model, tokenizer, inherit_meta = build_model(source_dir, source_step, device, phase="train")
+        step_offset = meta["loop_state"]["step_offset"]
+    else:  # fine-tuning an SFT model into its own directory: number this run's steps after the source's
+        step_offset = source_step if os.path.abspath(output_dir) == os.path.abspath(source_dir) else 0
         if step_offset:
             print0(f"NOTE: saving into the source's own directory: this run's checkpoints are numbered from step {step_offset}")
         elif os.path.isdir(output_dir) and available_steps(output_dir):
             print0(f"NOTE: {output_dir} already holds checkpoints at steps {available_steps(output_dir)}; "
                    f"same-numbered ones will be replaced")
-    resolve_inherited(args, inherit_meta)
+    inherited = inherit_from(args, meta)
+    try:
+        grad_accum_steps = compute_grad_accum_steps(inherited["total_batch_size"], inherited["device_batch_size"],
+                                                    inherited["max_seq_len"], world_size)
+    except ValueError as e:
+        raise SystemExit(f"ERROR: {e}") from None
+    return Settings(source_tag=source_tag, source_step=source_step, start_dir=start_dir, start_step=start_step,
+                    output_dir=output_dir, step_offset=step_offset, resume_step=args.resume_from_step,
+                    grad_accum_steps=grad_accum_steps, user_config={**vars(args), **inherited},
+                    report_section="Midtraining" if args.preset == "midtrain" else "Chat SFT", **inherited)
 
-    orig_model = model
-    if device_type == "cuda":
-        model = torch.compile(model, dynamic=False)
-    num_flops_per_token = orig_model.estimate_flops()
-    tokens_per_fwdbwd = args.device_batch_size * args.max_seq_len
-    world_tokens_per_fwdbwd = tokens_per_fwdbwd * world_size
-    if args.total_batch_size % world_tokens_per_fwdbwd != 0:
-        raise SystemExit(
-            f"ERROR: --total-batch-size {args.total_batch_size} must be a multiple of device_batch_size x "
-            f"max_seq_len x world_size = {args.device_batch_size} x {args.max_seq_len} x {world_size} = "
-            f"{world_tokens_per_fwdbwd}. Pass e.g. --total-batch-size {world_tokens_per_fwdbwd} (or a multiple).")
-    grad_accum_steps = args.total_batch_size // world_tokens_per_fwdbwd
-    print0(f"Tokens / micro-batch / rank: {args.device_batch_size} x {args.max_seq_len} = {tokens_per_fwdbwd:,}")
-    print0(f"Total batch size {args.total_batch_size:,} => gradient accumulation steps: {grad_accum_steps}")
-    token_bytes = get_token_bytes(device=device)
 
-    # ---- optimizer (fresh LRs; momentum buffers optionally from the source or the resumed checkpoint)
-    optimizer = orig_model.setup_optimizer(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
-                                           matrix_lr=args.matrix_lr, weight_decay=args.weight_decay)
-    fresh = [{k: g[k] for k in ("lr", "weight_decay")} for g in optimizer.param_groups]
-    optim_dir, optim_step = (output_dir, args.resume_from_step) if resuming else (source_dir, source_step)
-    if resuming or args.load_optimizer:
+# -----------------------------------------------------------------------------
+# The run: setup (__init__) -> loop (run: evaluate, save, one optimization step, log) -> summary (finish)
+
+class SFTRun:
+    """One fine-tuning run; main() shows its shape."""
+
+    def __init__(self, args):
+        self.args = args
+        self.rt = rt = training.init_runtime(args.device_type)
+        project = "nanochat-mid" if args.preset == "midtrain" else "nanochat-sft"
+        self.wandb_run = training.init_wandb(args.run, project, vars(args).copy(), rt.master)
+        self.s = s = resolve_settings(args, rt.world_size)
+        self.model, self.tokenizer, start_meta = build_model(s.start_dir, s.start_step, rt.device, phase="train")
+        resume_meta = start_meta if s.resuming else None
+        training.print_batch_arithmetic(s.device_batch_size, s.max_seq_len, s.total_batch_size, s.grad_accum_steps)
+        self.optimizer = self.setup_optimizer()
+        self.scaler = training.make_grad_scaler()
+        self.train_model = self.model  # compiled on CUDA; self.model (uncompiled) saves and runs the chat evals
+        if rt.device_type == "cuda":
+            dummy = torch.zeros(s.device_batch_size, s.max_seq_len, dtype=torch.long, device=rt.device)
+            self.train_model = training.compile_with_fallback(self.model, dummy, dummy, loss_reduction="sum")
+        self.token_bytes = get_token_bytes(device=rt.device)
+        self.setup_data(resume_meta)
+        self.report = get_report()
+        loop = resume_meta["loop_state"] if resume_meta else {}
+        self.step = self.start_step = loop.get("step", 0)
+        self.min_val_bpb = loop.get("min_val_bpb", float("inf"))
+        self.progress = loop.get("progress", 0.0)
+        self.val_bpb = loop.get("val_bpb")
+        self.trained_tokens = loop.get("trained_tokens", 0)
+        self.meter = StepMeter(self.model.estimate_flops(), rt, smooth_loss=loop.get("smooth_train_loss", 0.0),
+                               total_time=loop.get("total_training_time", 0.0))
+        self.chat_results = {}
+        self.data_done = False
+
+    def setup_optimizer(self):
+        """Fresh LRs (x --init-lr-frac); momentum buffers from the start checkpoint when resuming or warm-starting."""
+        args, s = self.args, self.s
+        optimizer = self.model.setup_optimizer(unembedding_lr=s.unembedding_lr, embedding_lr=s.embedding_lr,
+                                               matrix_lr=s.matrix_lr, weight_decay=args.weight_decay)
+        if s.resuming or args.load_optimizer:
+            training.warm_start_optimizer(optimizer, s.start_dir, s.start_step, self.rt, required=s.resuming)
+        training.scale_learning_rates(optimizer, args.init_lr_frac)
+        return optimizer
+
+    def setup_data(self, resume_meta):
+        args, s, rt = self.args, self.s, self.rt
+        self.train_ds, self.val_ds, self.mixture_desc, self.offline = build_mixtures(args)
+        print0(f"Training mixture ({self.mixture_desc}): {len(self.train_ds):,} conversations; validation: {len(self.val_ds):,}")
+        self.loader_kwargs = dict(tokenizer=self.tokenizer, batch_size=s.device_batch_size, seq_len=s.max_seq_len,
+                                  device=rt.device, rank=rt.rank, world_size=rt.world_size, packing=args.packing,
+                                  loss_on=args.loss_on)
+        resume_state = resume_meta["dataloader_state_dicts"][rt.rank] if resume_meta else None
+        self.train_loader = ConversationPacker(self.train_ds, stop_at_epoch_end=args.num_iterations <= 0,
+                                               resume_state=resume_state, **self.loader_kwargs)
+
+    def run(self):
+        args = self.args
+        with ManualGC() as manual_gc:
+            while True:
+                last_step = self.data_done or (args.num_iterations > 0 and self.step >= args.num_iterations)
+                flops_so_far = self.meter.flops_per_token * self.s.total_batch_size * self.step
+                self.evaluate(last_step, flops_so_far)
+                if last_step or (args.save_every > 0 and self.step > self.start_step and self.step % args.save_every == 0):
+                    self.save()
+                if last_step:
+                    break
+                lrm, step_tokens = self.train_step()
+                self.log_step(lrm, step_tokens, flops_so_far)
+                manual_gc.after_step(self.step)
+
+    def evaluate(self, last_step, flops_so_far):
+        args, step = self.args, self.step
+        resumed_here = self.s.resuming and step == self.start_step  # the resumed run evaluated this step already
+        if last_step or (args.eval_every > 0 and step % args.eval_every == 0 and not resumed_here):
+            self.evaluate_val_bpb(flops_so_far)
+        if args.chatcore_every > 0 and (last_step or (step > 0 and step % args.chatcore_every == 0)):
+            self.evaluate_chat()
+
+    def evaluate_val_bpb(self, flops_so_far):
+        s, rt = self.s, self.rt
+        eval_steps = max(1, self.args.eval_tokens // (s.device_batch_size * s.max_seq_len * rt.world_size))
+        self.train_model.eval()
         try:
-            _, optimizer_data, _ = load_checkpoint(optim_dir, optim_step, device, load_optimizer=True, rank=rank)
-            optimizer.load_state_dict(optimizer_data)
-            del optimizer_data
-            print0(f"Loaded optimizer state from {optim_dir} step {optim_step} (LRs reset to this run's)")
-        except FileNotFoundError as e:
-            if resuming:
-                raise
-            print0(f"WARNING: no optimizer state to warm-start from ({str(e).splitlines()[0][:200]}); starting fresh")
-    for group, f in zip(optimizer.param_groups, fresh):
-        group.update(f)
-        group["lr"] = f["lr"] * args.init_lr_frac
-        group["initial_lr"] = group["lr"]
-    scaler = torch.amp.GradScaler() if COMPUTE_DTYPE == torch.float16 else None
-
-    # ---- data
-    train_ds, val_ds, mixture_desc, offline = build_mixtures(args)
-    print0(f"Training mixture ({mixture_desc}): {len(train_ds):,} conversations; validation: {len(val_ds):,}")
-    loader_kwargs = dict(tokenizer=tokenizer, batch_size=args.device_batch_size, seq_len=args.max_seq_len,
-                         device=device, rank=rank, world_size=world_size, packing=args.packing, loss_on=args.loss_on)
-    loader_state = resume_meta["dataloader_state_dicts"][rank] if resuming else None
-    train_loader = ConversationPacker(train_ds, stop_at_epoch_end=args.num_iterations <= 0,
-                                      resume_state=loader_state, **loader_kwargs)
-    eval_steps = max(1, args.eval_tokens // (args.device_batch_size * args.max_seq_len * world_size))
-
-    def evaluate_val():
-        model.eval()
-        val_loader = ConversationPacker(val_ds, **loader_kwargs)
-        try:
-            bpb = evaluate_bpb(model, val_loader, eval_steps, token_bytes)
+            self.val_bpb = evaluate_bpb(self.train_model, ConversationPacker(self.val_ds, **self.loader_kwargs),
+                                        eval_steps, self.token_bytes)
         except ValueError as e:  # nothing countable in the val rows (e.g. every answer truncated away)
             print0(f"WARNING: no val bpb: {e}")
-            bpb = None
-        model.train()
-        return bpb
+            self.val_bpb = None
+        self.train_model.train()
+        if self.val_bpb is not None:
+            self.min_val_bpb = min(self.min_val_bpb, self.val_bpb)
+            print0(f"Step {self.step:05d} | Validation bpb: {self.val_bpb:.4f}")
+            self.report.log_point("val bpb", self.step, self.val_bpb, section=s.report_section)
+            self.wandb_run.log({"step": self.step, "total_training_flops": flops_so_far, "val/bpb": self.val_bpb})
 
-    # ---- loop state
-    loop = resume_meta["loop_state"] if resuming else {}
-    step = loop.get("step", 0)
-    min_val_bpb = loop.get("min_val_bpb", float("inf"))
-    smooth_train_loss = loop.get("smooth_train_loss", 0.0)
-    total_training_time = loop.get("total_training_time", 0.0)
-    progress = loop.get("progress", 0.0)
-    val_bpb = loop.get("val_bpb")
-    trained_tokens = loop.get("trained_tokens", 0)
-    chat_results = {}
-    report = get_report()
-    ema_beta = 0.9
-    data_done = False
-    last_step = False
-    start_step = step
-
-    def save(at_step):
-        loader_states = [train_loader.state_dict()]
-        if ddp:
-            loader_states = [None] * world_size
-            dist.all_gather_object(loader_states, train_loader.state_dict())
-        config = dataclasses.asdict(orig_model.config)
-        meta = {
-            "step": step_offset + at_step,
-            "val_bpb": val_bpb,
-            "model_config": config,
-            "user_config": {**user_config, **{k: getattr(args, k) for k in (
-                "max_seq_len", "device_batch_size", "total_batch_size", "embedding_lr", "unembedding_lr", "matrix_lr")}},
-            "max_seq_len": args.max_seq_len,
-            "device_batch_size": args.device_batch_size,
-            "total_batch_size": args.total_batch_size,
-            "source": {"kind": args.source, "tag": source_tag, "step": source_step},
-            "dataloader_state_dicts": loader_states,
-            "loop_state": {"step": at_step, "step_offset": step_offset, "min_val_bpb": min_val_bpb,
-                           "smooth_train_loss": smooth_train_loss, "total_training_time": total_training_time,
-                           "progress": progress, "val_bpb": val_bpb, "trained_tokens": trained_tokens},
-        }
-        save_checkpoint(output_dir, step_offset + at_step, orig_model.state_dict(), optimizer.state_dict(), meta,
-                        rank=rank)
-
-    while True:
-        last_step = data_done or (args.num_iterations > 0 and step >= args.num_iterations)
-        flops_so_far = num_flops_per_token * args.total_batch_size * step
-
-        if last_step or (args.eval_every > 0 and step % args.eval_every == 0 and not (resuming and step == start_step)):
-            val_bpb = evaluate_val()
-            if val_bpb is not None:
-                min_val_bpb = min(min_val_bpb, val_bpb)
-                print0(f"Step {step:05d} | Validation bpb: {val_bpb:.4f}")
-                report.log_point("val bpb", step, val_bpb, section=section)
-                wandb_run.log({"step": step, "total_training_flops": flops_so_far, "val/bpb": val_bpb})
-
-        if args.chatcore_every > 0 and (last_step or (step > 0 and step % args.chatcore_every == 0)):
-            model.eval()
-            t0 = time.time()
-            chat_results = run_chat_evals(orig_model, tokenizer, offline, args)
-            model.train()
-            print0(f"Step {step:05d} | chat eval ({time.time() - t0:.0f}s): " +
-                   ", ".join(f"{k}: {v:.4f}" for k, v in chat_results.items()))
-            for name, acc in chat_results.items():
-                report.log_point(name, step, acc, section=section)
-            wandb_run.log({"step": step, **{f"chatcore/{k}": v for k, v in chat_results.items()}})
-
-        if last_step or (args.save_every > 0 and step > start_step and step % args.save_every == 0):
-            save(step)
-        if last_step:
-            break
-
-        # ---- one optimization step
-        synchronize()
+    def evaluate_chat(self):
+        """ChatCORE's six tasks, or the offline mixture's own two (SpellingBee, Arithmetic)."""
+        args = self.args
+        self.train_model.eval()
         t0 = time.time()
-        micro_batches = [next(train_loader) for _ in range(grad_accum_steps)]
-        scale, step_tokens = step_loss_scale(micro_batches, world_size, ddp)
-        loss_sum = torch.zeros((), dtype=torch.float32, device=device)
+        names = ["SpellingBee", "Arithmetic"] if self.offline else ALL_TASKS
+        self.chat_results = evaluate_chat_tasks(self.model, self.tokenizer, names, self.s.device_batch_size,
+                                                args.chatcore_max_cat, args.chatcore_max_sample)
+        self.train_model.train()
+        print0(f"Step {self.step:05d} | chat eval ({time.time() - t0:.0f}s): " +
+               ", ".join(f"{k}: {v:.4f}" for k, v in self.chat_results.items()))
+        for name, acc in self.chat_results.items():
+            self.report.log_point(name, self.step, acc, section=self.s.report_section)
+        self.wandb_run.log({"step": self.step, **{f"chatcore/{k}": v for k, v in self.chat_results.items()}})
+
+    def save(self):
+        s, rt, meter = self.s, self.rt, self.meter
+        number = s.step_offset + self.step
+        meta = training.checkpoint_meta(
+            number, self.val_bpb, asdict(self.model.config), s.user_config, s.device_batch_size, s.max_seq_len,
+            s.total_batch_size, source={"kind": self.args.source, "tag": s.source_tag, "step": s.source_step},
+            dataloader_state_dicts=training.gather_from_ranks(self.train_loader.state_dict(), rt),
+            loop_state={"step": self.step, "step_offset": s.step_offset, "min_val_bpb": self.min_val_bpb,
+                        "smooth_train_loss": meter.smooth_loss, "total_training_time": meter.total_time,
+                        "progress": self.progress, "val_bpb": self.val_bpb, "trained_tokens": self.trained_tokens})
+        save_checkpoint(s.output_dir, number, self.model.state_dict(), self.optimizer.state_dict(), meta, rank=rt.rank)
+
+    def train_step(self):
+        """One optimization step over grad_accum_steps packed micro-batches; the loss is the mean over every
+        trained token of the step. Returns (LR multiplier, trained tokens of the step, all ranks)."""
+        args, s, rt = self.args, self.s, self.rt
+        rt.synchronize()
+        t0 = time.time()
+        micro_batches = [next(self.train_loader) for _ in range(s.grad_accum_steps)]
+        scale, step_tokens = step_loss_scale(micro_batches, rt.world_size, rt.ddp)
+        loss_sum = torch.zeros((), dtype=torch.float32, device=rt.device)
         for x, y in micro_batches:
-            micro_loss = model(x, y, loss_reduction="sum")
+            micro_loss = self.train_model(x, y, loss_reduction="sum")
             loss_sum += micro_loss.detach().float()
-            loss = micro_loss * scale
-            (scaler.scale(loss) if scaler is not None else loss).backward()
-        if ddp:
+            training.backward(micro_loss * scale, self.scaler)
+        if rt.ddp:
             dist.all_reduce(loss_sum, op=dist.ReduceOp.SUM)
-            done = torch.tensor(int(train_loader.exhausted), device=device)
-            dist.all_reduce(done, op=dist.ReduceOp.MIN)  # stop once every rank has used up its share
-            data_done = bool(done.item())
-        else:
-            data_done = train_loader.exhausted
+        self.data_done = self.every_rank_exhausted()
         train_loss = loss_sum.item() / max(1, step_tokens)
         # the LR of this update follows the progress made before it (so the last update is not wasted at lr 0)
-        lrm = lr_multiplier(progress, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
+        lrm = progress_lr_multiplier(self.progress, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
         if args.num_iterations > 0:
-            progress = (step + 1) / args.num_iterations
+            self.progress = (self.step + 1) / args.num_iterations
         else:
-            progress = max(progress, min(1.0, train_loader.progress))
-        momentum = muon_momentum(step)
-        set_schedule(optimizer, lrm, momentum)
-        optimizer_step(optimizer, scaler, ddp)
-        model.zero_grad(set_to_none=True)
-        synchronize()
-        dt = time.time() - t0
-        step += 1
-        trained_tokens += step_tokens
+            self.progress = max(self.progress, min(1.0, self.train_loader.progress))
+        set_schedule(self.optimizer, lrm, linear_ramp(self.step, 0.85, 0.95, 300))
+        optimizer_step(self.optimizer, self.scaler, rt.ddp)
+        self.model.zero_grad(set_to_none=True)
+        rt.synchronize()
+        self.step += 1
+        self.trained_tokens += step_tokens
+        self.meter.update(train_loss, time.time() - t0, s.total_batch_size, self.step)
+        return lrm, step_tokens
 
-        # ---- logging
-        smooth_train_loss = ema_beta * smooth_train_loss + (1 - ema_beta) * train_loss
-        debiased = smooth_train_loss / (1 - ema_beta ** step)  # the EMA has had `step` updates (resume included)
-        if step - start_step > 10:
-            total_training_time += dt
-        tok_per_sec = int(args.total_batch_size / dt)
-        mfu = 100 * num_flops_per_token * args.total_batch_size / dt / (peak_flops * world_size) if peak_flops else 0.0
-        done_steps = step - start_step
+    def every_rank_exhausted(self):
+        """Whether every rank has used up its share of the epoch: a rank that runs out first keeps stepping on
+        all-padding batches (zero loss) until the others are done, so all stop at the same step."""
+        if not self.rt.ddp:
+            return self.train_loader.exhausted
+        done = torch.tensor(int(self.train_loader.exhausted), device=self.rt.device)
+        dist.all_reduce(done, op=dist.ReduceOp.MIN)
+        return bool(done.item())
+
+    def log_step(self, lrm, step_tokens, flops_so_far):
+        args, meter, step = self.args, self.meter, self.step
         if args.num_iterations > 0:
-            eta = (args.num_iterations - step) * (total_training_time / max(1, done_steps - 10)) if done_steps > 10 else None
-        else:
-            eta = (1 - progress) / progress * total_training_time if progress > 0 and done_steps > 10 else None
-        eta_str = f" | eta: {eta / 60:.1f}m" if eta is not None else ""
-        total_str = f"{step:05d}/{args.num_iterations:05d}" if args.num_iterations > 0 else f"{step:05d}"
-        print0(f"step {total_str} ({100 * progress:.2f}%) | loss: {debiased:.6f} | lrm: {lrm:.2f} | "
-               f"dt: {dt * 1000:.2f}ms | tok/sec: {tok_per_sec:,} | trained tok: {step_tokens:,} | "
-               f"mfu: {mfu:.2f} | epoch: {train_loader.epoch} | total time: {total_training_time / 60:.2f}m{eta_str}")
-        report.log_point("train loss", step, debiased, section=section)
+            counter, steps_left = f"{step:05d}/{args.num_iterations:05d}", args.num_iterations - step
+        else:  # one epoch: the steps left at this run's pace through it
+            counter, steps_left = f"{step:05d}", step * (1 - self.progress) / self.progress if self.progress > 0 else None
+        eta = meter.eta(steps_left) if steps_left is not None else None
+        epoch = self.train_loader.epoch
+        print0(meter.line(counter, 100 * self.progress, lrm, epoch, eta, extra={"trained tok": f"{step_tokens:,}"}))
+        self.report.log_point("train loss", step, meter.loss, section=self.s.report_section)
         if step % 10 == 0:
-            wandb_run.log({"step": step, "total_training_flops": flops_so_far, "train/loss": debiased,
-                           "train/lrm": lrm, "train/dt": dt, "train/tok_per_sec": tok_per_sec, "train/mfu": mfu,
-                           "train/epoch": train_loader.epoch})
-        if step == start_step + 1:
-            gc.collect()
-            gc.freeze()  # setup's surviving objects never get scanned again: avoids ~0.5 s GC pauses
-            gc.disable()
-        elif step % 5000 == 0:
-            gc.collect()
+            self.wandb_run.log({"step": step, "total_training_flops": flops_so_far, **meter.wandb_metrics(),
+                                "train/lrm": lrm, "train/epoch": epoch})
 
-    gc.unfreeze()
-    gc.enable()  # back to normal (matters when main() is called from Python, e.g. tests)
-    if device_type == "cuda":
-        print0(f"Peak memory usage: {torch.cuda.max_memory_allocated() / 1024 / 1024:.2f}MiB")
-    print0(f"Total training time: {total_training_time / 60:.2f}m")
-    print0(f"Minimum validation bpb: {min_val_bpb:.4f}")
-    print0(f"Saved to {output_dir} (step {step_offset + step})")
-    report.log(section=section, data=[
-        user_config,
-        {"Source": f"{args.source} {source_tag} step {source_step}", "Output": f"{output_dir} step {step_offset + step}",
-         "Training mixture": mixture_desc, "Training conversations": len(train_ds),
-         "Validation conversations": len(val_ds), "Number of iterations": step, "Trained tokens": trained_tokens,
-         "DDP world size": world_size},
-        {"Minimum validation bpb": min_val_bpb, "Final validation bpb": val_bpb,
-         "Training time (min)": total_training_time / 60},
-        chat_results,
-    ])
-    wandb_run.finish()
-    compute_cleanup()
-    return {"step": step, "val_bpb": val_bpb, "min_val_bpb": min_val_bpb, "output_dir": output_dir,
-            "consumed": train_loader.consumed, "trained_tokens": trained_tokens, "chat": chat_results}
+    def finish(self):
+        """Summary lines, the report section; returns what callers and tests look at."""
+        args, s = self.args, self.s
+        if self.rt.device_type == "cuda":
+            print0(f"Peak memory usage: {training.peak_memory_mib('cuda'):.2f}MiB")
+        print0(f"Total training time: {self.meter.total_time / 60:.2f}m")
+        print0(f"Minimum validation bpb: {self.min_val_bpb:.4f}")
+        print0(f"Saved to {s.output_dir} (step {s.step_offset + self.step})")
+        self.report.log(section=s.report_section, data=[
+            vars(args),
+            {"Source": f"{args.source} {s.source_tag} step {s.source_step}",
+             "Output": f"{s.output_dir} step {s.step_offset + self.step}", "Training mixture": self.mixture_desc,
+             "Training conversations": len(self.train_ds), "Validation conversations": len(self.val_ds),
+             "Number of iterations": self.step, "Trained tokens": self.trained_tokens,
+             "DDP world size": self.rt.world_size},
+            {"Minimum validation bpb": self.min_val_bpb, "Final validation bpb": self.val_bpb,
+             "Training time (min)": self.meter.total_time / 60},
+            self.chat_results,
+        ])
+        self.wandb_run.finish()
+        return {"step": self.step, "val_bpb": self.val_bpb, "min_val_bpb": self.min_val_bpb,
+                "output_dir": s.output_dir, "consumed": self.train_loader.consumed,
+                "trained_tokens": self.trained_tokens, "chat": self.chat_results}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        sft = SFTRun(args)  # setup
+        sft.run()           # the loop, saving along the way and at the end
+        return sft.finish()
+    finally:
+        compute_cleanup()
 
 
 if __name__ == "__main__":

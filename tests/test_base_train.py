@@ -1,6 +1,7 @@
 """Pretraining: the depth dial vs the reference's numbers, schedules, bits per byte vs a hand computation,
 resume == uninterrupted, 2 gloo ranks == 1 rank with grad accumulation, continued pretraining / context
 extension, and base_eval's outputs. Models are tiny (d2, 64 wide, 32-token context)."""
+import dataclasses
 import json
 import math
 import os
@@ -8,9 +9,18 @@ import random
 import subprocess
 import sys
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
+from nanochat.checkpoint_manager import load_model
+from nanochat.dataloader import tokenizing_distributed_data_loader_bos_bestfit
+from nanochat.loss_eval import evaluate_bpb
+from nanochat.samples import SAMPLE_PROMPTS
+from nanochat.scaling import build_meta_model, model_config_for_depth, ntk_rope_base, plan_training
+from nanochat.tokenizer import RustBPETokenizer, get_token_bytes, save_token_bytes
+from scripts import base_eval
 from scripts import base_train as bt
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,13 +38,11 @@ def make_docs(n, seed):
 
 @pytest.fixture(scope="module")
 def tiny_tokenizer():
-    from nanochat.tokenizer import RustBPETokenizer
     return RustBPETokenizer.train_from_iterator(iter(make_docs(300, 0)), VOCAB_SIZE)
 
 
 def write_tokenizer(base_dir, tokenizer):
     """The tokenizer and token_bytes in base_dir/tokenizer, like tok_train leaves them."""
-    from nanochat.tokenizer import save_token_bytes
     tok_dir = os.path.join(base_dir, "tokenizer")
     tokenizer.save(tok_dir)
     save_token_bytes(tokenizer, tok_dir)
@@ -42,8 +50,6 @@ def write_tokenizer(base_dir, tokenizer):
 
 def write_corpus(d):
     """A tiny corpus as parquet shards (text column, several row groups); the last shard is val."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
     os.makedirs(d, exist_ok=True)
     for i in range(3):
         table = pa.table({"text": make_docs(60, seed=100 + i)})
@@ -88,13 +94,13 @@ REFERENCE_TABLE = [  # depth, scaling params (M), FLOPs/token, auto batch, steps
 
 
 def default_plan(depth, ratio, **overrides):
-    cfg = lambda d: bt.model_config_for_depth(d, 64, 128, 2048, 32768, "SSSL")
-    model, d12 = bt.build_meta_model(cfg(depth)), bt.build_meta_model(cfg(12))
+    cfg = lambda d: model_config_for_depth(d, 64, 128, 2048, 32768, "SSSL")
+    model, d12 = build_meta_model(cfg(depth)), build_meta_model(cfg(12))
     kwargs = dict(num_iterations=-1, target_flops=-1.0, target_param_data_ratio=ratio, total_batch_size=-1,
                   weight_decay=0.28, scaling_params=model.num_scaling_params(),
                   d12_scaling_params=d12.num_scaling_params(), flops_per_token=model.estimate_flops())
     kwargs.update(overrides)
-    return model, bt.plan_training(**kwargs)
+    return model, plan_training(**kwargs)
 
 
 @pytest.mark.parametrize("depth,scaling_m,flops,batch,steps,lr_scale,wd", REFERENCE_TABLE)
@@ -130,30 +136,8 @@ def test_horizon_precedence():
         default_plan(12, -1)
 
 
-def test_grad_accum_steps_and_divisibility_error():
-    assert bt.compute_grad_accum_steps(524288, 32, 2048, 8) == 1
-    assert bt.compute_grad_accum_steps(524288, 16, 2048, 1) == 16
-    with pytest.raises(ValueError) as e:
-        bt.compute_grad_accum_steps(100_000, 32, 2048, 8)
-    msg = str(e.value)
-    assert "--device-batch-size 32 x --max-seq-len 2048 x 8 rank(s) = 524,288" in msg
-    assert "--total-batch-size to a multiple of 524,288" in msg
-    with pytest.raises(ValueError, match=r"e\.g\. 1,536 or 2,048"):
-        bt.compute_grad_accum_steps(1800, 2, 256, 1)
-
-
-def test_schedules():
-    N = 1000
-    lr = lambda it: bt.lr_multiplier(it, N, warmup_steps=40, warmdown_ratio=0.65, final_lr_frac=0.05)
-    assert lr(0) == pytest.approx(1 / 40) and lr(39) == 1.0 and lr(350) == 1.0
-    assert lr(N - 1) == pytest.approx(0.05 + 0.95 / 650) and lr(N) == pytest.approx(0.05)
-    assert lr(N - 325) == pytest.approx(0.525)
-    mom = lambda it: bt.muon_momentum(it, N, 0.65)
-    assert mom(0) == 0.85 and mom(200) == pytest.approx(0.91) and mom(349) == pytest.approx(0.85 + 0.12 * 349 / 400)
-    assert mom(400) == pytest.approx(0.97 - 0.07 * 50 / 650)  # warmdown started at step 350
-    assert bt.muon_momentum(500, 2000, 0.65) == 0.97
-    assert bt.muon_weight_decay(0, N, 0.2) == 0.2 and bt.muon_weight_decay(N // 2, N, 0.2) == pytest.approx(0.1)
-    assert bt.ntk_rope_base(100000, 2048, 8192, 128) == pytest.approx(100000 * 4 ** (128 / 126))
+def test_ntk_rope_base():
+    assert ntk_rope_base(100000, 2048, 8192, 128) == pytest.approx(100000 * 4 ** (128 / 126))
 
 
 # -----------------------------------------------------------------------------
@@ -172,7 +156,6 @@ class FixedLossModel(torch.nn.Module):
 
 
 def test_bpb_matches_hand_computation():
-    from nanochat.loss_eval import evaluate_bpb
     token_bytes = torch.tensor([1, 2, 3, 0, 4], dtype=torch.int32)  # id 3 is a special token
     g = torch.Generator().manual_seed(0)
     batches, table = [], torch.rand(6, 5, generator=g) * 5
@@ -235,6 +218,7 @@ def test_resume_equals_uninterrupted(base, text_dir):
 DIST_DRIVER = """
 import json, os, sys
 import torch.distributed as dist
+from nanochat.scaling import build_meta_model, model_config_for_depth, ntk_rope_base, plan_training
 from scripts import base_train as bt
 bt.compute_cleanup = lambda: None  # keep one process group for the three runs (re-initializing can hang)
 common, text_dir, out_path = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
@@ -288,10 +272,6 @@ def test_two_gloo_ranks_equal_one_rank_with_grad_accum(base, text_dir, tmp_path,
 def test_val_bpb_during_training_matches_reloaded_checkpoint(base, text_dir):
     """The val bpb logged during training must be the bpb of the weights being trained (no stale inference
     caches): it equals evaluate_bpb on the saved checkpoint, and it moves away from the initial value."""
-    from nanochat.checkpoint_manager import load_model
-    from nanochat.dataloader import tokenizing_distributed_data_loader_bos_bestfit
-    from nanochat.loss_eval import evaluate_bpb
-    from nanochat.tokenizer import get_token_bytes
     out = bt.main(TINY + ["--data-dir", text_dir, "--num-iterations", "6", "--eval-every", "3", "--eval-tokens", "256",
                           "--warmup-steps", "1"])
     model, tokenizer, _ = load_model("base", "cpu", "eval")
@@ -323,6 +303,40 @@ def test_init_from_context_extension(base, capsys):
         bt.main(["--init-from", "d2", "--depth", "4", "--synthetic-data", "--num-iterations", "0"])
 
 
+def test_settings_are_resolved_once_and_leave_the_flags_alone(base, tiny_tokenizer):
+    """resolve_settings gives the scaling laws' numbers for the model it configures (recomputed here from meta
+    models), resolves 'last' and --init-from, and never writes to args."""
+    parser, vocab_size = bt.build_parser(), tiny_tokenizer.get_vocab_size()
+    argv = TINY + ["--synthetic-data", "--num-iterations", "2", "--model-tag", "d2"]
+    bt.main(argv)  # a checkpoint to resume and to continue from
+    args = parser.parse_args(argv + ["--resume-from-step", "last"])
+    flags = dict(vars(args))
+    s = bt.resolve_settings(args, bt.explicit_flags(parser, argv), vocab_size, world_size=1)
+    assert vars(args) == flags
+    assert s.resuming and s.resume_step == 2 and s.checkpoint_dir.endswith(os.path.join("base_checkpoints", "d2"))
+    assert (s.num_iterations, s.total_batch_size, s.grad_accum_steps) == (2, 128, 2)
+    config = model_config_for_depth(2, 32, 32, 32, vocab_size, "L")
+    model = build_meta_model(config)
+    d12 = build_meta_model(model_config_for_depth(12, 32, 32, 32, vocab_size, "L"))
+    plan = plan_training(2, -1.0, 12, 128, 0.28, model.num_scaling_params(), d12.num_scaling_params(),
+                         model.estimate_flops())
+    assert s.model_config == config and s.flops_per_token == model.estimate_flops()
+    assert (s.batch_lr_scale, s.weight_decay_scaled, s.horizon_source) == (
+        plan["batch_lr_scale"], plan["weight_decay_scaled"], "--num-iterations")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.num_iterations = 3
+    # --init-from: the shape is the source's (user_config records its depth), the flags stay as typed
+    argv = ["--init-from", "d2", "--synthetic-data", "--num-iterations", "0", "--device-batch-size", "2",
+            "--total-batch-size", "128"]
+    args = parser.parse_args(argv)
+    s = bt.resolve_settings(args, bt.explicit_flags(parser, argv), vocab_size, world_size=1)
+    assert args.depth == 20 and s.user_config["depth"] == 2 and s.model_tag == "d2_cpt" and not s.resuming
+    assert s.init_from["step"] == 2 and (s.model_config.n_layer, s.model_config.n_embd) == (2, 64)
+    with pytest.raises(SystemExit) as e:
+        parser.parse_args(["--resume-from-step", "latest"])
+    assert e.value.code == 2
+
+
 def test_bad_batch_sizes_fail_before_training(base):
     with pytest.raises(ValueError, match="--total-batch-size to a multiple of 96"):
         bt.main(TINY + ["--synthetic-data", "--num-iterations", "1", "--device-batch-size", "3",
@@ -333,25 +347,21 @@ def test_bad_batch_sizes_fail_before_training(base):
 # base_eval
 
 def test_base_eval_core_csv_and_samples(base, monkeypatch):
-    from scripts import base_eval
     bt.main(TINY + ["--synthetic-data", "--num-iterations", "1", "--model-tag", "d2", "--max-seq-len", "64"])
     fake = {"results": {"hellaswag": 0.3, "arc_easy": 0.5},
             "centered_results": {"hellaswag": 0.0667, "arc_easy": 0.3333}, "core_metric": 0.2}
-    import nanochat.core_eval
-    monkeypatch.setattr(nanochat.core_eval, "evaluate_core", lambda *a, **k: fake)
+    monkeypatch.setattr(base_eval, "evaluate_core", lambda *a, **k: fake)
     out = base_eval.main(["--eval", "core,sample", "--device-type", "cpu"])
     with open(out["csv_path"]) as f:
         rows = [[c.strip() for c in line.split(",")] for line in f.read().splitlines()]
     assert out["csv_path"].endswith(os.path.join("base_eval", "base_model_000001.csv"))
     assert rows == [["Task", "Accuracy", "Centered"], ["hellaswag", "0.300000", "0.066700"],
                     ["arc_easy", "0.500000", "0.333300"], ["CORE", "", "0.200000"]]
-    assert len(out["samples"]) == len(base_eval.SAMPLE_PROMPTS) and len(out["unconditional"]) == 8
+    assert len(out["samples"]) == len(SAMPLE_PROMPTS) and len(out["unconditional"]) == 8
     assert out["samples"][0].startswith("<|bos|>The capital of France is")
 
 
 def test_base_eval_bpb(base, text_dir):
-    pytest.importorskip("nanochat.dataloader")
-    from scripts import base_eval
     bt.main(TINY + ["--data-dir", text_dir, "--num-iterations", "1", "--model-tag", "d2"])
     out = base_eval.main(["--eval", "bpb", "--device-batch-size", "2", "--split-tokens", "200",
                           "--data-dir", text_dir, "--device-type", "cpu"])

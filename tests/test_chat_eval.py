@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from scripts.chat_eval import BASELINES, ALL_TASKS, centered, run_categorical_eval, run_generative_eval
+from nanochat.chat_eval import BASELINES, ALL_TASKS, chatcore, run_categorical_eval, run_generative_eval
+from nanochat.core_eval import centered_accuracy
 
 LETTERS = ["A", "B", "C", "D"]
 VOCAB = 64
@@ -115,7 +116,16 @@ def test_generative_is_pass_at_k():
 
 def test_centered_and_chatcore_baselines():
     assert set(ALL_TASKS) == {"ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee"}
-    assert centered(0.25, BASELINES["MMLU"]) == 0.0
-    assert centered(1.0, BASELINES["ARC-Easy"]) == 1.0
-    assert centered(0.625, 0.25) == pytest.approx(0.5)
-    assert centered(0.3, BASELINES["GSM8K"]) == pytest.approx(0.3)
+    # one centering for CORE and ChatCORE: baselines in percent, as in CORE's eval_meta_data.csv
+    assert centered_accuracy(0.25, BASELINES["MMLU"]) == 0.0
+    assert centered_accuracy(1.0, BASELINES["ARC-Easy"]) == 1.0
+    assert centered_accuracy(0.625, 25.0) == pytest.approx(0.5)
+    assert centered_accuracy(0.3, BASELINES["GSM8K"]) == pytest.approx(0.3)
+
+
+def test_chatcore_is_the_mean_centered_accuracy_of_all_six_tasks():
+    results = {"ARC-Easy": 0.625, "ARC-Challenge": 0.25, "MMLU": 1.0, "GSM8K": 0.3, "HumanEval": 0.1,
+               "SpellingBee": 0.5, "Arithmetic": 0.9}  # Arithmetic is not a ChatCORE task: it must not count
+    assert chatcore(results) == pytest.approx((0.5 + 0.0 + 1.0 + 0.3 + 0.1 + 0.5) / 6)
+    del results["HumanEval"]
+    assert chatcore(results) is None  # a partial run has no ChatCORE

@@ -4,48 +4,35 @@ import json
 import math
 import os
 import shutil
-import dataclasses
+import subprocess
+import sys
 
 import pytest
 import torch
 
+from nanochat.chat_dataloader import ConversationPacker
+from nanochat.chat_format import load_conversations_jsonl
+from nanochat.checkpoint_manager import find_last_step, load_model
+from nanochat.tokenizer import get_tokenizer
+from nanochat.training import step_loss_scale
 from scripts import chat_sft
-from scripts.chat_sft import ConversationPacker, step_loss_scale, parse_jsonl_spec, parse_args
+from scripts.chat_sft import parse_jsonl_spec, parse_args
 
 T = 32  # SFT row length used throughout
 
 
-
-def _build_tiny_base(base_dir):
-    """Tokenizer + a 2-layer GPT saved as base_checkpoints/d2 step 0, the way base_train saves one."""
-    from nanochat.tokenizer import RustBPETokenizer, save_token_bytes
-    from nanochat.gpt import GPT, GPTConfig
-    from nanochat.checkpoint_manager import save_checkpoint
-    texts = ["The quick brown fox jumps over the lazy dog. What is your name? My name is nanochat.",
-             "Numbers: 12 + 34 = 46, 7 * 8 = 56. Spell the word: cat -> c,a,t."] * 40
-    tok = RustBPETokenizer.train_from_iterator(iter(texts), vocab_size=300)
-    tok_dir = os.path.join(base_dir, "tokenizer")
-    tok.save(tok_dir)
-    save_token_bytes(tok, tok_dir)
-    config = GPTConfig(sequence_len=64, vocab_size=tok.get_vocab_size(), n_layer=2, n_head=2, n_kv_head=2,
-                       n_embd=32, window_pattern="L")
-    torch.manual_seed(0)
-    with torch.device("meta"):
-        model = GPT(config)
-    model.to_empty(device="cpu")
-    model.init_weights()
-    meta = {"step": 0, "model_config": dataclasses.asdict(config), "max_seq_len": 64, "device_batch_size": 4,
-            "total_batch_size": 256, "user_config": {"embedding_lr": 0.3, "unembedding_lr": 0.004, "matrix_lr": 0.02}}
-    save_checkpoint(os.path.join(base_dir, "base_checkpoints", "d2"), 0, model.state_dict(), None, meta)
-
-
 @pytest.fixture(scope="module")
-def tiny_base_template(tmp_path_factory):
+def tiny_base_template(tmp_path_factory, build_tiny_checkpoint):
+    """Tokenizer + a 2-layer GPT saved as base_checkpoints/d2 step 0, the way base_train saves one."""
     path = tmp_path_factory.mktemp("tiny_base")
     old = os.environ.get("NANOCHAT_BASE_DIR")
     os.environ["NANOCHAT_BASE_DIR"] = str(path)
     try:
-        _build_tiny_base(str(path))
+        texts = ["The quick brown fox jumps over the lazy dog. What is your name? My name is nanochat.",
+                 "Numbers: 12 + 34 = 46, 7 * 8 = 56. Spell the word: cat -> c,a,t."] * 40
+        build_tiny_checkpoint(str(path), texts, 300, 64, os.path.join("base_checkpoints", "d2"), 0, meta={
+            "max_seq_len": 64, "device_batch_size": 4, "total_batch_size": 256,
+            "user_config": {"embedding_lr": 0.3, "unembedding_lr": 0.004, "matrix_lr": 0.02}})
     finally:
         if old is None:
             os.environ.pop("NANOCHAT_BASE_DIR")
@@ -79,7 +66,6 @@ def _tiny_args(*extra):
 
 
 def _load_tiny(base):
-    from nanochat.checkpoint_manager import load_model
     return load_model("base", "cpu", "train")
 
 
@@ -136,7 +122,6 @@ def _conversations(n, long_every=0):
 
 
 def test_packer_uses_each_conversation_once_and_masks(base):
-    from nanochat.tokenizer import get_tokenizer
     tok = get_tokenizer()
     data = _conversations(23, long_every=5)
     packer = ConversationPacker(data, tok, batch_size=3, seq_len=T, device=torch.device("cpu"),
@@ -160,7 +145,6 @@ def test_packer_uses_each_conversation_once_and_masks(base):
 
 
 def test_packer_crop_and_loss_on_all(base):
-    from nanochat.tokenizer import get_tokenizer
     tok = get_tokenizer()
     data = _conversations(30)
     packer = ConversationPacker(data, tok, batch_size=2, seq_len=T, device=torch.device("cpu"),
@@ -172,7 +156,6 @@ def test_packer_crop_and_loss_on_all(base):
 
 
 def test_packer_resume_state_is_exact(base):
-    from nanochat.tokenizer import get_tokenizer
     tok = get_tokenizer()
     data = _conversations(40)
     kw = dict(tokenizer=tok, batch_size=2, seq_len=T, device=torch.device("cpu"), buffer_size=6)
@@ -237,7 +220,6 @@ def test_bad_rows_are_reported_with_file_and_line(base, tmp_path):
 
 
 def test_identity_file_is_valid_and_on_persona():
-    from nanochat.chat_format import load_conversations_jsonl
     convs = load_conversations_jsonl(chat_sft.default_identity_path())
     assert len(convs) >= 200
     # every answer to a question about the model's name names it
@@ -251,7 +233,6 @@ def test_identity_file_is_valid_and_on_persona():
 # whole runs (in-process)
 
 def test_custom_only_trains_on_exactly_the_given_rows(base, tmp_path, capsys):
-    from nanochat.tokenizer import get_tokenizer
     rows = _qa_rows(7)
     f = _write_jsonl(tmp_path / "mine.jsonl", rows)
     result = chat_sft.main(_tiny_args("--custom-only", "--extra-train-jsonl", f"{f}:2", "--eval-every", "-1"))
@@ -277,7 +258,6 @@ def test_all_masked_microbatches_train_without_nan(base, tmp_path):
     f = _write_jsonl(tmp_path / "long.jsonl", rows)
     result = chat_sft.main(_tiny_args("--custom-only", "--extra-train-jsonl", f, "--device-batch-size", "1",
                                       "--total-batch-size", str(2 * T), "--eval-every", "-1"))
-    from nanochat.checkpoint_manager import load_model
     model, _, _ = load_model("sft", "cpu", "eval")
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert result["consumed"] == len(rows)
@@ -296,6 +276,27 @@ def test_resume_matches_uninterrupted_run(base, tmp_path):
     b = torch.load(os.path.join(base, "chatsft_checkpoints", "split", "model_000004.pt"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
+def test_settings_inherit_from_the_source_and_leave_the_flags_alone(base, capsys):
+    # the tiny base checkpoint: max_seq_len 64, device batch 4, total 256 tokens, LRs 0.3 / 0.004 / 0.02
+    args = parse_args(["--device-batch-size", "2", "--embedding-lr", "0.5"])
+    flags = dict(vars(args))
+    s = chat_sft.resolve_settings(args, world_size=1)
+    assert vars(args) == flags and args.max_seq_len is None
+    assert (s.max_seq_len, s.device_batch_size, s.total_batch_size, s.grad_accum_steps) == (64, 2, 256, 2)
+    assert (s.embedding_lr, s.unembedding_lr, s.matrix_lr) == (0.5, 0.004, 0.02)
+    assert s.user_config["max_seq_len"] == 64 and s.user_config["embedding_lr"] == 0.5
+    assert (s.source_tag, s.source_step, s.step_offset, s.resuming) == ("d2", 0, 0, False)
+    assert s.output_dir.endswith(os.path.join("chatsft_checkpoints", "d2")) and s.report_section == "Chat SFT"
+    out = capsys.readouterr().out
+    assert "NOTE: --embedding-lr=0.5 overrides the source checkpoint's value of 0.3" in out
+    assert "Inherited total_batch_size=256 from the source checkpoint" in out
+    mid = chat_sft.resolve_settings(parse_args(["--preset", "midtrain"]), world_size=1)
+    assert mid.output_dir.endswith(os.path.join("mid_checkpoints", "d2")) and mid.report_section == "Midtraining"
+    assert mid.embedding_lr == 0.2  # the preset's LR, not the source's
+    with pytest.raises(SystemExit, match="Set --total-batch-size to a multiple of 384"):
+        chat_sft.resolve_settings(parse_args(["--device-batch-size", "3", "--total-batch-size", "1000"]), world_size=2)
 
 
 def test_midtrain_preset_defaults_and_overrides():
@@ -318,7 +319,6 @@ def test_finetune_sft_checkpoint_in_place_continues_step_numbers(base, tmp_path)
     assert second["output_dir"].endswith(os.path.join("mid_checkpoints", "d2"))
     third = chat_sft.main(_tiny_args("--source", "sft", "--custom-only", "--extra-train-jsonl", f,
                                      "--num-iterations", "2", "--eval-every", "-1"))
-    from nanochat.checkpoint_manager import find_last_step
     assert find_last_step(first["output_dir"]) == 4 and third["step"] == 2
 
 
@@ -335,7 +335,6 @@ with open(sys.argv[2] + f".rank{os.environ['RANK']}", "w") as f:
 def test_two_ranks_cover_the_epoch_once_and_stop_together(base, tmp_path):
     # 11 conversations, rank-strided: rank 0 gets 6, rank 1 gets 5, and the long ones end up on rank 0, so
     # rank 1 runs out first and must keep stepping on all-padding batches (zero loss) until rank 0 is done
-    import subprocess, sys
     rows = _qa_rows(11)
     for i in (0, 2, 4):
         rows[i][1]["content"] = "a long answer " * 12
@@ -353,7 +352,6 @@ def test_two_ranks_cover_the_epoch_once_and_stop_together(base, tmp_path):
     r0, r1 = (json.load(open(f"{out}.rank{r}")) for r in (0, 1))
     assert r0["consumed"] + r1["consumed"] == len(rows) and (r0["consumed"], r1["consumed"]) == (6, 5)
     assert r0["step"] == r1["step"] and r0["trained_tokens"] == r1["trained_tokens"]  # all-reduced count
-    from nanochat.tokenizer import get_tokenizer
     tok = get_tokenizer()
     assert r0["trained_tokens"] == sum(sum(tok.render_conversation(r, max_tokens=T + 1)[1]) for r in rows)
     assert math.isfinite(r0["val_bpb"]) and r0["val_bpb"] == r1["val_bpb"]
