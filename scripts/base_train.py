@@ -36,6 +36,7 @@ from nanochat.dataloader import (tokenizing_distributed_data_loader_with_state_b
                                  tokenizing_distributed_data_loader_bos_bestfit)
 from nanochat.fp8 import enable_fp8_training, disable_fp8
 from nanochat.gpt import GPT, GPTConfig, compute_window_sizes
+from nanochat.hub import CheckpointPusher, add_push_arguments
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.optim import optimizer_step, set_schedule
 from nanochat.report import get_report
@@ -113,6 +114,7 @@ def build_parser():
                         help="TAG[:STEP] of a base checkpoint to continue pretraining from (weights only; new tag, fresh optimizer and schedule)")
     parser.add_argument("--compile", type=int, default=-1, help="torch.compile the model: 1 = yes, 0 = no, -1 = auto (CUDA, and CPU when a C++ compiler is installed)")
     parser.add_argument("--model-tag", type=str, default=None, help="checkpoint directory name (default d<depth>, or <source>_cpt with --init-from)")
+    add_push_arguments(parser)
     return parser
 
 
@@ -245,7 +247,7 @@ def check_resume_compatible(meta, model_config_kwargs, user_config, world_size):
     if saved_world is not None and saved_world != world_size:
         raise ValueError(f"Cannot resume: the checkpoint was saved by {saved_world} rank(s) (optimizer state is sharded "
                          f"per rank) but this run has {world_size}. Use torchrun --nproc_per_node={saved_world}.")
-    ignore = {"resume_from_step", "run"}
+    ignore = {"resume_from_step", "run", "push_to", "push_wait"}
     changed = {k: (meta["user_config"].get(k), v) for k, v in user_config.items()
                if k not in ignore and k in meta.get("user_config", {}) and meta["user_config"][k] != v}
     if changed:
@@ -291,6 +293,7 @@ class PretrainingRun:
         print0(f"Vocab size: {self.tokenizer.get_vocab_size():,}")
         self.s = s = resolve_settings(args, explicit, self.tokenizer.get_vocab_size(), rt.world_size)
         self.wandb_run = training.init_wandb(args.run, "nanochat", s.user_config, rt.master)
+        self.pusher = CheckpointPusher(args.push_to)
 
         self.model, optimizer_data, resume_meta = self.build_model()  # uncompiled: saving, sampling, CORE
         use_compile = should_compile(args.compile, rt.device_type)
@@ -459,6 +462,7 @@ class PretrainingRun:
             core_metric=self.core_results.get("core_metric"))
         save_checkpoint(s.checkpoint_dir, self.step, self.model.state_dict(), self.optimizer.state_dict(), meta,
                         rank=rt.rank)
+        self.pusher.push(s.checkpoint_dir, self.step)
 
     def train_step(self):
         """Optimization step number self.step: grad_accum_steps micro-batches (the next one prefetched while the
@@ -547,7 +551,10 @@ class PretrainingRun:
 def train(args, explicit=frozenset()):
     """Run pretraining. Returns a dict (per-step losses, val bpb, checkpoint dir, ...) for callers and tests."""
     run = PretrainingRun(args, explicit)  # setup: device, settings, model, optimizer, data
-    run.run()                             # the loop: evaluate, save, one optimization step, log
+    try:
+        run.run()                         # the loop: evaluate, save (and push), one optimization step, log
+    finally:
+        run.pusher.close(args.push_wait)  # uploads still running get a bounded wait, even after a crash
     return run.finish()                   # summary and report
 
 

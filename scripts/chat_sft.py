@@ -29,6 +29,7 @@ from nanochat.chat_dataloader import ConversationPacker
 from nanochat.chat_eval import ALL_TASKS, evaluate_chat_tasks
 from nanochat.checkpoint_manager import available_steps, build_model, save_checkpoint
 from nanochat.common import compute_cleanup, get_base_dir, print0
+from nanochat.hub import CheckpointPusher, add_push_arguments
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.optim import optimizer_step, set_schedule
 from nanochat.report import get_report
@@ -122,6 +123,7 @@ def build_parser():
                         help="when no conversation fits the rest of a row: pad it (SFT) or crop one in (midtrain)")
     parser.add_argument("--loss-on", type=str, default="assistant", choices=["assistant", "all"],
                         help="train on the assistant's tokens only (SFT) or on every token (midtrain)")
+    add_push_arguments(parser)
     return parser
 
 
@@ -319,6 +321,7 @@ class SFTRun:
         project = "nanochat-mid" if args.preset == "midtrain" else "nanochat-sft"
         self.wandb_run = training.init_wandb(args.run, project, vars(args).copy(), rt.master)
         self.s = s = resolve_settings(args, rt.world_size)
+        self.pusher = CheckpointPusher(args.push_to)
         self.model, self.tokenizer, start_meta = build_model(s.start_dir, s.start_step, rt.device, phase="train")
         resume_meta = start_meta if s.resuming else None
         training.print_batch_arithmetic(s.device_batch_size, s.max_seq_len, s.total_batch_size, s.grad_accum_steps)
@@ -429,6 +432,7 @@ class SFTRun:
                         "smooth_train_loss": meter.smooth_loss, "total_training_time": meter.total_time,
                         "progress": self.progress, "val_bpb": self.val_bpb, "trained_tokens": self.trained_tokens})
         save_checkpoint(s.output_dir, number, self.model.state_dict(), self.optimizer.state_dict(), meta, rank=rt.rank)
+        self.pusher.push(s.output_dir, number)
 
     def train_step(self):
         """One optimization step over grad_accum_steps packed micro-batches; the loss is the mean over every
@@ -514,7 +518,10 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         sft = SFTRun(args)  # setup
-        sft.run()           # the loop, saving along the way and at the end
+        try:
+            sft.run()       # the loop, saving (and pushing) along the way and at the end
+        finally:
+            sft.pusher.close(args.push_wait)  # a bounded wait for uploads still running, even after a crash
         return sft.finish()
     finally:
         compute_cleanup()

@@ -87,3 +87,130 @@ def build_tiny_checkpoint(build_tiny_gpt):
         save_checkpoint(os.path.join(base_dir, checkpoint_dir), step, model.state_dict(), None, meta)
         return tokenizer
     return build
+
+
+# -----------------------------------------------------------------------------
+# A writable Hugging Face hub on localhost: the calls huggingface_hub makes to create a repo, upload (preupload,
+# then one ndjson commit with the files inline), list and download. Nothing is faked inside huggingface_hub.
+
+import base64  # noqa: E402
+import hashlib  # noqa: E402
+import http.server  # noqa: E402
+import json  # noqa: E402
+import re  # noqa: E402
+import threading  # noqa: E402
+from urllib.parse import unquote, urlparse  # noqa: E402
+
+
+class FakeHub:
+    """State of the fake hub: repos {repo_id: {path: bytes}}, every request as (method, path, Authorization),
+    and `fail_commits`: how many of the next commits answer HTTP 500."""
+
+    def __init__(self):
+        self.repos, self.requests, self.fail_commits, self.lock = {}, [], 0, threading.Lock()
+        self.commits = 0
+
+    @property
+    def sha(self):
+        return f"{self.commits:040x}"
+
+
+class _FakeHubHandler(http.server.BaseHTTPRequestHandler):
+    hub = None  # set on the subclass each server gets
+
+    def log_message(self, *args):
+        pass
+
+    def _send(self, status=200, body=b"", headers=None, send_body=True):
+        if isinstance(body, (dict, list)):
+            body = json.dumps(body).encode()
+        self.send_response(status)
+        headers = {"Content-Length": str(len(body)), "X-Repo-Commit": self.hub.sha, **(headers or {})}
+        if status == 404:
+            headers.setdefault("X-Error-Code", "RepoNotFound")
+        for key, value in headers.items():
+            self.send_header(key, value)
+        self.end_headers()
+        if send_body and body:
+            self.wfile.write(body)
+
+    def _record(self):
+        path = urlparse(self.path).path
+        self.hub.requests.append((self.command, path, self.headers.get("Authorization")))
+        return unquote(path)
+
+    def do_POST(self):
+        path = self._record()
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        hub = self.hub
+        with hub.lock:
+            if path == "/api/repos/create":
+                spec = json.loads(body)
+                repo_id = f"{spec['organization']}/{spec['name']}"
+                if repo_id in hub.repos:
+                    return self._send(409, {"error": "You already created this model repo"})
+                hub.repos[repo_id] = {}
+                return self._send(200, {"url": f"http://{self.headers['Host']}/{repo_id}", "name": repo_id})
+            match = re.fullmatch(r"/api/models/([^/]+/[^/]+)/(preupload|commit)/[^/]+", path)
+            if match is None or match.group(1) not in hub.repos:
+                return self._send(404, {"error": "Repository not found"})
+            files = hub.repos[match.group(1)]
+            if match.group(2) == "preupload":
+                return self._send(200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
+                                                  for f in json.loads(body)["files"]]})
+            if hub.fail_commits > 0:
+                hub.fail_commits -= 1
+                return self._send(500, {"error": "injected failure"})
+            for line in body.splitlines():
+                item = json.loads(line)
+                if item["key"] == "file":
+                    files[item["value"]["path"]] = base64.b64decode(item["value"]["content"])
+                elif item["key"] != "header":
+                    return self._send(400, {"error": f"the fake hub takes inline files only, got {item['key']}"})
+            hub.commits += 1
+            return self._send(200, {"commitUrl": f"http://{self.headers['Host']}/{match.group(1)}/commit/{hub.sha}",
+                                    "commitOid": hub.sha, "pullRequestUrl": None})
+
+    def do_GET(self):
+        self._get(send_body=True)
+
+    def do_HEAD(self):
+        self._get(send_body=False)
+
+    def _get(self, send_body):
+        path = self._record()
+        hub = self.hub
+        with hub.lock:
+            match = re.fullmatch(r"/api/models/([^/]+/[^/]+)/(tree|revision)/[^/]+(/.*)?", path)
+            if match:
+                files = hub.repos.get(match.group(1))
+                if files is None:
+                    return self._send(404, {"error": "Repository not found"}, send_body=send_body)
+                if match.group(2) == "revision":
+                    return self._send(200, {"id": match.group(1), "sha": hub.sha,
+                                            "siblings": [{"rfilename": p} for p in sorted(files)]}, send_body=send_body)
+                prefix = (match.group(3) or "/").lstrip("/")
+                return self._send(200, [{"type": "file", "path": p, "size": len(data),
+                                         "oid": hashlib.sha1(data).hexdigest()}
+                                        for p, data in sorted(files.items()) if p.startswith(prefix)],
+                                  send_body=send_body)
+            match = re.fullmatch(r"/([^/]+/[^/]+)/resolve/[^/]+/(.+)", path)
+            data = hub.repos.get(match.group(1), {}).get(match.group(2)) if match else None
+            if data is None:
+                return self._send(404, {"error": "Entry not found"}, headers={"X-Error-Code": "EntryNotFound"},
+                                  send_body=send_body)
+            return self._send(200, data, headers={"ETag": f'"{hashlib.sha256(data).hexdigest()}"'},
+                              send_body=send_body)
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    """A FakeHub served on localhost, with HF_ENDPOINT pointing at it for the test."""
+    hub = FakeHub()
+    handler = type("Handler", (_FakeHubHandler,), {"hub": hub})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
+    yield hub
+    server.shutdown()
+    server.server_close()
