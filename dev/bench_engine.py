@@ -2,10 +2,10 @@
 Benchmark the inference Engine: prefill and decode throughput, peak memory. Prints ONE JSON line last.
 
 Random model of a given shape (sized like base_train: dim = depth*aspect_ratio rounded up to head_dim):
-    python -m scripts.bench_engine --depth 4 --max-seq-len 256 --vocab-size 8192
-    python -m scripts.bench_engine --depth 6 --head-dim 64 --max-seq-len 512 --vocab-size 8192
+    python -m dev.bench_engine --depth 4 --max-seq-len 256 --vocab-size 8192
+    python -m dev.bench_engine --depth 6 --head-dim 64 --max-seq-len 512 --vocab-size 8192
 A checkpoint:
-    python -m scripts.bench_engine -i sft -g d6
+    python -m dev.bench_engine -i sft -g d6
 
 Decode runs sample with temperature 1.0 / top-k 50 and no tools, on random prompt ids, and never stop early
 (the benchmark's tokenizer puts the special tokens outside the vocabulary), so every run decodes the same

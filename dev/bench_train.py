@@ -3,9 +3,9 @@ Training throughput benchmark: the real model, optimizer and step of base_train 
 or data needed). Prints progress, then ONE JSON line as the last stdout line:
 tok/s, ms/step, MFU, peak memory, the shape and the settings used.
 
-    python -m scripts.bench_train --depth=6 --head-dim=64 --window-pattern=L --max-seq-len=512 \
+    python -m dev.bench_train --depth=6 --head-dim=64 --window-pattern=L --max-seq-len=512 \
         --device-batch-size=32 --total-batch-size=16384 --vocab-size=8192        # runcpu.sh's shape
-    python -m scripts.bench_train --depth=12 --compile=1                          # a GPU
+    python -m dev.bench_train --depth=12 --compile=1                          # a GPU
 
 MFU: on CUDA against the GPU's peak bf16 FLOP/s (nanochat's convention). On CPU there is no datasheet peak, so
 "mfu" is 0 and "mfu_cpu_matmul" compares against a large fp32/compute-dtype matmul measured on this machine

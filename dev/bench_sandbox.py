@@ -4,7 +4,7 @@ with no OS layer, against a baseline execution.py (e.g. an older commit's), call
 of a shared machine hits all of them alike.
 
     git show f6b40b0:nanochat/execution.py > /tmp/execution_baseline.py
-    python -m scripts.bench_sandbox --baseline /tmp/execution_baseline.py --rounds 30
+    python -m dev.bench_sandbox --baseline /tmp/execution_baseline.py --rounds 30
 
 Prints one JSON line: median milliseconds per call of each variant for each program, and ratios to the baseline.
 """

@@ -7,8 +7,8 @@ alternating runs and keeping the best of --repeats (the machine may be shared; b
 Text: Python's own stdlib sources (always available offline), or --data-dir.
 The last stdout line is one JSON object; ratios are ours/baseline speed (1.0 = no overhead).
 
-    python -m scripts.bench_tokenizer
-    python -m scripts.bench_tokenizer --data-dir /path/to/text --train-mb 20 --encode-mb 8 --threads 4
+    python -m dev.bench_tokenizer
+    python -m dev.bench_tokenizer --data-dir /path/to/text --train-mb 20 --encode-mb 8 --threads 4
 """
 
 import argparse
