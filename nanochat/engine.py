@@ -171,7 +171,7 @@ class Engine:
         """Say the model's weights were modified or replaced: the next generate re-reads them."""
         self._decoder = None
 
-    def _decode_step_fn(self):
+    def decode_step_fn(self):
         """What runs a one-token step: the CPU decoder (rebuilt if the weights moved), or the model itself (on a
         GPU, or a model other than nanochat's GPT, whose math the decoder restates)."""
         if self.model.get_device().type != "cpu" or not isinstance(self.model, GPT):
@@ -239,7 +239,7 @@ class Engine:
             decode_cache.prefill(kv_cache)
             kv_cache = decode_cache
             logits = logits.expand(num_samples, -1)
-        decode_step = self._decode_step_fn()
+        decode_step = self.decode_step_fn()
 
         rows = [self.new_row_state() for _ in range(num_samples)]
         ids = torch.empty((num_samples, 1), dtype=torch.long, device=device)
