@@ -263,6 +263,9 @@ def test_malformed_bodies_are_4xx_and_the_server_lives(live, client):
 
 def test_queue_full_is_429(tokenizer):
     server, _ = start_server(tokenizer, max_batch=1, max_waiting=1, api_key=None)
+    cache = server.pool.schedulers[0].cache
+    advance = cache.advance
+    cache.advance = lambda n: (time.sleep(0.05), advance(n))  # slow steps: the first stream outlives the test
     try:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=60)
         streams = [ask(client, "hello", max_tokens=60, temperature=1.0, stream=True)]
