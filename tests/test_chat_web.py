@@ -89,7 +89,7 @@ def start_server(tokenizer, max_batch=4, max_waiting=64, api_key=KEY, tools=None
 @pytest.fixture(scope="module")
 def live(tokenizer):
     server, model = start_server(tokenizer)
-    server.model = model
+    server.model, server.tokenizer = model, tokenizer
     yield server
     server.stop()
 
@@ -345,3 +345,81 @@ def test_chat_web_script_serves_a_checkpoint(tokenizer, _isolated_base_dir):
     finally:
         process.terminate()
         process.wait(timeout=20)
+
+
+# -----------------------------------------------------------------------------
+# the UI in headless Chromium (Debian's chromium package, driven by playwright)
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+@pytest.fixture(scope="module")
+def browser():
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is a dev dependency")
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"no browser at {CHROMIUM}: install Debian's chromium package (apt-get install -y chromium)")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        yield browser
+        browser.close()
+
+
+def test_ui_streams_stops_regenerates_and_never_injects(live, browser, monkeypatch):
+    scheduler = live.pool.schedulers[0]
+    advance = scheduler.cache.advance
+    monkeypatch.setattr(scheduler.cache, "advance", lambda n: (time.sleep(0.03), advance(n)))  # visible streaming
+    page = browser.new_page(viewport={"width": 390, "height": 800})  # phone width
+    requested = []
+    page.on("request", lambda r: requested.append(r.url))
+    page.goto(live.url + "/")
+    box = page.locator("#input")
+
+    def send(text):
+        box.fill(text)
+        box.press("Enter")
+    send("/key " + KEY)
+    send("/temperature 0")
+    send("/topk 0")
+    send("hello there")
+    reply = page.locator(".msg.assistant .bubble").last
+    page.wait_for_function("document.querySelector('.msg.assistant .bubble').textContent.length > 0")
+    partial = reply.text_content()
+    page.wait_for_selector("#stop", state="hidden", timeout=30_000)
+    final = reply.text_content()
+    assert partial and final.startswith(partial.rstrip("▍")) and len(final) > len(partial)  # it streamed
+
+    page.locator(".msg.assistant .regenerate").last.click()  # same answer at temperature 0, still one reply
+    page.wait_for_selector("#stop", state="visible")
+    page.wait_for_selector("#stop", state="hidden", timeout=30_000)
+    assert page.locator(".msg.assistant").count() == 1 and reply.text_content() == final
+
+    send("tell me more")
+    page.wait_for_function("document.querySelectorAll('.msg.assistant .bubble')[1].textContent.length > 0")
+    page.click("#stop")
+    page.wait_for_selector("#stop", state="hidden")
+    deadline = time.monotonic() + 10
+    while scheduler.stats()["busy_rows"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert scheduler.stats()["busy_rows"] == 0  # stopping freed the row on the server
+
+    send('<img src=x onerror="window.pwned=1"><script>window.pwned=2</script>')
+    page.wait_for_selector("#stop", state="hidden", timeout=30_000)
+    assert "<img src=x" in page.locator(".msg.user .bubble").last.text_content()  # shown as text
+    assert page.evaluate("document.querySelectorAll('.msg img, .msg script').length") == 0
+    html = page.evaluate("renderMarkdown('**bold** and `x<y` <img src=x onerror=alert(1)>\\n- item\\n```py\\na<b\\n```')")
+    assert "<strong>bold</strong>" in html and "<code>x&lt;y</code>" in html and "<li>item</li>" in html
+    assert "<pre><code>a&lt;b\n</code></pre>" in html and "<img" not in html
+    page.evaluate("renderReply(document.querySelector('.msg.assistant'), "
+                  "[{kind: 'content', text: '<img src=x onerror=\"window.pwned=3\">'}], false)")
+    time.sleep(0.2)
+    assert page.evaluate("window.pwned") is None and page.evaluate("document.querySelectorAll('.msg img').length") == 0
+
+    page.locator(".msg.user .bubble").first.click()  # edit the first question: the conversation restarts there
+    page.locator("textarea.editing").fill("a new question")
+    page.locator("textarea.editing").press("Enter")
+    page.wait_for_selector("#stop", state="hidden", timeout=30_000)
+    assert page.locator(".msg.user").count() == 1 and page.locator(".msg.user .bubble").text_content() == "a new question"
+    assert all(url.startswith(live.url) for url in requested), [u for u in requested if not u.startswith(live.url)]
+    page.close()
