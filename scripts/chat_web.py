@@ -26,9 +26,18 @@ from nanochat.engine import Engine
 from nanochat.web_server import create_app
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def fail(message):
+    """A user error: one line, exit status 2."""
+    print(f"chat_web: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def build_parser():
-    parser = argparse.ArgumentParser(description="Serve a nanochat model: web UI + OpenAI-compatible API",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("-i", "--source", default="sft", choices=["base", "mid", "sft", "rl", "dpo"],
                         help="which checkpoints to load")
     parser.add_argument("-g", "--model-tag", default=None, help="model tag (default: the largest d<N>)")
@@ -63,11 +72,11 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     device_type = args.device_type or autodetect_device_type()
     if device_type != "cuda" and args.num_gpus != 1:
-        raise SystemExit(f"-n/--num-gpus {args.num_gpus}: only CUDA runs several replicas; use -n 1 on {device_type}")
+        fail(f"-n/--num-gpus {args.num_gpus}: only CUDA runs several replicas; use -n 1 on {device_type}")
     if device_type == "cuda" and args.num_gpus > torch.cuda.device_count():
-        raise SystemExit(f"-n {args.num_gpus} replicas asked for, but only {torch.cuda.device_count()} GPUs are visible")
+        fail(f"-n {args.num_gpus} replicas asked for, but only {torch.cuda.device_count()} GPUs are visible")
     if args.max_batch < 1 or args.max_queue < 1 or args.prefill_chunk < 1:
-        raise SystemExit("--max-batch, --max-queue and --prefill-chunk must be at least 1")
+        fail("--max-batch, --max-queue and --prefill-chunk must be at least 1")
     compute_init(device_type)
     devices = [torch.device("cuda", i) for i in range(args.num_gpus)] if device_type == "cuda" else [torch.device(device_type)]
     schedulers, tokenizer, meta = [], None, None
@@ -75,7 +84,7 @@ def main(argv=None):
         try:
             model, tokenizer, meta = load_model(args.source, device, "eval", model_tag=args.model_tag, step=args.step)
         except (FileNotFoundError, ValueError) as e:
-            raise SystemExit(f"cannot load the {args.source} model: {e}")
+            fail(f"cannot load the {args.source} model: {e}")
         engine = Engine(model, tokenizer, tools=None if args.tools == "none" else args.tools)
         schedulers.append(Scheduler(engine, max_batch=args.max_batch, prefill_chunk=args.prefill_chunk,
                                     max_waiting=args.max_queue, name=f"replica-{i}"))
