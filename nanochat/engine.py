@@ -44,8 +44,8 @@ def _sample_categorical(probs, rng):
     """One draw per row from unnormalised non-negative weights (B, K) -> (B, 1) indices.
 
     Inverse CDF: cumsum, one uniform per row, binary search. Same distribution as torch.multinomial but it
-    draws B random numbers instead of touching a random number per vocabulary entry: ~5x faster on CPU for
-    a 8-32K vocabulary (the sampler is a visible slice of a decode step for small models)."""
+    draws B random numbers instead of touching a random number per vocabulary entry, much faster on CPU for
+    an 8-32K vocabulary (the sampler is a visible slice of a decode step for small models; dev/PERF.md)."""
     cdf = probs.cumsum(dim=-1)
     total = cdf[:, -1:]
     u = torch.rand(total.shape, generator=rng, device=cdf.device, dtype=cdf.dtype) * total
@@ -145,8 +145,8 @@ class Engine:
         decode_threads: torch intra-op threads while a CPU decode step runs (restored before each yield; the
         prompt prefill keeps the process setting). One-token steps are matrix-vector products that MKL runs on
         one thread anyway, and elementwise ops on a few hundred floats don't split; what extra threads do add
-        is OpenMP hand-offs, which on a busy machine stall every op: measured 7x slower decode with 2 threads
-        than with 1 at load 4 on 2 cores. None leaves the process setting alone.
+        is OpenMP hand-offs, which on a busy machine stall every op (dev/PERF.md, "CPU decode"). None leaves
+        the process setting alone.
 
         quantize: None (exact) or "int8": CPU one-token steps multiply by int8 weights (see nanochat.cpu_decode;
         faster, slightly lossy).
