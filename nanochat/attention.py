@@ -12,6 +12,8 @@ download), otherwise PyTorch SDPA:
 - single-token decode: attend to the valid cached prefix (the last w+1 keys when windowed); GQA is done by
   folding the query heads of each kv head into the query-length dim, so no mask and no K/V repeat.
 - chunk (T > 1) into a cache at an offset: explicit mask aligned to the cache position.
+- rows at different positions (continuous batching): each row writes at its own position and a (B, T, keys)
+  mask gives every row its own causal window; FA3 does this natively through cache_seqlens.
 """
 
 import torch
@@ -99,15 +101,20 @@ def _windowed_attention(q, k, v, window, scale, gqa):
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
 
 
-def attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, pos, window, scale=None):
+def attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, pos, window, scale=None, row_positions=None):
     """
     Write the new k, v (B, T, H_kv, D) into the layer's cache (B, T_max, H_kv, D) at position `pos`
     (a Python int equal to cache_seqlens, which the caller advances afterwards) and attend the new queries
     q (B, T, H, D) to everything cached so far. Returns (B, T, H, D).
+    row_positions: (B,) positions when the rows sit at different positions (continuous batching; cache_seqlens
+    holds the same values and `pos` is their maximum), None when every row is at `pos`.
     """
-    if _use_fa3(q):
+    if _use_fa3(q):  # FA3 reads each row's own length from cache_seqlens: ragged rows need nothing more
         return _first(_fa3.flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v, cache_seqlens=cache_seqlens,
                                                    softmax_scale=scale, causal=True, window_size=(window, 0)))
+    if row_positions is not None:
+        return _ragged_attention_with_kvcache(q, k_cache, v_cache, k, v, row_positions, pos + q.size(1), window,
+                                              scale)
     B, T, H, D = q.shape
     H_kv = k.size(2)
     end = pos + T
@@ -129,4 +136,21 @@ def attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, pos, window
     mask = _causal_window_mask(T, end - start, pos - start, window, q.device)
     y = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask, scale=scale,
                                        enable_gqa=H != H_kv)
+    return y.transpose(1, 2)
+
+
+def _ragged_attention_with_kvcache(q, k_cache, v_cache, k, v, row_positions, end, window, scale):
+    """attention_with_kvcache for rows at different positions: row b's new tokens go to positions
+    row_positions[b] + t, and a mask per row limits each query to its own causal window of its own prefix."""
+    B, T, H, D = q.shape
+    at = row_positions[:, None] + torch.arange(T, device=q.device)     # (B, T) absolute positions
+    rows = torch.arange(B, device=q.device)[:, None]
+    k_cache[rows, at] = k
+    v_cache[rows, at] = v
+    keys = k_cache[:, :end].transpose(1, 2)                             # (B, H_kv, end, D)
+    values = v_cache[:, :end].transpose(1, 2)
+    distance = at[:, :, None] - torch.arange(end, device=q.device)    # (B, T, end): query pos - key pos
+    mask = (distance >= 0) & (distance <= window)
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask[:, None], scale=scale,
+                                       enable_gqa=H != k.size(2))
     return y.transpose(1, 2)

@@ -21,7 +21,9 @@ from dataclasses import fields
 import torch
 import torch.distributed as dist
 
-from nanochat.common import get_base_dir
+from nanochat.common import get_base_dir, is_rank0
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.tokenizer import get_tokenizer
 from nanochat.fileio import atomic_open, atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -37,7 +39,7 @@ CHECKPOINT_DIRS = {
 
 
 def log0(message):
-    if int(os.environ.get("RANK", 0)) == 0:
+    if is_rank0():
         logger.info(message)
 
 
@@ -79,7 +81,6 @@ def nanochat_readable_meta(meta_data):
     config = meta_data.get("model_config") if isinstance(meta_data, dict) else None
     if not isinstance(config, dict):
         return meta_data
-    from nanochat.gpt import GPTConfig
     defaults = {f.name: f.default for f in fields(GPTConfig)}
     kept = {k: v for k, v in config.items()
             if k in NANOCHAT_CONFIG_FIELDS or k not in defaults or v != defaults[k]}
@@ -149,7 +150,6 @@ def load_checkpoint(checkpoint_dir, step, device, load_optimizer=False, rank=0):
 
 def patch_model_config(model_config):
     """Make configs written by older nanochat versions (and by us) acceptable to GPTConfig."""
-    from nanochat.gpt import GPTConfig
     model_config = dict(model_config)
     model_config.setdefault("window_pattern", "L")  # before sliding windows, every layer attended to all tokens
     known = {f.name for f in fields(GPTConfig)}
@@ -192,7 +192,6 @@ def patch_state_dict(model_data, model):
 def build_model_from_data(model_data, meta_data, device):
     """GPT from a meta dict and a state dict: built on the meta device, storage on `device`, init_weights()
     (which also fills non-persistent buffers such as the rotary tables), then the saved weights assigned."""
-    from nanochat.gpt import GPT, GPTConfig
     device = torch.device(device)
     model_config_kwargs = patch_model_config(meta_data["model_config"])
     log0(f"Building model with config: {model_config_kwargs}")
@@ -207,7 +206,6 @@ def build_model_from_data(model_data, meta_data, device):
 def build_model(checkpoint_dir, step, device, phase):
     """Returns (model, tokenizer, meta): the uncompiled model in train/eval mode, the tokenizer from
     $NANOCHAT_BASE_DIR/tokenizer, and the checkpoint's meta dict."""
-    from nanochat.tokenizer import get_tokenizer
     if phase not in ("train", "eval"):
         raise ValueError(f"phase must be 'train' or 'eval', got {phase!r}")
     device = torch.device(device)
@@ -284,7 +282,7 @@ def load_model(source, *args, **kwargs):
 
 def load_exported_model(source, device, phase, model_tag=None, step=None):
     """An exported folder / hub repo as (model, tokenizer, meta): the tokenizer is the folder's own."""
-    from nanochat.hf import load as hf_load  # like GPT in this file: importing it stays cheap for checkpoint tools
+    from nanochat.hf import load as hf_load  # here: huggingface_hub and tokenizers add import time only this path needs
     if model_tag is not None or step is not None:
         raise ValueError(f"{source} holds one exported model: --model-tag / --step only pick checkpoints under "
                          f"{get_base_dir()}")

@@ -9,7 +9,8 @@ next than computing, and it is bound by streaming the weights. So the decoder
 - keeps every matrix as a contiguous copy of its transpose, x @ W^T as x @ Wt, the layout MKL's matrix-vector
   product streams fastest, and c_q | c_k | c_v | ve_gate stacked into one matrix (one matmul for the attention's
   input side, and rotary + norm on q and k together).
-Measurements: dev/PERF.md ("CPU decode"). Tests check it against the model's forward (tests/test_gpt.py).
+Rows may sit at different positions (a RaggedKVCache, for continuous batching): rotary, the K/V write and a mask
+then follow each row's own length. Measurements: dev/PERF.md ("CPU decode"). Tests check it against the model's forward (tests/test_gpt.py).
 
 The snapshot is taken when the decoder is built. Whoever changes the weights afterwards (an optimizer step,
 load_state_dict) says so: Engine.weights_changed() drops the decoder and the next generate builds a new one.
@@ -133,7 +134,11 @@ class CPUDecoder:
         B = idx.size(0)
         H, H_kv, D = self.n_head, self.n_kv_head, self.head_dim
         pos = kv_cache.get_pos()
-        cos, sin = self.cos[pos], self.sin[pos]
+        row_positions = kv_cache.row_positions()  # rows at different positions (continuous batching), or None
+        if row_positions is None:
+            cos, sin = self.cos[pos], self.sin[pos]
+        else:
+            cos, sin = self.cos[row_positions][:, None], self.sin[row_positions][:, None]  # (B, 1, D)
 
         x = _norm(F.embedding(idx, self.wte), self.eps)                  # (B, 1, C)
         prev = kv_cache.prev_embedding
@@ -151,7 +156,8 @@ class CPUDecoder:
             if layer["value_embed"] is not None:
                 gate = torch.sigmoid(qkvg[..., (H + 2 * H_kv) * D:]).view(B, H_kv, 1).mul_(self.three)
                 v = torch.addcmul(v, gate, F.embedding(idx, layer["value_embed"]).view(B, H_kv, D))
-            x = x + _mm(self._attend(i, layer, qk, v, kv_cache, pos).view(B, 1, H * D), layer["proj"])
+            attend = self._attend if row_positions is None else self._attend_ragged
+            x = x + _mm(attend(i, layer, qk, v, kv_cache, pos).view(B, 1, H * D), layer["proj"])
             h = _mm(_norm(x, self.eps), layer["fc"]).relu_().square_()
             x = x + _mm(h, layer["mlp_proj"])
             if i == self.backout_layer:
@@ -173,4 +179,22 @@ class CPUDecoder:
         values = v_cache[:, start:pos + 1].transpose(1, 2)
         # the H // H_kv query heads sharing a kv head act as that head's query positions: no mask, no repeat
         return F.scaled_dot_product_attention(qk[:, :H].view(B, H_kv, H // H_kv, D), keys, values,
+                                              scale=layer["softmax_scale"])
+
+    def _attend_ragged(self, i, layer, qk, v, kv_cache, max_pos):
+        """_attend for rows at different positions: row b writes at its own position and a mask keeps each row to
+        its own window of its own prefix (keys run from the earliest window start to the longest row)."""
+        B, H, H_kv, D = qk.size(0), self.n_head, self.n_kv_head, self.head_dim
+        positions = kv_cache.row_positions()
+        k_cache, v_cache = kv_cache.get_layer_cache(i)
+        rows = torch.arange(B)
+        k_cache[rows, positions] = qk[:, H:]
+        v_cache[rows, positions] = v
+        window = self.window_sizes[i]
+        start = max(0, min(kv_cache.host_row_positions()) - window)
+        keys = k_cache[:, start:max_pos + 1].transpose(1, 2)             # (B, H_kv, Tk, D)
+        values = v_cache[:, start:max_pos + 1].transpose(1, 2)
+        distance = positions[:, None] - torch.arange(start, max_pos + 1)  # (B, Tk)
+        mask = ((distance >= 0) & (distance <= window))[:, None, None, :]
+        return F.scaled_dot_product_attention(qk[:, :H].view(B, H_kv, H // H_kv, D), keys, values, attn_mask=mask,
                                               scale=layer["softmax_scale"])

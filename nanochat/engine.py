@@ -44,8 +44,8 @@ def _sample_categorical(probs, rng):
     """One draw per row from unnormalised non-negative weights (B, K) -> (B, 1) indices.
 
     Inverse CDF: cumsum, one uniform per row, binary search. Same distribution as torch.multinomial but it
-    draws B random numbers instead of touching a random number per vocabulary entry: ~5x faster on CPU for
-    a 8-32K vocabulary (the sampler is a visible slice of a decode step for small models)."""
+    draws B random numbers instead of touching a random number per vocabulary entry, much faster on CPU for
+    an 8-32K vocabulary (the sampler is a visible slice of a decode step for small models; dev/PERF.md)."""
     cdf = probs.cumsum(dim=-1)
     total = cdf[:, -1:]
     u = torch.rand(total.shape, generator=rng, device=cdf.device, dtype=cdf.dtype) * total
@@ -101,13 +101,39 @@ def _intra_op_threads(num_threads):
 
 
 class RowState:
-    """Per-sample bookkeeping: forced tokens waiting to be emitted, the tool block being collected, done or not."""
+    """One sequence's tool state machine (the Engine's and the serving scheduler's): forced tokens waiting to be
+    emitted, the tool block being collected, done or not. Per step: `token, forced = row.choose(sampled)`, then
+    `code = row.observe(token)`; a non-None code is a finished <|python_start|>...<|python_end|> block whose tool
+    output (Engine.run_tool) the caller queues with row.forced_tokens.extend(...)."""
 
-    def __init__(self):
+    def __init__(self, python_start=None, python_end=None, stop_tokens=()):
         self.forced_tokens = deque()
         self.in_python_block = False
         self.python_tokens = []
         self.completed = False
+        self.python_start, self.python_end, self.stop_tokens = python_start, python_end, set(stop_tokens)
+
+    def choose(self, sampled):
+        """The token this row emits: a queued forced token if there is one, else the sampled one."""
+        if self.forced_tokens:
+            return self.forced_tokens.popleft(), True
+        return sampled, False
+
+    def observe(self, token):
+        """Advance the state machine by an emitted token; returns the code tokens of a tool block it closed."""
+        if self.completed:
+            return None  # a finished row's further tokens are ignored by callers: don't run its tools
+        if token in self.stop_tokens:
+            self.completed = True
+        if token == self.python_start:
+            self.in_python_block, self.python_tokens = True, []
+        elif token == self.python_end and self.in_python_block:
+            self.in_python_block = False
+            code, self.python_tokens = self.python_tokens, []
+            return code
+        elif self.in_python_block:
+            self.python_tokens.append(token)
+        return None
 
 
 class Engine:
@@ -119,8 +145,8 @@ class Engine:
         decode_threads: torch intra-op threads while a CPU decode step runs (restored before each yield; the
         prompt prefill keeps the process setting). One-token steps are matrix-vector products that MKL runs on
         one thread anyway, and elementwise ops on a few hundred floats don't split; what extra threads do add
-        is OpenMP hand-offs, which on a busy machine stall every op: measured 7x slower decode with 2 threads
-        than with 1 at load 4 on 2 cores. None leaves the process setting alone.
+        is OpenMP hand-offs, which on a busy machine stall every op (dev/PERF.md, "CPU decode"). None leaves
+        the process setting alone.
 
         quantize: None (exact) or "int8": CPU one-token steps multiply by int8 weights (see nanochat.cpu_decode;
         faster, slightly lossy).
@@ -145,7 +171,7 @@ class Engine:
         """Say the model's weights were modified or replaced: the next generate re-reads them."""
         self._decoder = None
 
-    def _decode_step_fn(self):
+    def decode_step_fn(self):
         """What runs a one-token step: the CPU decoder (rebuilt if the weights moved), or the model itself (on a
         GPU, or a model other than nanochat's GPT, whose math the decoder restates)."""
         if self.model.get_device().type != "cpu" or not isinstance(self.model, GPT):
@@ -164,6 +190,11 @@ class Engine:
         """How many tokens generate() will produce at most for a prompt of this length."""
         room = self.model.config.sequence_len - num_prompt_tokens
         return room if max_tokens is None else max(0, min(max_tokens, room))
+
+    def new_row_state(self):
+        """A RowState that knows this tokenizer's tool and stop tokens."""
+        return RowState(self._special("<|python_start|>"), self._special("<|python_end|>"),
+                        (self._special("<|assistant_end|>"), self.tokenizer.get_bos_token_id()))
 
     def run_tool(self, code_tokens):
         """Decode a finished <|python_start|>...<|python_end|> block, run the tool, return the tokens to force."""
@@ -196,8 +227,6 @@ class Engine:
         device = self.model.get_device()
         rng = torch.Generator(device=device)
         rng.manual_seed(seed)
-        python_start, python_end = self._special("<|python_start|>"), self._special("<|python_end|>")
-        assistant_end, bos = self._special("<|assistant_end|>"), self.tokenizer.get_bos_token_id()
 
         # 1) prefill the prompt once at batch 1 (straight into the decode cache when there is one sample)
         total_len = len(tokens) + max_tokens
@@ -210,9 +239,9 @@ class Engine:
             decode_cache.prefill(kv_cache)
             kv_cache = decode_cache
             logits = logits.expand(num_samples, -1)
-        decode_step = self._decode_step_fn()
+        decode_step = self.decode_step_fn()
 
-        rows = [RowState() for _ in range(num_samples)]
+        rows = [self.new_row_state() for _ in range(num_samples)]
         ids = torch.empty((num_samples, 1), dtype=torch.long, device=device)
         with _intra_op_threads(self.decode_threads if device.type == "cpu" else None):
             next_ids = sample_next_token(logits, rng, temperature, top_k, top_p)  # (B, 1)
@@ -221,25 +250,13 @@ class Engine:
             token_column, token_masks = [], []
             any_forced = False
             for row, token in zip(rows, sampled):
-                forced = bool(row.forced_tokens)
-                if forced:
-                    token = row.forced_tokens.popleft()
-                    any_forced = True
+                token, forced = row.choose(token)
+                any_forced |= forced
                 token_column.append(token)
                 token_masks.append(0 if forced else 1)
-                if row.completed:
-                    continue  # a finished row's further tokens are ignored by callers: don't run its tools
-                if token == assistant_end or token == bos:
-                    row.completed = True
-                # tool state machine
-                if token == python_start:
-                    row.in_python_block, row.python_tokens = True, []
-                elif token == python_end and row.in_python_block:
-                    row.in_python_block = False
-                    row.forced_tokens.extend(self.run_tool(row.python_tokens))
-                    row.python_tokens = []
-                elif row.in_python_block:
-                    row.python_tokens.append(token)
+                code = row.observe(token)
+                if code is not None:
+                    row.forced_tokens.extend(self.run_tool(code))
             yield token_column, token_masks
             if step + 1 == max_tokens or all(row.completed for row in rows):
                 break

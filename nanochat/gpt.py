@@ -131,7 +131,7 @@ class CausalSelfAttention(nn.Module):
         else:
             k_cache, v_cache = kv_cache.get_layer_cache(self.layer_idx)
             y = attention_with_kvcache(q, k_cache, v_cache, k, v, kv_cache.cache_seqlens, pos, window,
-                                       scale=self.softmax_scale)
+                                       scale=self.softmax_scale, row_positions=kv_cache.row_positions())
         return self.c_proj(y.reshape(B, T, C))
 
 
@@ -322,7 +322,12 @@ class GPT(nn.Module):
         if kv_cache is not None and kv_cache.k_cache.dtype != COMPUTE_DTYPE:
             raise TypeError(f"KV cache holds {kv_cache.k_cache.dtype} but the model computes in {COMPUTE_DTYPE}; "
                             f"build it with KVCache.for_model(model, batch_size, seq_len)")
-        cos, sin = self.cos[:, pos:pos + T], self.sin[:, pos:pos + T]
+        row_positions = None if kv_cache is None else kv_cache.row_positions()
+        if row_positions is None:
+            cos, sin = self.cos[:, pos:pos + T], self.sin[:, pos:pos + T]
+        else:  # rows at different positions (continuous batching): each row reads its own slice of the tables
+            at = row_positions[:, None] + torch.arange(T, device=row_positions.device)
+            cos, sin = self.cos[0, at], self.sin[0, at]  # (B, T, 1, D)
 
         x = norm(self.transformer.wte(idx).to(COMPUTE_DTYPE))
         x = self._smear(x, kv_cache)

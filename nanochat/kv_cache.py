@@ -3,7 +3,7 @@ The KV cache the GPT model reads and writes during inference (re-exported by nan
 
 Layout follows flash-attention's kvcache API: one preallocated (B, T, H, D) block per layer, stacked as
 k_cache/v_cache of shape (L, B, T, H, D), and a per-row position `cache_seqlens` (int32). All rows share one
-position (no ragged batches). Besides K/V the cache carries the smear state: `prev_embedding` is the
+position (RaggedKVCache below lets each row have its own, for continuous batching). Besides K/V the cache carries the smear state: `prev_embedding` is the
 normalized embedding of the last token fed in, so that single-token decode mixes in its predecessor exactly
 like the full-sequence forward does.
 """
@@ -72,3 +72,102 @@ class KVCache:
             self.prev_embedding = other.prev_embedding.expand(self.batch_size, -1, -1).clone()
         else:
             self.prev_embedding = None
+
+    def row_positions(self):
+        """Per-row positions as a (B,) tensor when rows sit at different positions, None when they share one
+        (this cache: always None; see RaggedKVCache)."""
+        return None
+
+
+class RaggedKVCache:
+    """A KV cache for continuous batching: `max_rows` rows, each holding its own sequence at its own length.
+
+    The rows [0, active) are the ones a forward decodes (the model sees a batch of `active` rows, each at its own
+    position: rotary, the K/V write and the attention mask follow the row's length); rows past `active` are free or
+    parked (a row waiting for its tool keeps its K/V there). A scheduler moves sequences between rows with
+    swap_rows, so the active rows are always one contiguous block and a forward needs no gather.
+    A new sequence is prefilled into an ordinary batch-1 KVCache (in chunks) and copied in with insert().
+    Same interface as KVCache for GPT.forward and CPUDecoder.step (get_pos is the longest active row)."""
+
+    def __init__(self, max_rows, num_heads, seq_len, head_dim, num_layers, device, dtype):
+        self.max_rows = max_rows
+        self.max_seq_len = seq_len
+        self.n_layers, self.n_heads, self.head_dim = num_layers, num_heads, head_dim
+        self.k_cache = torch.zeros(num_layers, max_rows, seq_len, num_heads, head_dim, device=device, dtype=dtype)
+        self.v_cache = torch.zeros(num_layers, max_rows, seq_len, num_heads, head_dim, device=device, dtype=dtype)
+        self.lengths = torch.zeros(max_rows, dtype=torch.int32, device=device)
+        self.host_lengths = [0] * max_rows  # the same on the host: reading the tensor would sync with a GPU
+        self._prev = None                   # (max_rows, 1, C) smear state, allocated at the first insert
+        self.active = 0
+
+    @classmethod
+    def for_model(cls, model, max_rows, seq_len=None, device=None):
+        from nanochat.common import COMPUTE_DTYPE
+        config = model.config
+        return cls(max_rows=max_rows, num_heads=config.n_kv_head, seq_len=seq_len or config.sequence_len,
+                   head_dim=config.n_embd // config.n_head, num_layers=config.n_layer,
+                   device=model.get_device() if device is None else device, dtype=COMPUTE_DTYPE)
+
+    # --- what the model reads and writes (the active rows only)
+
+    @property
+    def cache_seqlens(self):
+        return self.lengths[:self.active]
+
+    @property
+    def prev_embedding(self):
+        # a copy: the forward reads the previous state and then overwrites it through the setter
+        return None if self._prev is None else self._prev[:self.active].clone()
+
+    @prev_embedding.setter
+    def prev_embedding(self, value):
+        self._prev[:self.active].copy_(value)
+
+    def get_pos(self):
+        """The longest active row's length (the bound for a forward's writes)."""
+        return max(self.host_lengths[:self.active], default=0)
+
+    def host_row_positions(self):
+        return self.host_lengths[:self.active]
+
+    def row_positions(self):
+        return self.lengths[:self.active].long()
+
+    def get_layer_cache(self, layer_idx):
+        return self.k_cache[layer_idx, :self.active], self.v_cache[layer_idx, :self.active]
+
+    def advance(self, num_tokens):
+        self.lengths[:self.active] += num_tokens
+        for row in range(self.active):
+            self.host_lengths[row] += num_tokens
+
+    # --- what the scheduler does
+
+    def insert(self, row, other):
+        """Copy a batch-1 KVCache (a prefilled prompt) into `row`."""
+        assert other.batch_size == 1 and other.prev_embedding is not None, "insert a prefilled batch-1 KVCache"
+        n = other.get_pos()
+        self.k_cache[:, row, :n] = other.k_cache[:, 0, :n]
+        self.v_cache[:, row, :n] = other.v_cache[:, 0, :n]
+        if self._prev is None:
+            self._prev = torch.zeros(self.max_rows, 1, other.prev_embedding.size(-1),
+                                     device=self.k_cache.device, dtype=other.prev_embedding.dtype)
+        self._prev[row] = other.prev_embedding[0]
+        self.lengths[row] = n
+        self.host_lengths[row] = n
+
+    def swap_rows(self, a, b):
+        """Exchange the sequences in rows a and b (only the cached prefix of the longer one is copied)."""
+        if a == b:
+            return
+        n = max(self.host_lengths[a], self.host_lengths[b])
+        for cache in (self.k_cache, self.v_cache):
+            cache[:, [a, b], :n] = cache[:, [b, a], :n]  # the right side is a copy, so this really swaps
+        if self._prev is not None:
+            self._prev[[a, b]] = self._prev[[b, a]]
+        self.lengths[[a, b]] = self.lengths[[b, a]]
+        self.host_lengths[a], self.host_lengths[b] = self.host_lengths[b], self.host_lengths[a]
+
+    def clear_row(self, row):
+        self.lengths[row] = 0
+        self.host_lengths[row] = 0

@@ -264,7 +264,7 @@ def should_compile(flag, device_type):
     if device_type == "cpu":
         if any(shutil.which(c) for c in ("g++", "c++", "clang++")):
             return True
-        print0("NOTE: no C++ compiler found, so torch.compile is off on CPU (install g++/clang for ~1.25x faster steps)")
+        print0("NOTE: no C++ compiler found, so torch.compile is off on CPU (install g++/clang for faster steps and less memory)")
     return False
 
 

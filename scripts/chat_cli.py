@@ -21,6 +21,7 @@ from nanochat.chat_format import assistant_content, assistant_parts_from_tokens
 from nanochat.checkpoint_manager import load_model
 from nanochat.common import compute_init, autodetect_device_type
 from nanochat.engine import Engine, fit_conversation_to_context
+from nanochat.text_stream import TokenTextStream
 
 
 def build_parser():
@@ -44,35 +45,17 @@ def build_parser():
 
 
 class TokenPrinter:
-    """Streams generated tokens as text: special tokens become readable (tool calls as <<expr=result>>),
-    and a multi-byte character split across tokens is printed only once it is complete."""
+    """Writes generated tokens to `out` as they stream (nanochat.text_stream.TokenTextStream decides the text)."""
 
     def __init__(self, tokenizer, out):
-        self.tokenizer, self.out = tokenizer, out
-        special = tokenizer.encode_special
-        self.markup = {special("<|python_start|>"): "<<", special("<|python_end|>"): "=",
-                       special("<|output_start|>"): "", special("<|output_end|>"): ">>"}
-        self.silent = {special(s) for s in tokenizer.get_special_tokens()} - set(self.markup)
-        self.pending = []
-
-    def _flush_text(self, final=False):
-        text = self.tokenizer.decode(self.pending) if self.pending else ""
-        if text.endswith("\ufffd") and not final:
-            return  # wait for the rest of the character
-        self.out.write(text)
-        self.pending = []
+        self.stream, self.out = TokenTextStream(tokenizer), out
 
     def feed(self, token):
-        if token in self.markup or token in self.silent:
-            self._flush_text(final=True)
-            self.out.write(self.markup.get(token, ""))
-        else:
-            self.pending.append(token)
-            self._flush_text()
+        self.out.write(self.stream.feed(token))
         self.out.flush()
 
     def close(self):
-        self._flush_text(final=True)
+        self.out.write(self.stream.close())
         self.out.flush()
 
 

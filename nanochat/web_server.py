@@ -1,0 +1,480 @@
+"""
+The HTTP server behind `python -m scripts.chat_web`: nanochat's chat UI and an OpenAI-compatible API over a
+ReplicaPool of continuous-batching schedulers (nanochat.batching).
+
+    app = create_app(pool, tokenizer, model_name="nanochat-sft-d20", sequence_len=2048)
+
+Endpoints: GET / (the UI), /health, /stats, /v1/models; POST /v1/chat/completions, /v1/completions (stream or
+not), nanochat's own POST /chat/completions stream, and vLLM's /tokenizer_info, /tokenize, /detokenize (so
+lm-evaluation-harness's local-completions model tokenizes with our tokenizer). Shapes and validation:
+nanochat.openai_api. Replies are parsed token by token by nanochat.text_stream.ReplyStream.
+"""
+
+import asyncio
+import json
+import logging
+import os
+import time
+from collections import Counter
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from nanochat.batching import GenerationRequest, QueueFull
+from nanochat.engine import fit_conversation_to_context
+from nanochat.openai_api import (MAX_BODY_BYTES, MAX_PROMPTS, APIError, ChatRequest, CompletionRequest,
+                                 DetokenizeRequest, NanochatChatRequest, TokenizeRequest, chat_chunk, chat_delta,
+                                 chat_message, conversation_from_messages, new_id, now, parse_body, usage)
+from nanochat.text_stream import ReplyStream, TokenTextStream
+
+logger = logging.getLogger(__name__)
+UI_PATH = os.path.join(os.path.dirname(__file__), "ui.html")
+
+
+class StatusCounter:
+    """ASGI middleware counting responses by status code (for /stats: a soak test checks there was no 5xx)."""
+
+    def __init__(self, app, counts):
+        self.app, self.counts = app, counts
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def counting_send(message):
+            if message["type"] == "http.response.start":
+                self.counts[message["status"]] += 1
+            await send(message)
+        await self.app(scope, receive, counting_send)
+
+
+class Generation:
+    """Requests submitted together (one per prompt) and the replies streamed out of them, choice by choice
+    (choice index = prompt index * n + sample)."""
+
+    def __init__(self, pool, tokenizer, requests, stop=(), raw=False):
+        self.requests = requests
+        self.n = requests[0].num_samples
+        self.streams = [ReplyStream(tokenizer, stop=stop, raw=raw) for _ in range(len(requests) * self.n)]
+        self.token_counts = [0] * len(self.streams)
+        self.queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        for p, request in enumerate(requests):
+            request.on_event = lambda event, p=p: loop.call_soon_threadsafe(self.queue.put_nowait, (p, event))
+        self.replicas = []
+        try:
+            for request in requests:
+                self.replicas.append(pool.submit(request))
+        except QueueFull as e:
+            self.cancel()
+            raise APIError(429, str(e), code="rate_limit_exceeded")
+        except ValueError as e:
+            self.cancel()
+            raise APIError(400, str(e))
+
+    def cancel(self):
+        for request in self.requests:
+            request.cancel()
+
+    async def events(self):
+        """Yield ("token", choice, token, logprob_entry), ("delta", choice, kind, text), ("finish", choice,
+        reason), ("prompt_logprobs", prompt index, scores); a failed generation raises APIError(500)."""
+        finished = set()
+        while len(finished) < len(self.streams):
+            p, event = await self.queue.get()
+            if event[0] == "error":
+                raise APIError(500, event[1], code="generation_failed")
+            if event[0] == "prompt_logprobs":
+                yield ("prompt_logprobs", p, event[1])
+            elif event[0] == "tokens":
+                for sample, token, _forced, entry in event[1]:
+                    choice = p * self.n + sample
+                    if choice in finished:
+                        continue
+                    self.token_counts[choice] += 1
+                    yield ("token", choice, token, entry)
+                    stream = self.streams[choice]
+                    for kind, text in stream.feed(token):
+                        yield ("delta", choice, kind, text)
+                    if stream.stopped:  # the turn ended, or a stop string appeared: this choice is done
+                        finished.add(choice)
+                        self.requests[p].stop_sample(sample)
+                        yield ("finish", choice, "stop")
+            elif event[0] == "done":
+                choice = p * self.n + event[1]
+                if choice not in finished:
+                    for kind, text in self.streams[choice].finish():
+                        yield ("delta", choice, kind, text)
+                    finished.add(choice)
+                    yield ("finish", choice, event[2])
+
+
+def sse(data):
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+async def read_json(request, model_cls):
+    """The body, size-limited (413) and validated (400)."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise APIError(413, f"request body of {declared} bytes is over the limit of {MAX_BODY_BYTES}",
+                       code="request_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise APIError(413, f"request body is over the limit of {MAX_BODY_BYTES} bytes", code="request_too_large")
+        chunks.append(chunk)
+    return parse_body(b"".join(chunks), model_cls)
+
+
+async def until_done_or_disconnected(http_request, generation, coroutine):
+    """Run a non-streamed generation; if the client goes away first, cancel it (its rows are freed)."""
+    task = asyncio.ensure_future(coroutine)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=0.5)
+            if done:
+                return task.result()
+            if await http_request.is_disconnected():
+                task.cancel()
+                return None
+    finally:
+        generation.cancel()
+
+
+def create_app(pool, tokenizer, model_name, sequence_len, temperature=0.8, top_k=50, max_tokens=512,
+               api_key=None, max_n=8):
+    """temperature / top_k / max_tokens: defaults for requests that do not say (nanochat's -t/-k/-m)."""
+    app = FastAPI(title="nanochat", docs_url=None, redoc_url=None, openapi_url=None)
+    status_counts = Counter()
+    app.add_middleware(StatusCounter, counts=status_counts)
+    started = now()
+    bos = tokenizer.get_bos_token_id()
+    vocab_size = tokenizer.get_vocab_size()
+    special_names = sorted(tokenizer.get_special_tokens(), key=len, reverse=True)
+
+    @app.exception_handler(APIError)
+    async def api_error(_, e):
+        headers = {"Retry-After": "1"} if e.status == 429 else None
+        return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_, e):
+        return JSONResponse(APIError(400, str(e)).body(), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_, e):
+        return JSONResponse(APIError(e.status_code, str(e.detail)).body(), status_code=e.status_code)
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(_, e):
+        logger.exception("unexpected error")
+        return JSONResponse(APIError(500, f"internal error: {type(e).__name__}").body(), status_code=500)
+
+    def check_auth(request):
+        if api_key is not None and request.headers.get("authorization", "") != f"Bearer {api_key}":
+            raise APIError(401, "invalid or missing API key (send Authorization: Bearer <key>)",
+                           code="invalid_api_key")
+
+    def check_model(name):
+        if name is not None and name != model_name:
+            raise APIError(404, f"the model {name!r} does not exist; this server serves {model_name!r}",
+                           param="model", code="model_not_found")
+
+    def sampling(body, default_max_tokens, prompt_len):
+        """GenerationRequest keyword arguments shared by every endpoint, checked against the context."""
+        if body.n > max_n:
+            raise APIError(400, f"n: at most {max_n} (the server's --max-batch)", param="n")
+        top_k_value = top_k if body.top_k is None else body.top_k
+        room = sequence_len - prompt_len
+        wanted = body.requested_max_tokens(default_max_tokens)
+        return dict(num_samples=body.n, temperature=temperature if body.temperature is None else body.temperature,
+                    top_k=top_k_value or None, top_p=body.top_p, seed=body.seed, max_tokens=min(wanted, room))
+
+    def chat_prompt(messages, wanted_tokens):
+        """Fit the chat into the context as chat_cli does (oldest exchanges dropped, system kept); refuse if the
+        system or the last user message itself would have to be cut."""
+        reserve = max(1, min(wanted_tokens, sequence_len // 2))
+        try:
+            prompt, kept = fit_conversation_to_context(tokenizer, messages, sequence_len, max_new_tokens=reserve)
+        except ValueError as e:
+            raise APIError(400, str(e), param="messages", code="context_length_exceeded")
+        cut = kept[-1] != messages[-1] or (messages[0]["role"] == "system" and kept[0] != messages[0])
+        if cut:
+            raise APIError(400, f"the prompt is too long: the last message (with the system message) does not fit "
+                                f"this model's context of {sequence_len} tokens with room for {reserve} new tokens; "
+                                f"shorten it or lower max_tokens", param="messages", code="context_length_exceeded")
+        return prompt
+
+    # --- pages and status
+
+    @app.get("/", response_class=HTMLResponse)
+    async def ui():
+        with open(UI_PATH, encoding="utf-8") as f:
+            return HTMLResponse(f.read())
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "ready": True, "model": model_name, "num_replicas": len(pool.schedulers)}
+
+    @app.get("/stats")
+    async def stats():
+        return {**pool.stats(), "model": model_name, "responses_by_status": dict(status_counts)}
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        check_auth(request)
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": started,
+                                            "owned_by": "nanochat", "max_model_len": sequence_len}]}
+
+    # --- chat
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        check_auth(request)
+        body = await read_json(request, ChatRequest)
+        check_model(body.model)
+        stop = body.stop_strings()
+        messages = conversation_from_messages(body.messages)
+        prompt = chat_prompt(messages, body.requested_max_tokens(max_tokens))
+        kwargs = sampling(body, max_tokens, len(prompt))
+        generation = Generation(pool, tokenizer, [GenerationRequest(prompt, use_tools=True, **kwargs)], stop=stop)
+        ids = (new_id("chatcmpl"), now())
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(stream_chat(generation, ids, len(prompt), include_usage),
+                                     media_type="text/event-stream")
+        result = await until_done_or_disconnected(request, generation, collect_chat(generation, ids, len(prompt)))
+        return JSONResponse(result or {})
+
+    async def stream_chat(generation, ids, prompt_tokens, include_usage):
+        completion_id, created = ids
+
+        def chunk(choices, usage_value=None):
+            return sse(chat_chunk(completion_id, model_name, created, choices, usage_value, include_usage))
+        try:
+            yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                          "finish_reason": None} for i in range(len(generation.streams))])
+            async for event in generation.events():
+                if event[0] == "delta":
+                    yield chunk([chat_delta(event[1], event[2], event[3])])
+                elif event[0] == "finish":
+                    yield chunk([{"index": event[1], "delta": {}, "logprobs": None, "finish_reason": event[2]}])
+            if include_usage:
+                yield chunk([], usage(prompt_tokens, sum(generation.token_counts)))
+        except APIError as e:
+            yield sse(e.body())
+        finally:
+            generation.cancel()
+        yield "data: [DONE]\n\n"
+
+    async def collect_chat(generation, ids, prompt_tokens):
+        items = [[] for _ in generation.streams]
+        reasons = [None] * len(generation.streams)
+        async for event in generation.events():
+            if event[0] == "delta":
+                items[event[1]].append((event[2], event[3]))
+            elif event[0] == "finish":
+                reasons[event[1]] = event[2]
+        choices = [{"index": i, "message": chat_message(items[i]), "logprobs": None, "finish_reason": reasons[i]}
+                   for i in range(len(items))]
+        return {"id": ids[0], "object": "chat.completion", "created": ids[1], "model": model_name,
+                "system_fingerprint": None, "choices": choices,
+                "usage": usage(prompt_tokens, sum(generation.token_counts))}
+
+    # --- completions (text in, text out; echo + logprobs for scoring)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        check_auth(request)
+        body = await read_json(request, CompletionRequest)
+        check_model(body.model)
+        stop = body.stop_strings()
+        prompts = completion_prompts(body.prompt)
+        wanted = body.requested_max_tokens(16)
+        if wanted == 0 and not body.echo:
+            raise APIError(400, "max_tokens: 0 only makes sense with echo (to score the prompt)", param="max_tokens")
+        requests = []
+        for ids, _, _ in prompts:
+            if len(ids) + wanted > sequence_len:
+                raise APIError(400, f"this model's maximum context length is {sequence_len} tokens, but {len(ids)} "
+                                    f"prompt tokens + {wanted} max_tokens were requested", param="prompt",
+                               code="context_length_exceeded")
+            kwargs = sampling(body, 16, len(ids))
+            requests.append(GenerationRequest(ids, use_tools=False, logprobs=body.logprobs,
+                                              prompt_logprobs=body.echo and body.logprobs is not None, **kwargs))
+        generation = Generation(pool, tokenizer, requests, stop=stop, raw=True)
+        ids = (new_id("cmpl"), now())
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(stream_completion(generation, ids, prompts, body, include_usage),
+                                     media_type="text/event-stream")
+        result = await until_done_or_disconnected(request, generation,
+                                                  collect_completion(generation, ids, prompts, body))
+        return JSONResponse(result or {})
+
+    def completion_prompts(prompt):
+        """-> [(token ids, echo text, number of leading ids not echoed)] for a str / [str] / [int] / [[int]]."""
+        if isinstance(prompt, str):
+            prompt = [prompt]
+        if not prompt:
+            raise APIError(400, "prompt: must not be empty", param="prompt")
+        if all(isinstance(p, int) for p in prompt):
+            prompt = [prompt]
+        if len(prompt) > MAX_PROMPTS:
+            raise APIError(400, f"prompt: at most {MAX_PROMPTS} prompts per request", param="prompt")
+        result = []
+        for p in prompt:
+            if isinstance(p, str):  # text: starts a document like in training (the BOS is not echoed)
+                result.append(([bos] + tokenizer.encode(p), p, 1))
+            else:
+                if not p or not all(0 <= t < vocab_size for t in p):
+                    raise APIError(400, f"prompt: token ids must be a non-empty list in [0, {vocab_size})",
+                                   param="prompt")
+                result.append((list(p), tokenizer.decode(list(p)), 0))
+        return result
+
+    def token_text(token):
+        return tokenizer.decode([token])
+
+    def logprobs_block(entries, tokens, start_offset):
+        """OpenAI's legacy logprobs object for tokens and their (logprob, top) entries (None: not scored)."""
+        block = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        offset = start_offset
+        for token, entry in zip(tokens, entries):
+            text = token_text(token)
+            block["tokens"].append(text)
+            block["text_offset"].append(offset)
+            offset += len(text)
+            block["token_logprobs"].append(None if entry is None else entry[0])
+            block["top_logprobs"].append(None if entry is None else {token_text(t): lp for t, lp in entry[1]})
+        return block
+
+    async def collect_completion(generation, ids, prompts, body):
+        n = generation.n
+        tokens = [[] for _ in generation.streams]
+        entries = [[] for _ in generation.streams]
+        prompt_scores, reasons = {}, [None] * len(generation.streams)
+        async for event in generation.events():
+            if event[0] == "token":
+                tokens[event[1]].append(event[2])
+                entries[event[1]].append(event[3])
+            elif event[0] == "prompt_logprobs":
+                prompt_scores[event[1]] = event[2]
+            elif event[0] == "finish":
+                reasons[event[1]] = event[2]
+        choices = []
+        for choice, stream in enumerate(generation.streams):
+            prompt_ids, prompt_text, skip = prompts[choice // n]
+            text = stream.text()
+            logprobs = None
+            if body.logprobs is not None:
+                logprobs = logprobs_block(entries[choice], tokens[choice], len(prompt_text) if body.echo else 0)
+                if body.echo:
+                    echoed = logprobs_block(prompt_scores.get(choice // n, [])[skip:], prompt_ids[skip:], 0)
+                    logprobs = {k: echoed[k] + logprobs[k] for k in logprobs}
+            choices.append({"text": (prompt_text if body.echo else "") + text, "index": choice,
+                            "logprobs": logprobs, "finish_reason": reasons[choice]})
+        prompt_tokens = sum(len(p[0]) for p in prompts) * n
+        return {"id": ids[0], "object": "text_completion", "created": ids[1], "model": model_name,
+                "system_fingerprint": None, "choices": choices,
+                "usage": usage(prompt_tokens, sum(generation.token_counts))}
+
+    async def stream_completion(generation, ids, prompts, body, include_usage):
+        def chunk(choices, usage_value=None):
+            data = {"id": ids[0], "object": "text_completion", "created": ids[1], "model": model_name,
+                    "system_fingerprint": None, "choices": choices}
+            if include_usage:
+                data["usage"] = usage_value
+            return sse(data)
+        try:
+            if body.echo:
+                for choice in range(len(generation.streams)):
+                    yield chunk([{"text": prompts[choice // generation.n][1], "index": choice, "logprobs": None,
+                                  "finish_reason": None}])
+            async for event in generation.events():
+                if event[0] == "delta":
+                    yield chunk([{"text": event[3], "index": event[1], "logprobs": None, "finish_reason": None}])
+                elif event[0] == "finish":
+                    yield chunk([{"text": "", "index": event[1], "logprobs": None, "finish_reason": event[2]}])
+            if include_usage:
+                prompt_tokens = sum(len(p[0]) for p in prompts) * generation.n
+                yield chunk([], usage(prompt_tokens, sum(generation.token_counts)))
+        except APIError as e:
+            yield sse(e.body())
+        finally:
+            generation.cancel()
+        yield "data: [DONE]\n\n"
+
+    # --- nanochat's own streaming endpoint (its old UI and clients)
+
+    @app.post("/chat/completions")
+    async def nanochat_chat(request: Request):
+        check_auth(request)
+        body = await read_json(request, NanochatChatRequest)
+        messages = conversation_from_messages(body.messages)
+        wanted = body.max_tokens or max_tokens
+        prompt = chat_prompt(messages, wanted)
+        request_kwargs = dict(num_samples=1, max_tokens=min(wanted, sequence_len - len(prompt)),
+                              temperature=temperature if body.temperature is None else body.temperature,
+                              top_k=(top_k if body.top_k is None else body.top_k) or None)
+        generation = Generation(pool, tokenizer, [GenerationRequest(prompt, use_tools=True, **request_kwargs)])
+        replica = pool.schedulers.index(generation.replicas[0])
+
+        async def events():
+            text = TokenTextStream(tokenizer)
+            try:
+                async for event in generation.events():
+                    if event[0] == "token":
+                        piece = text.feed(event[2])
+                        if piece:
+                            yield sse({"token": piece, "gpu": replica})
+                tail = text.close()
+                if tail:
+                    yield sse({"token": tail, "gpu": replica})
+            except APIError as e:
+                yield sse(e.body())
+            finally:
+                generation.cancel()
+            yield sse({"done": True})
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    # --- vLLM's tokenizer endpoints (lm-evaluation-harness's "remote" tokenizer backend)
+
+    def encode_with_specials(text):
+        ids, rest = [], text
+        while rest:
+            hits = [(rest.find(name), name) for name in special_names if name in rest]
+            if not hits:
+                ids += tokenizer.encode(rest)
+                break
+            at, name = min(hits)
+            ids += tokenizer.encode(rest[:at]) + [tokenizer.encode_special(name)]
+            rest = rest[at + len(name):]
+        return ids
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info(request: Request):
+        check_auth(request)
+        return {"tokenizer_class": "nanochat", "bos_token": "<|bos|>", "eos_token": "<|bos|>", "pad_token": None,
+                "model_max_length": sequence_len, "vocab_size": vocab_size}
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        check_auth(request)
+        body = await read_json(request, TokenizeRequest)
+        tokens = ([bos] if body.add_special_tokens else []) + encode_with_specials(body.prompt)
+        return {"tokens": tokens, "count": len(tokens), "max_model_len": sequence_len}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        check_auth(request)
+        body = await read_json(request, DetokenizeRequest)
+        if not all(0 <= t < vocab_size for t in body.tokens):
+            raise APIError(400, f"tokens: ids must be in [0, {vocab_size})", param="tokens")
+        return {"prompt": tokenizer.decode(body.tokens)}
+
+    return app
