@@ -1,5 +1,6 @@
 """
-Benchmark the inference Engine: prefill and decode throughput, peak memory. Prints ONE JSON line last.
+Benchmark the inference Engine: prefill and decode throughput, memory-bandwidth utilization (MBU) of decode,
+peak memory. Prints ONE JSON line last.
 
 Random model of a given shape (sized like base_train: dim = depth*aspect_ratio rounded up to head_dim):
     python -m dev.bench_engine --depth 4 --max-seq-len 256 --vocab-size 8192
@@ -11,6 +12,11 @@ Decode runs sample with temperature 1.0 / top-k 50 and no tools, on random promp
 (the benchmark's tokenizer puts the special tokens outside the vocabulary), so every run decodes the same
 number of tokens; throughput still counts the tokens actually produced. Each measurement is repeated (--repeats) and
 the median and best are reported: on a shared machine the best is the less noisy estimate of the cost.
+
+MBU (decode is memory-bound): the bytes one decode step must move at least (`decode_bytes_per_step`: every weight
+once as stored, only the looked-up rows of the embedding tables, each layer's KV cache up to its window at the run's
+mean context, the new token's K/V) per best step time, over the GPU's peak memory bandwidth (nanochat.common's
+table; 0 on a CPU or an unknown GPU, where decode_gb_per_s_b<N> still gives the achieved rate).
 """
 
 import argparse
@@ -22,7 +28,7 @@ import time
 
 import torch
 
-from nanochat.common import COMPUTE_DTYPE, autodetect_device_type, compute_init, print0
+from nanochat.common import COMPUTE_DTYPE, autodetect_device_type, compute_init, get_peak_bandwidth, print0
 from nanochat.engine import Engine, KVCache
 
 SPECIALS = ["<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>",
@@ -55,6 +61,18 @@ def build_random_model(args, device):
     model.init_weights()
     model.eval()
     return model, f"random d{args.depth}"
+
+
+def decode_bytes_per_step(model, batch, context_len):
+    """Bytes a decode step of `batch` rows at `context_len` tokens of context moves at the least (see the module
+    docstring); what MBU divides by the step time."""
+    tables = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    weights = sum(batch * p.shape[1] * p.element_size() if id(p) in tables else p.numel() * p.element_size()
+                  for p in model.parameters())
+    config = model.config
+    kv_per_token = 2 * config.n_kv_head * (config.n_embd // config.n_head) * COMPUTE_DTYPE.itemsize  # K and V
+    kv = batch * kv_per_token * sum(min(context_len, window) + 1 for window in model.window_sizes)
+    return weights + kv
 
 
 def sync(device):
@@ -97,7 +115,7 @@ def time_decode(engine, prompt, num_samples, max_tokens, device, repeats):
     return step_times, rates
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description="Engine prefill/decode throughput; prints one JSON line")
     parser.add_argument("-i", "--source", default=None, help="load a checkpoint: base|sft|rl|dpo (default: random model)")
     parser.add_argument("-g", "--model-tag", default=None, help="checkpoint model tag (default: the largest)")
@@ -119,7 +137,7 @@ def main():
     parser.add_argument("--decode-threads", type=int, default=1,
                         help="Engine(decode_threads=...): threads during CPU decode steps (0: same as --threads)")
     parser.add_argument("--device-type", default="", help="cuda|cpu|mps (default: autodetect)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -158,17 +176,23 @@ def main():
         "prefill_len": prefill_len, "prefill_tok_per_s": round(prefill_len / min(prefill_times), 1),
         "prompt_len": len(prompt), "new_tokens": max_tokens,
     }
+    peak_bandwidth = get_peak_bandwidth(torch.cuda.get_device_name(device)) if device.type == "cuda" else 0.0
+    mean_context = len(prompt) + max_tokens / 2
     for batch in [int(b) for b in args.batch_sizes.split(",") if b]:
         print0(f"timing decode: batch {batch}, {max_tokens} tokens, {args.repeats} runs")
         step_times, rates = time_decode(engine, prompt, batch, max_tokens, device, args.repeats)
         result[f"decode_tok_per_s_b{batch}"] = round(max(rates), 1)
         result[f"decode_tok_per_s_b{batch}_median"] = round(statistics.median(rates), 1)
         result[f"decode_ms_per_step_b{batch}"] = round(1000 * min(step_times), 3)
+        bytes_per_step = decode_bytes_per_step(model, batch, mean_context)
+        result[f"decode_gb_per_s_b{batch}"] = round(bytes_per_step / min(step_times) / 1e9, 2)
+        result[f"mbu_b{batch}"] = round(100 * bytes_per_step / min(step_times) / peak_bandwidth, 2) if peak_bandwidth else 0.0
     if device.type == "cuda":
         result["peak_mem_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     else:
         result["peak_mem_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # max RSS
     print(json.dumps(result))
+    return result
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ tok/s, ms/step, MFU, peak memory, the shape and the settings used.
     python -m dev.bench_train --depth=6 --head-dim=64 --window-pattern=L --max-seq-len=512 \
         --device-batch-size=32 --total-batch-size=16384 --vocab-size=8192        # runcpu.sh's shape
     python -m dev.bench_train --depth=12 --compile=1                          # a GPU
+    python -m dev.bench_train --depth=20 --max-seq-len=2048 --device-batch-size=32 --total-batch-size=65536 --fp8
 
 MFU: on CUDA against the GPU's peak bf16 FLOP/s (nanochat's convention). On CPU there is no datasheet peak, so
 "mfu" is 0 and "mfu_cpu_matmul" compares against a large fp32/compute-dtype matmul measured on this machine
@@ -21,6 +22,7 @@ import torch
 
 from nanochat import chunked_loss
 from nanochat.common import compute_init, compute_cleanup, print0, autodetect_device_type, get_peak_flops, COMPUTE_DTYPE
+from nanochat.fp8 import enable_fp8_training
 from nanochat.scaling import model_config_for_depth, build_meta_model
 from nanochat.synthetic_data import synthetic_loader
 from nanochat.training import compute_grad_accum_steps, peak_memory_mib, should_compile
@@ -55,6 +57,9 @@ def main(argv=None):
     parser.add_argument("--compile", type=int, default=-1, help="torch.compile the model: 1 / 0 / -1 = auto (as base_train: CUDA, or CPU with a C++ compiler)")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = leave torch's default)")
     parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
+    parser.add_argument("--fp8", action="store_true", help="FP8 matmuls as base_train --fp8 (CUDA H100+; ignored elsewhere)")
+    parser.add_argument("--fp8-recipe", type=str, default="tensorwise", choices=["rowwise", "tensorwise"],
+                        help="FP8 scaling recipe, as base_train")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
 
     if args.threads > 0:
@@ -70,6 +75,9 @@ def main(argv=None):
     model.init_weights()
     flops_per_token = model.estimate_flops()
     num_params = model.num_params_by_group()["total"]
+    if args.fp8:
+        enable_fp8_training(model, args.fp8_recipe, device_type)
+    fp8 = any("Float8" in type(m).__name__ for m in model.modules())
     optimizer = model.setup_optimizer()
     use_compile = should_compile(args.compile, device_type)
     train_model = torch.compile(model, dynamic=False) if use_compile else model
@@ -115,7 +123,7 @@ def main(argv=None):
         "peak_mem_mib": round(peak_memory_mib(device_type), 1),
         "device": torch.cuda.get_device_name(0) if device_type == "cuda" else device_type,
         "dtype": str(COMPUTE_DTYPE).removeprefix("torch."),
-        "compile": use_compile, "threads": torch.get_num_threads(), "world_size": world_size,
+        "compile": use_compile, "fp8": fp8, "threads": torch.get_num_threads(), "world_size": world_size,
         "depth": args.depth, "n_embd": config.n_embd, "head_dim": args.head_dim, "max_seq_len": args.max_seq_len,
         "window_pattern": args.window_pattern, "vocab_size": args.vocab_size, "device_batch_size": args.device_batch_size,
         "total_batch_size": args.total_batch_size, "grad_accum_steps": grad_accum, "num_params": num_params,

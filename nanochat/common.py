@@ -184,12 +184,33 @@ _PEAK_FLOPS = [
 ]
 
 
+# Peak memory bandwidth for MBU (bytes/s, per device). First match wins: the more specific names come before the
+# names they contain (GH200 before H200, A100 before A10, L40 before L4).
+_PEAK_BANDWIDTH = [
+    ("GH200", 4.0e12), ("H200", 4.8e12), ("H100 PCIe", 2.0e12), ("H100 NVL", 3.9e12), ("H100", 3.35e12),
+    ("H800", 3.35e12), ("B200", 8.0e12), ("B300", 8.0e12), ("A100-SXM4-80GB", 2.039e12), ("A100 80GB", 1.935e12),
+    ("A100", 1.555e12), ("A800", 2.039e12), ("A10G", 0.6e12), ("A10", 0.6e12), ("A6000", 0.768e12),
+    ("L40S", 0.864e12), ("L40", 0.864e12), ("L4", 0.3e12), ("RTX 6000 Ada", 0.96e12), ("4090", 1.008e12),
+    ("4080", 0.717e12), ("3090", 0.936e12), ("3080", 0.76e12), ("V100", 0.9e12), ("T4", 0.32e12),
+    ("MI300X", 5.3e12), ("MI250X", 3.2e12),
+]
+
+
+def _lookup(table, device_name):
+    for key, value in table:
+        if key.lower() in device_name.lower():
+            return value
+    return 0.0
+
+
 def get_peak_flops(device_name):
     """Peak FLOP/s for a device name (torch.cuda.get_device_name()); 0 when unknown (MFU then reads 0)."""
-    for key, flops in _PEAK_FLOPS:
-        if key.lower() in device_name.lower():
-            return flops
-    return 0.0
+    return _lookup(_PEAK_FLOPS, device_name)
+
+
+def get_peak_bandwidth(device_name):
+    """Peak memory bandwidth in bytes/s for a device name; 0 when unknown (MBU then reads 0)."""
+    return _lookup(_PEAK_BANDWIDTH, device_name)
 
 
 class DummyWandb:

@@ -1,8 +1,16 @@
 """Tests are hermetic: every test gets its own NANOCHAT_BASE_DIR and a fixed fp32 compute dtype."""
 import atexit
+import base64
+import csv
+import hashlib
+import http.server
+import json
 import os
+import re
 import shutil
 import tempfile
+import threading
+from urllib.parse import unquote, urlparse
 
 # Must happen before nanochat.common is imported anywhere: COMPUTE_DTYPE is read once at import.
 os.environ.setdefault("NANOCHAT_DTYPE", "float32")
@@ -16,6 +24,7 @@ atexit.register(shutil.rmtree, _hf_home, True)
 
 import pytest
 import torch
+import yaml
 
 torch.set_num_threads(1)
 
@@ -160,14 +169,6 @@ def byte_tokenizer():
 # A writable Hugging Face hub on localhost: the calls huggingface_hub makes to create a repo, upload (preupload,
 # then one ndjson commit with the files inline), list and download. Nothing is faked inside huggingface_hub.
 
-import base64  # noqa: E402
-import hashlib  # noqa: E402
-import http.server  # noqa: E402
-import json  # noqa: E402
-import re  # noqa: E402
-import threading  # noqa: E402
-from urllib.parse import unquote, urlparse  # noqa: E402
-
 
 class FakeHub:
     """State of the fake hub: repos {repo_id: {path: bytes}}, every request as (method, path, Authorization),
@@ -281,3 +282,38 @@ def fake_hub(monkeypatch):
     yield hub
     server.shutdown()
     server.server_close()
+
+
+# -----------------------------------------------------------------------------
+# A CORE eval bundle in the real layout, tiny (three toy tasks): for CORE code paths without the download
+
+
+def write_toy_eval_bundle(root):
+    """A three-task bundle in the real layout: core.yaml, eval_meta_data.csv, eval_data/<uri>."""
+    (root / "eval_data" / "sub").mkdir(parents=True)
+    mc = [{"query": f"q{i}:", "choices": ["a", "b"], "gold": i % 2} for i in range(8)]
+    schema = [{"context_options": [f"c{i}x", f"c{i}y"], "continuation": "end", "gold": 0} for i in range(6)]
+    lm = [{"context": "ab:", "continuation": c} for c in ["cd", "ce", "cd", "zz"]]
+    for name, rows in [("mc.jsonl", mc), ("sub/schema.jsonl", schema), ("lm.jsonl", lm)]:
+        with open(root / "eval_data" / name, "w", encoding="utf-8") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in rows))
+    config = {"icl_tasks": [
+        {"label": "toy_mc", "dataset_uri": "mc.jsonl", "num_fewshot": [2], "icl_task_type": "multiple_choice",
+         "continuation_delimiter": "\nAnswer: "},
+        {"label": "toy_schema", "dataset_uri": "sub/schema.jsonl", "num_fewshot": [0], "icl_task_type": "schema"},
+        {"label": "toy_lm", "dataset_uri": "lm.jsonl", "num_fewshot": [1], "icl_task_type": "language_modeling"},
+    ]}
+    (root / "core.yaml").write_text(yaml.safe_dump(config))
+    with open(root / "eval_meta_data.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["Eval Task", "Task Category", "Task Type", "#shots", "#datapoints", "Random baseline", "Centered Metric?", "Description"])
+        w.writerow(["toy_mc", "x", "x", 2, 8, 50.0, "", ""])
+        w.writerow(["toy_schema", "x", "x", 0, 6, 50.0, "", ""])
+        w.writerow(["toy_lm", "x", "x", 1, 4, 0.0, "", ""])
+    return {"toy_mc": mc, "toy_schema": schema, "toy_lm": lm}
+
+
+@pytest.fixture
+def write_eval_bundle():
+    """write(root) -> {task label: rows}: a three-task CORE bundle (core.yaml, eval_meta_data.csv, eval_data/)."""
+    return write_toy_eval_bundle

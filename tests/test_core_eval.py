@@ -2,14 +2,12 @@
 CORE scoring against hand computation: a character-level tokenizer and a bigram "model" whose logits we
 control, so every expected cross-entropy / greedy prediction is recomputed here with plain math.
 """
-import csv
 import json
 import math
 import random
 
 import pytest
 import torch
-import yaml
 
 from nanochat import core_eval as ce
 from nanochat import download
@@ -289,33 +287,8 @@ def test_centered_accuracy():
     assert ce.centered_accuracy(0.3, 0.0) == pytest.approx(0.3)
 
 
-def _write_bundle(root):
-    """A three-task bundle in the real layout: core.yaml, eval_meta_data.csv, eval_data/<uri>."""
-    (root / "eval_data" / "sub").mkdir(parents=True)
-    mc = [{"query": f"q{i}:", "choices": ["a", "b"], "gold": i % 2} for i in range(8)]
-    schema = [{"context_options": [f"c{i}x", f"c{i}y"], "continuation": "end", "gold": 0} for i in range(6)]
-    lm = [{"context": "ab:", "continuation": c} for c in ["cd", "ce", "cd", "zz"]]
-    for name, rows in [("mc.jsonl", mc), ("sub/schema.jsonl", schema), ("lm.jsonl", lm)]:
-        with open(root / "eval_data" / name, "w", encoding="utf-8") as f:
-            f.write("".join(json.dumps(r) + "\n" for r in rows))
-    config = {"icl_tasks": [
-        {"label": "toy_mc", "dataset_uri": "mc.jsonl", "num_fewshot": [2], "icl_task_type": "multiple_choice",
-         "continuation_delimiter": "\nAnswer: "},
-        {"label": "toy_schema", "dataset_uri": "sub/schema.jsonl", "num_fewshot": [0], "icl_task_type": "schema"},
-        {"label": "toy_lm", "dataset_uri": "lm.jsonl", "num_fewshot": [1], "icl_task_type": "language_modeling"},
-    ]}
-    (root / "core.yaml").write_text(yaml.safe_dump(config))
-    with open(root / "eval_meta_data.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["Eval Task", "Task Category", "Task Type", "#shots", "#datapoints", "Random baseline", "Centered Metric?", "Description"])
-        w.writerow(["toy_mc", "x", "x", 2, 8, 50.0, "", ""])
-        w.writerow(["toy_schema", "x", "x", 0, 6, 50.0, "", ""])
-        w.writerow(["toy_lm", "x", "x", 1, 4, 0.0, "", ""])
-    return {"toy_mc": mc, "toy_schema": schema, "toy_lm": lm}
-
-
-def test_evaluate_core_on_a_toy_bundle(tmp_path):
-    datasets = _write_bundle(tmp_path / "bundle")
+def test_evaluate_core_on_a_toy_bundle(tmp_path, write_eval_bundle):
+    datasets = write_eval_bundle(tmp_path / "bundle")
     model = BigramModel(random_table(7))
     out = ce.evaluate_core(model, TOK, "cpu", bundle_dir=str(tmp_path / "bundle"))
     assert list(out["results"]) == ["toy_mc", "toy_schema", "toy_lm"]
@@ -344,18 +317,19 @@ def test_evaluate_core_on_a_toy_bundle(tmp_path):
         ce.evaluate_core(model, TOK, "cpu", bundle_dir=str(tmp_path / "bundle"), tasks=["nope"])
 
 
-def test_existing_bundle_in_base_dir_is_used_without_download(tmp_path, monkeypatch, _isolated_base_dir):
-    _write_bundle(_isolated_base_dir / "eval_bundle")
+def test_existing_bundle_in_base_dir_is_used_without_download(tmp_path, monkeypatch, _isolated_base_dir,
+                                                             write_eval_bundle):
+    write_eval_bundle(_isolated_base_dir / "eval_bundle")
     monkeypatch.setenv("NANOCHAT_EVAL_BUNDLE_URL", "http://127.0.0.1:9/never.zip")
     assert ce.ensure_eval_bundle() == str(_isolated_base_dir / "eval_bundle")
 
 
-def test_eval_bundle_download_and_unzip(tmp_path, monkeypatch, _isolated_base_dir):
+def test_eval_bundle_download_and_unzip(tmp_path, monkeypatch, _isolated_base_dir, write_eval_bundle):
     import io
     import threading
     import zipfile
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-    _write_bundle(tmp_path / "src" / "eval_bundle")
+    write_eval_bundle(tmp_path / "src" / "eval_bundle")
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as zf:  # the real zip holds a top-level eval_bundle/ folder
         for path in sorted((tmp_path / "src").rglob("*")):
@@ -539,8 +513,8 @@ def test_fast_path_matches_plain_when_truncated(path_spy):
     assert_fast_equals_plain(model, [{"context": f"Item {i} says ", "continuation": f"v{i}"} for i in range(5)], lm)
 
 
-def test_fast_and_plain_core_agree_on_a_toy_bundle(tmp_path):
-    _write_bundle(tmp_path / "bundle")
+def test_fast_and_plain_core_agree_on_a_toy_bundle(tmp_path, write_eval_bundle):
+    write_eval_bundle(tmp_path / "bundle")
     model = tiny_gpt(5)
     fast = ce.evaluate_core(model, TOK, "cpu", bundle_dir=str(tmp_path / "bundle"))
     plain = ce.evaluate_core(model, TOK, "cpu", bundle_dir=str(tmp_path / "bundle"), plain=True)
