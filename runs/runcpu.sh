@@ -43,18 +43,7 @@ if ! $PY -c "import nanochat.report, tiktoken, rustbpe, pyarrow, matplotlib, psu
     $PY -m pip install -q -e .
 fi
 
-STAGE_LOG=""
-RUN_START=$(date +%s)
-stage() {  # stage "name" command...: run it, print how long it took
-    local name="$1"; shift
-    echo
-    echo "=== [runcpu] $name ==="
-    local t0; t0=$(date +%s)
-    "$@"
-    local dt=$(( $(date +%s) - t0 ))
-    STAGE_LOG+=$(printf '%-28s %4ds' "$name" "$dt")$'\n'
-    echo "=== [runcpu] $name: ${dt}s ==="
-}
+source runs/common.sh  # stage / stage_summary, shared with the other recipes
 
 echo "[runcpu] NANOCHAT_BASE_DIR=$NANOCHAT_BASE_DIR NANOCHAT_DATA=$NANOCHAT_DATA OMP_NUM_THREADS=$OMP_NUM_THREADS"
 echo "[runcpu] load average: $(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null || uptime)"
@@ -99,10 +88,7 @@ for question in "What is your name?" "What is 123 + 456?"; do
     $PY -m scripts.chat_cli -t 0 -p "$question"
 done
 
-echo
-echo "=== [runcpu] stage times ==="
-printf '%s' "$STAGE_LOG"
-printf '%-28s %4ds\n' "total" "$(( $(date +%s) - RUN_START ))"
+stage_summary
 echo
 echo "Report: report.md (and $NANOCHAT_BASE_DIR/report/report.md)"
 echo "Chat with it:"
