@@ -8,7 +8,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from nanochat import core_eval as ce
-from tests.test_core_eval import TOK, BigramModel, _write_bundle, random_table
+from tests.test_core_eval import TOK, BigramModel, random_table
 
 
 def _free_port():
@@ -29,9 +29,9 @@ def _rank_main(rank, world, port, bundle, out_dir):
 
 
 @pytest.mark.slow
-def test_core_equal_on_one_and_two_ranks(tmp_path):
+def test_core_equal_on_one_and_two_ranks(tmp_path, write_eval_bundle):
     bundle = tmp_path / "bundle"
-    _write_bundle(bundle)
+    write_eval_bundle(bundle)
     single = ce.evaluate_core(BigramModel(random_table(7)), TOK, "cpu", bundle_dir=str(bundle))
     again = ce.evaluate_core(BigramModel(random_table(7)), TOK, "cpu", bundle_dir=str(bundle))
     assert single == again  # deterministic
