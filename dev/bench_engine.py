@@ -186,7 +186,8 @@ def main(argv=None):
         result[f"decode_ms_per_step_b{batch}"] = round(1000 * min(step_times), 3)
         bytes_per_step = decode_bytes_per_step(model, batch, mean_context)
         result[f"decode_gb_per_s_b{batch}"] = round(bytes_per_step / min(step_times) / 1e9, 2)
-        result[f"mbu_b{batch}"] = round(100 * bytes_per_step / min(step_times) / peak_bandwidth, 2) if peak_bandwidth else 0.0
+        mbu = 100 * bytes_per_step / min(step_times) / peak_bandwidth if peak_bandwidth else 0.0
+        result[f"mbu_b{batch}"] = round(mbu, 2)
     if device.type == "cuda":
         result["peak_mem_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     else:

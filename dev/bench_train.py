@@ -57,7 +57,8 @@ def main(argv=None):
     parser.add_argument("--compile", type=int, default=-1, help="torch.compile the model: 1 / 0 / -1 = auto (as base_train: CUDA, or CPU with a C++ compiler)")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = leave torch's default)")
     parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
-    parser.add_argument("--fp8", action="store_true", help="FP8 matmuls as base_train --fp8 (CUDA H100+; ignored elsewhere)")
+    parser.add_argument("--fp8", action="store_true",
+                        help="FP8 matmuls as base_train --fp8 (CUDA H100+; ignored elsewhere)")
     parser.add_argument("--fp8-recipe", type=str, default="tensorwise", choices=["rowwise", "tensorwise"],
                         help="FP8 scaling recipe, as base_train")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)

@@ -26,6 +26,7 @@ import re
 import shlex
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -140,12 +141,14 @@ def timed_step(runner, step, argv, limit, check=None):
 # The steps
 
 def cuda_tests(runner):
-    files = sorted(os.path.join("tests", f) for f in os.listdir(os.path.join(REPO, "tests"))
-                   if f.endswith(".py") and "mark.cuda" in open(os.path.join(REPO, "tests", f), encoding="utf-8").read())
+    tests = os.path.join(REPO, "tests")
+    files = sorted(os.path.join("tests", f) for f in os.listdir(tests)
+                   if f.endswith(".py") and "mark.cuda" in open(os.path.join(tests, f), encoding="utf-8").read())
     if runner.out_of_time("cuda_tests"):
         return
     t0 = time.time()
-    code, output = runner.run("cuda_tests", ["-m", "pytest", "-o", "addopts=", "-q", "-m", "cuda", "-p", "no:cacheprovider", *files], 180)
+    code, output = runner.run("cuda_tests", ["-m", "pytest", "-o", "addopts=", "-q", "-m", "cuda", "-p",
+                                             "no:cacheprovider", *files], 180)
     counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|skipped|error)", output)}
     # on a GPU every test must run; in the dry run on a CPU they skip, and their collection is what is checked
     problem = ("timed out" if code is None else f"pytest exit status {code}" if code not in (0, 5) else
@@ -174,8 +177,8 @@ def bench_engine(runner):
         if not runner.dry_run and not result.get("mbu_b1"):
             return "MBU is 0: the GPU is not in nanochat.common's peak-bandwidth table"
         return None
-    timed_step(runner, "bench_engine", ["-m", "dev.bench_engine", *(BENCH_ENGINE_TOY if runner.dry_run else BENCH_ENGINE)],
-               120, check)
+    shape = BENCH_ENGINE_TOY if runner.dry_run else BENCH_ENGINE
+    timed_step(runner, "bench_engine", ["-m", "dev.bench_engine", *shape], 120, check)
 
 
 def toy_corpus(folder):
@@ -219,10 +222,11 @@ def start_data_prep(runner):
 
 def train_d12(runner, data_prep):
     """The short run on the prepared text; ok when the loss fell. Returns the model tag or None."""
+    process, commands = data_prep
     if runner.out_of_time("train_d12"):
+        process.kill()
         return None
     t0 = time.time()
-    process, commands = data_prep
     try:
         code = process.wait(timeout=max(1, runner.seconds_left() - 60))
     except subprocess.TimeoutExpired:
@@ -243,7 +247,8 @@ def train_d12(runner, data_prep):
     first = sum(losses[s] for s in steps[:5]) / max(1, len(steps[:5]))
     tail = steps[-max(1, len(steps) // 10):]
     last = sum(losses[s] for s in tail) / max(1, len(tail))
-    step_lines = re.findall(r"tok/sec: ([\d,]+) \|.*?mfu: ([\d.]+)", output)
+    # steady state: the median over the second half of the steps (the first ones compile and warm up)
+    step_lines = re.findall(r"tok/sec: ([\d,]+) \|.*?mfu: ([\d.]+)", output)[len(steps) // 2:]
     bpb = re.findall(r"Validation bpb: ([\d.]+)", output)
     problem = ("timed out" if code is None else f"exit status {code}" if code else
                "no train losses logged" if not steps else
@@ -251,8 +256,9 @@ def train_d12(runner, data_prep):
     runner.record("train_d12", "fail" if problem else "ok", seconds=round(time.time() - t0, 1),
                   command="python " + " ".join(train), steps=len(steps), loss_first5=round(first, 4),
                   loss_last_tenth=round(last, 4), val_bpb=[float(b) for b in bpb],
-                  tok_per_sec=int(step_lines[-1][0].replace(",", "")) if step_lines else None,
-                  mfu=float(step_lines[-1][1]) if step_lines else None, **({"problem": problem} if problem else {}))
+                  tok_per_sec=statistics.median(int(t.replace(",", "")) for t, _ in step_lines) if step_lines else None,
+                  mfu=statistics.median(float(m) for _, m in step_lines) if step_lines else None,
+                  **({"problem": problem} if problem else {}))
     return None if problem else "gpucheck"
 
 
@@ -323,7 +329,8 @@ def main(argv=None):
     parser.add_argument("--dry-run", action="store_true", help="every step at toy size on the CPU (no GPU needed)")
     parser.add_argument("--results", default="gpu_check_results.jsonl", help="the JSON-lines results file")
     parser.add_argument("--work-dir", default=None,
-                        help="logs, data and checkpoints of the run (default: $NANOCHAT_BASE_DIR/gpu_check, emptied first)")
+                        help="logs, data and checkpoints of the run (default: $NANOCHAT_BASE_DIR/gpu_check, "
+                             "emptied first)")
     parser.add_argument("--budget", type=float, default=480, help="seconds for the whole check")
     args = parser.parse_args(argv)
     base = os.environ.get("NANOCHAT_BASE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nanochat")

@@ -231,7 +231,6 @@ class CheckpointPusher:
         self.ranks, self.owns_model = ranks, ranks is not None and ranks.start == 0
         self.lock = threading.Lock()
         self.pending, self.pushed, self.failed = [], [], []  # labels like "base_checkpoints/d12 step 500"
-        self.tokenizer_sent = False
         if self.active:
             self.remote = open_remote(url)
             self.jobs = queue.Queue()
@@ -243,9 +242,8 @@ class CheckpointPusher:
         if not self.active:
             return
         files = step_files(checkpoint_dir, step, self.ranks, self.owns_model)
-        if self.owns_model and not self.tokenizer_sent:  # a fresh machine needs the tokenizer too (before the meta)
+        if self.owns_model:  # a fresh machine needs the tokenizer too: with every checkpoint (small), before the meta
             files = files[:-1] + tokenizer_files() + files[-1:]
-            self.tokenizer_sent = True
         label = f"{relative_to_base(checkpoint_dir)} step {step}"
         with self.lock:
             self.pending.append(label)
@@ -287,7 +285,8 @@ class CheckpointPusher:
                              f"only: push it later with `python -m nanochat.hub push {self.url} ...`")
                     return False
                 delay = min(self.backoff_seconds * 2 ** (attempt - 1), self.max_backoff_seconds)
-                self.log(f"upload of {label} failed (attempt {attempt}/{self.retries}: {reason}); retrying in {delay:g}s")
+                self.log(f"upload of {label} failed (attempt {attempt}/{self.retries}: {reason}); "
+                         f"retrying in {delay:g}s")
                 time.sleep(delay)
 
     def close(self, timeout=600):
