@@ -36,7 +36,8 @@ from nanochat.dataloader import (tokenizing_distributed_data_loader_with_state_b
                                  tokenizing_distributed_data_loader_bos_bestfit)
 from nanochat.fp8 import enable_fp8_training, disable_fp8
 from nanochat.gpt import GPT, GPTConfig, compute_window_sizes
-from nanochat.hub import CheckpointPusher, add_push_arguments
+from nanochat.hub import CheckpointPusher
+from nanochat.remote import add_push_arguments
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.optim import optimizer_step, set_schedule
 from nanochat.report import get_report

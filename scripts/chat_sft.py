@@ -29,7 +29,8 @@ from nanochat.chat_dataloader import ConversationPacker
 from nanochat.chat_eval import ALL_TASKS, evaluate_chat_tasks
 from nanochat.checkpoint_manager import available_steps, build_model, save_checkpoint
 from nanochat.common import compute_cleanup, get_base_dir, print0
-from nanochat.hub import CheckpointPusher, add_push_arguments
+from nanochat.hub import CheckpointPusher
+from nanochat.remote import add_push_arguments
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.optim import optimizer_step, set_schedule
 from nanochat.report import get_report

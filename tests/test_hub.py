@@ -1,5 +1,5 @@
-"""Pushing checkpoints while training (nanochat.hub): file:// and memory:// during a real base_train run whose
-uploads are held back and fail once (the loop never waits for them), hf:// through huggingface_hub against a
+"""Pushing checkpoints while training (nanochat.hub, nanochat.remote): file:// and memory:// during a real base_train
+run whose uploads are held back and fail once (the loop never waits for them), hf:// through huggingface_hub against a
 fake hub (repo create, preupload, commit), the bounded exit wait, and pull on a fresh machine + resume ==
 the uninterrupted run, bit for bit."""
 import json
@@ -11,7 +11,7 @@ import pytest
 import torch
 from fsspec.implementations.memory import MemoryFileSystem
 
-from nanochat import hub
+from nanochat import hub, remote
 from nanochat.checkpoint_manager import load_model
 from nanochat.tokenizer import RustBPETokenizer, save_token_bytes
 from scripts import base_train, chat_sft
@@ -70,10 +70,10 @@ def local_files(base_dir):
 
 
 def remote_files(url):
-    remote = hub.open_remote(url)
+    storage = remote.open_remote(url)
     out = {}
-    for rel in remote.list():
-        with remote.fs.open(remote.path(rel), "rb") as f:
+    for rel in storage.list():
+        with storage.fs.open(storage.path(rel), "rb") as f:
             out[rel] = f.read()
     return out
 
@@ -82,7 +82,7 @@ def held_back_uploads(monkeypatch):
     """Every upload waits until the trainer closes its pusher (so training must finish without waiting for one),
     and the first upload attempt fails. Returns a record of what the pushers had done when close was called."""
     release, seen = threading.Event(), {"attempts": 0, "jobs": []}
-    real_upload, real_close = hub.FsspecRemote.upload, hub.CheckpointPusher.close
+    real_upload, real_close = remote.FsspecRemote.upload, hub.CheckpointPusher.close
 
     def upload(self, files, done):
         if not release.wait(10):  # the trainer is waiting for this upload: let it go on, the test will fail
@@ -100,7 +100,7 @@ def held_back_uploads(monkeypatch):
         seen["unpushed"] = real_close(self, timeout)
         return seen["unpushed"]
 
-    monkeypatch.setattr(hub.FsspecRemote, "upload", upload)
+    monkeypatch.setattr(remote.FsspecRemote, "upload", upload)
     monkeypatch.setattr(hub.CheckpointPusher, "close", close)
     return seen
 
@@ -142,7 +142,7 @@ def test_push_while_training_then_pull_and_resume_equals_uninterrupted(scheme, m
 def test_exit_wait_is_bounded_and_names_what_is_unpushed(machine, monkeypatch, capsys, clean_memory_fs):
     base_dir, corpus = machine
     stuck, pushers = threading.Event(), []
-    monkeypatch.setattr(hub.FsspecRemote, "upload", lambda self, files, done: stuck.wait(30))
+    monkeypatch.setattr(remote.FsspecRemote, "upload", lambda self, files, done: stuck.wait(30))
     real_close = hub.CheckpointPusher.close
     monkeypatch.setattr(hub.CheckpointPusher, "close",
                         lambda self, timeout: pushers.append(self) or real_close(self, timeout))
