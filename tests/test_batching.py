@@ -196,11 +196,12 @@ def test_cancel_frees_rows_and_a_full_queue_refuses(tiny_gpt_factory, byte_token
     engine = Engine(tiny_gpt_factory(seed=5, sequence_len=256), byte_tokenizer, tools=None)
     scheduler = scheduler_for(engine, max_batch=2, max_waiting=1)
     long = dict(prompt=[256, 1, 2], max_tokens=250, temperature=1.0, use_tools=False)
-    running, deadline = [], time.monotonic() + 30
+    running, deadline = [], time.monotonic() + 120  # generous: a busy 2-core machine stalls the scheduler thread
     for n in (1, 2):
         running.append(collect(long, scheduler))
-        while scheduler.cache.active < n and time.monotonic() < deadline:
+        while (scheduler.cache.active < n or scheduler.waiting) and time.monotonic() < deadline:
             time.sleep(0.01)
+        assert scheduler.cache.active == n and not scheduler.waiting, "the scheduler never took the request"
     waiting = collect(long, scheduler)                # the two rows are busy: this one waits
     with pytest.raises(QueueFull):
         ReplicaPool([scheduler]).submit(GenerationRequest(**long))
