@@ -130,7 +130,8 @@ def save_checkpoint(checkpoint_dir, step, model_data, optimizer_data, meta_data,
         check_finite_weights(model_data, step)
     # Optimizer shards are written by every rank: they wait for each other between the phases.
     # (Callers that save from rank 0 only, like RL, pass optimizer_data=None and skip these barriers.)
-    all_ranks = optimizer_data is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    all_ranks = optimizer_data is not None and distributed
     barrier = dist.barrier if all_ranks else (lambda: None)
     files = []
     if rank == 0 and model_data is not None:
@@ -312,7 +313,8 @@ def check_checkpoint_readable(checkpoint_dir, step):
     """Cheap check that a step's meta parses and its model and optimizer shards are whole archives (without
     loading any tensor). Raises CorruptCheckpointError naming the first damaged file."""
     read_meta(meta_path(checkpoint_dir, step))
-    paths = [model_path(checkpoint_dir, step)] + sorted(glob.glob(os.path.join(checkpoint_dir, f"optim_{step:06d}_rank*.pt")))
+    shards = sorted(glob.glob(os.path.join(checkpoint_dir, f"optim_{step:06d}_rank*.pt")))
+    paths = [model_path(checkpoint_dir, step)] + shards
     for path in paths:
         reason = zip_damage(path)
         if reason is not None:

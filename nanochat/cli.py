@@ -2,9 +2,9 @@
 What every script's command line shares, without importing torch (importing it takes seconds, so the trainers
 check their flags with this module before they import anything heavy):
 
-- `UserError`: a mistake the user can fix (a flag, a file, the disk; `MissingFileError` for a file not there). `exit_on_user_error(main)` runs an entry
-  point and turns one into a single line on stderr and exit status 2 (or the error's own `exit_code`), no
-  traceback;
+- `UserError`: a mistake the user can fix (a flag, a file, the disk; `MissingFileError` for a file not there).
+  `exit_on_user_error(main)` runs an entry point and turns one into a single line on stderr and exit status 2
+  (or the error's own `exit_code`), no traceback;
 - `ArgumentParser`: argparse whose errors are that same one line (argparse's own print the whole usage first);
 - argparse types that check ranges as the flag is parsed: `int_at_least`, `float_at_least`, `float_above`,
   `fraction`, `window_pattern`, `existing_file`, `existing_dir`.
@@ -56,7 +56,8 @@ def _number(text, kind):
     try:
         value = kind(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+        expected = "an integer" if kind is int else "a number"
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
     return value
@@ -130,5 +131,6 @@ def existing_file(text):
 def existing_dir(text):
     """A path to a directory."""
     if not os.path.isdir(text):
-        raise argparse.ArgumentTypeError(f"{text} is {'a file' if os.path.exists(text) else 'missing'}; pass a directory")
+        what = "a file" if os.path.exists(text) else "missing"
+        raise argparse.ArgumentTypeError(f"{text} is {what}; pass a directory")
     return text

@@ -91,9 +91,9 @@ class RustBPETokenizer:
             with open(pickle_path, "rb") as f:
                 enc = pickle.load(f)
         except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError, TypeError, ValueError) as e:
-            raise UserError(f"{pickle_path} cannot be read ({type(e).__name__}: {e}): the file is truncated or damaged. "
-                            f"Restore it from a copy of the tokenizer/ folder you trained with (a retrained tokenizer "
-                            f"no longer matches the checkpoints trained with this one)") from None
+            raise UserError(f"{pickle_path} cannot be read ({type(e).__name__}: {e}): the file is truncated or "
+                            f"damaged. Restore it from a copy of the tokenizer/ folder you trained with (a retrained "
+                            f"tokenizer no longer matches the checkpoints trained with this one)") from None
         if not isinstance(enc, tiktoken.Encoding):
             raise UserError(f"{pickle_path} holds a {type(enc).__name__}, not a tiktoken Encoding: it is not a "
                             f"nanochat tokenizer. Train one with `python -m scripts.tok_train`")

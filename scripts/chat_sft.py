@@ -57,7 +57,8 @@ def build_parser():
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # logging / runtime
     parser.add_argument("--run", type=str, default="dummy", help="wandb run name ('dummy' disables wandb logging)")
-    parser.add_argument("--device-type", type=str, default="", choices=["", "cuda", "cpu", "mps"], help="cuda|cpu|mps (empty = autodetect)")
+    parser.add_argument("--device-type", type=str, default="", choices=["", "cuda", "cpu", "mps"],
+                        help="cuda|cpu|mps (empty = autodetect)")
     parser.add_argument("--preset", type=str, default="sft", choices=["sft", "midtrain"],
                         help="sft: the reference SFT; midtrain: nanochat's older midtraining stage (its mixture, "
                              "LRs and schedule, loss on all tokens, output to mid_checkpoints/)")
