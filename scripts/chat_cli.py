@@ -8,7 +8,8 @@ Chat with a trained model in the terminal (single device).
 Type 'clear' to start over and 'quit' / 'exit' (or Ctrl-D) to leave. Answers stream as they are sampled;
 calculator calls show up as <<expr=result>>. Long conversations never overflow the model's context: the
 oldest exchanges are dropped (and, if needed, the start of a very long message) so that the prompt plus
-the answer fit in the model's sequence length.
+the answer fit in the model's sequence length. Ctrl-C while an answer streams stops it and keeps the chat
+(without that question and its partial answer).
 """
 
 import argparse
@@ -126,8 +127,19 @@ def main(argv=None, input_fn=input, out=None):
 
         messages.append({"role": "user", "content": user_input})
         print("\nAssistant: ", end="", file=out, flush=True)
-        with torch.inference_mode():
-            content, dropped, kept = answer(engine, tokenizer, messages, args, seed, out)
+        try:
+            with torch.inference_mode():
+                content, dropped, kept = answer(engine, tokenizer, messages, args, seed, out)
+        except KeyboardInterrupt:
+            # Ctrl-C stops this answer, not the chat. The exchange is dropped rather than kept half-done: the cut
+            # answer would be rendered as a finished turn the model then imitates, and a question without its
+            # answer would break the user/assistant alternation the chat format needs.
+            messages.pop()
+            seed += 1
+            print("\n(stopped: this question and its partial answer are left out of the conversation)", file=out)
+            if args.prompt:
+                break
+            continue
         print(file=out)
         if dropped:
             print(f"(context full: the {dropped} oldest exchange(s) no longer fit and were dropped)", file=out)

@@ -1,5 +1,6 @@
 """SFT: loss normalization over the whole step (no NaN on fully masked micro-batches), packing, custom data
 (exact row counts, repeat weights, bad rows), inheritance, the midtrain preset, and resume == uninterrupted."""
+import argparse
 import json
 import math
 import os
@@ -13,6 +14,7 @@ import torch
 from nanochat.chat_dataloader import ConversationPacker
 from nanochat.chat_format import load_conversations_jsonl
 from nanochat.checkpoint_manager import find_last_step, load_model
+from nanochat.cli import UserError
 from nanochat.tokenizer import get_tokenizer
 from nanochat.training import step_loss_scale
 from scripts import chat_sft
@@ -175,8 +177,12 @@ def test_jsonl_spec_parsing(tmp_path):
     f = _write_jsonl(tmp_path / "a.jsonl", _qa_rows(1))
     assert parse_jsonl_spec(f) == (f, 1)
     assert parse_jsonl_spec(f + ":3") == (f, 3)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(argparse.ArgumentTypeError, match="missing.jsonl does not exist"):
         parse_jsonl_spec(str(tmp_path / "missing.jsonl") + ":2")
+    with pytest.raises(argparse.ArgumentTypeError, match="is a directory"):
+        parse_jsonl_spec(str(tmp_path))
+    with pytest.raises(argparse.ArgumentTypeError, match="REPEAT must be a whole number >= 1, got -1"):
+        parse_jsonl_spec(f + ":-1")
 
 
 def test_extra_train_repeat_weighting(base, tmp_path):
@@ -214,7 +220,7 @@ def test_bad_rows_are_reported_with_file_and_line(base, tmp_path):
     rows.insert(1, json.dumps([{"role": "assistant", "content": "I speak first"}]))
     path.write_text("\n".join(rows) + "\n")
     args = parse_args(["--custom-only", "--extra-train-jsonl", str(path)])
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(UserError) as e:
         chat_sft.build_mixtures(args)
     assert f"{path}:2" in str(e.value)
 
@@ -295,7 +301,7 @@ def test_settings_inherit_from_the_source_and_leave_the_flags_alone(base, capsys
     mid = chat_sft.resolve_settings(parse_args(["--preset", "midtrain"]), world_size=1)
     assert mid.output_dir.endswith(os.path.join("mid_checkpoints", "d2")) and mid.report_section == "Midtraining"
     assert mid.embedding_lr == 0.2  # the preset's LR, not the source's
-    with pytest.raises(SystemExit, match="Set --total-batch-size to a multiple of 384"):
+    with pytest.raises(UserError, match="Set --total-batch-size to a multiple of 384"):
         chat_sft.resolve_settings(parse_args(["--device-batch-size", "3", "--total-batch-size", "1000"]), world_size=2)
 
 

@@ -7,6 +7,7 @@ import pytest
 import tiktoken
 import torch
 
+from nanochat.cli import UserError
 from nanochat.tokenizer import (
     SPECIAL_TOKENS, SPLIT_PATTERN, RustBPETokenizer, build_encoding, compute_token_bytes, get_token_bytes,
     get_tokenizer, save_token_bytes,
@@ -326,8 +327,8 @@ def test_tok_train_main_writes_tokenizer_token_bytes_and_report(_isolated_base_d
     assert torch.equal(get_token_bytes(), compute_token_bytes(tok))
     report = (_isolated_base_dir / "report" / "tokenizer-training.md").read_text()
     assert "vocab_size: 320" in report and "train_time" in report
-    with pytest.raises(SystemExit, match="No training text"):
-        main([], batches=iter([]))
+    with pytest.raises(UserError, match="No training text"):
+        main(["--force"], batches=iter([]))
 
 
 def test_tok_eval_table_and_report_offline(tok, _isolated_base_dir, monkeypatch, capsys):
