@@ -226,9 +226,12 @@ def parse_tool_call(code, enabled=TOOL_NAMES):
 
 def web_search_budget(sequence_len):
     """(results, characters) of one web_search output for a model with this context: 3 results in at most 1500
-    characters, less for a short context so the question and the answer still fit beside the results. The
+    characters from 2048 tokens up; below that fewer results in sequence_len // 2 characters (about a quarter of
+    the context), so the question, the reasoning, the answer, and in a follow-up a second search, still fit. The
     Engine and the training data generator both use it, so training outputs are shaped like inference ones."""
-    return (3 if sequence_len >= 1024 else 2), min(DEFAULT_TOOL_OUTPUT_CHARS, sequence_len * 3 // 2)
+    if sequence_len >= 2048:
+        return 3, DEFAULT_TOOL_OUTPUT_CHARS
+    return (2 if sequence_len >= 1024 else 1), sequence_len // 2
 
 
 def run_tool_call(code, enabled=TOOL_NAMES, search_provider=None, search_k=3,

@@ -170,6 +170,5 @@ def test_parse_names_the_tool_of_each_format():
 
 
 def test_web_search_budget_fits_short_contexts():
-    assert web_search_budget(2048) == (3, 1500)
-    k, chars = web_search_budget(512)
-    assert k == 2 and chars < 1500
+    assert web_search_budget(2048) == web_search_budget(8192) == (3, 1500)
+    assert web_search_budget(1024) == (2, 512) and web_search_budget(512) == (1, 256)
