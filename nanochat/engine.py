@@ -179,6 +179,16 @@ class Engine:
         room = self.model.config.sequence_len - num_prompt_tokens
         return room if max_tokens is None else max(0, min(max_tokens, room))
 
+    def think_mode(self, think=None):
+        """The think mode a call runs in: its own ("on"/"off"), else the Engine's think_default."""
+        return self.think_default if think is None else normalize_think(think)
+
+    def think_prefill_tokens(self, think=None):
+        """The tokens generate() prefills (and yields first) for a think mode; callers that fit a chat into the
+        context leave room for them."""
+        think = self.think_mode(think)
+        return self.tokenizer.encode(think_prefill(think)) if think else []
+
     def _tool_for(self, tools, search="off"):
         """The function that runs tool blocks for a tools= choice; a search mode other than "off" enables
         web_search too (the Engine's own calls go through it) and needs a search provider."""
@@ -223,12 +233,12 @@ class Engine:
             raise TypeError("tokens must be a non-empty list of ints (a tokenized prompt)")
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-        think = self.think_default if think is None else normalize_think(think)
+        think = self.think_mode(think)
         search = check_search_mode(search)
         tool = self.tool if tools is None and search == "off" else self._tool_for(
             self.tools if tools is None else tools, search)
         searches = auto_search_rows(self.tokenizer, tokens, search, think, num_samples)
-        prefill = self.tokenizer.encode(think_prefill(think)) if think else []
+        prefill = self.think_prefill_tokens(think)
         tokens = tokens + prefill
         seq_len = self.model.config.sequence_len
         if len(tokens) >= seq_len:

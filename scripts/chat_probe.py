@@ -34,6 +34,7 @@ def generate_answer(engine, tokenizer, messages, max_new_tokens, seq_len, think=
     """Greedy answer to the last user message; returns the assistant turn's token ids (a think prefill included)."""
     conversation = {"messages": list(messages) + [{"role": "assistant", "content": ""}]}
     prompt = tokenizer.render_for_completion(conversation)
+    seq_len -= len(engine.think_prefill_tokens(think))  # room for the think prefill
     if len(prompt) >= seq_len:
         prompt = prompt[:1] + prompt[-(seq_len - 1 - max_new_tokens):] if seq_len - 1 - max_new_tokens > 0 else prompt[-(seq_len // 2):]
     max_new_tokens = max(1, min(max_new_tokens, seq_len - len(prompt)))

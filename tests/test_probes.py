@@ -170,6 +170,9 @@ class FakeEngine:
         self.tokenizer = tokenizer
         self.calls = []
 
+    def think_prefill_tokens(self, think):
+        return []
+
     def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, think=None, search="off", **kw):
         self.calls.append((think, search))
         prefill = {"on": "<think>\nhmm\n</think>\n", "off": "<think>\n</think>\n", None: ""}[think]
