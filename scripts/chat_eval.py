@@ -8,6 +8,11 @@ Evaluate a chat model on the ChatCORE tasks.
 Categorical tasks (ARC, MMLU) are scored by one batched forward: the logits at the last prompt position,
 restricted to the answer letters, argmax. Generative tasks (GSM8K, HumanEval, SpellingBee) sample through the
 Engine and pass if any of the -n samples passes (pass@k). ChatCORE = mean centered accuracy over the six tasks.
+
+--think on|off (default: the model's, chat_sft --think-default) prefills the think block of generative answers;
+a sample is graded on its answer after </think>, and one whose think never closed within -m tokens has no answer
+(a miss). Categorical tasks read the letter from one forward, so with a think mode they get the empty (off) block
+before the letter, as the model was trained to answer right after it.
 """
 
 import argparse
@@ -16,6 +21,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from nanochat.chat_format import THINK_OPEN, model_think_default, split_reasoning, think_prefill
 from nanochat.common import compute_init, compute_cleanup, get_dist_info, print0
 
 # Random-guess accuracy of each task, for centering (0 = chance, 1 = perfect).
@@ -56,8 +62,9 @@ def _all_reduce_counts(passed, total, device):
 
 
 @torch.inference_mode()
-def run_categorical_eval(task, tokenizer, model, batch_size, max_problems=None):
-    """Accuracy of picking the gold letter from the last-position logits restricted to the choices."""
+def run_categorical_eval(task, tokenizer, model, batch_size, max_problems=None, prompt_suffix=()):
+    """Accuracy of picking the gold letter from the last-position logits restricted to the choices (after
+    prompt_suffix, e.g. an empty think block, is appended to every prompt)."""
     _, rank, _, world = get_dist_info()
     device = model.get_device()
     bos = tokenizer.get_bos_token_id()
@@ -68,7 +75,7 @@ def run_categorical_eval(task, tokenizer, model, batch_size, max_problems=None):
     letter_ids = {}
     for start in range(0, len(indices), batch_size):
         conversations = [task[i] for i in indices[start:start + batch_size]]
-        prompts = [tokenizer.render_for_completion(c) for c in conversations]
+        prompts = [tokenizer.render_for_completion(c) + list(prompt_suffix) for c in conversations]
         prompts = [p if len(p) <= seq_len else p[:1] + p[-(seq_len - 1):] for p in prompts]  # keep BOS, keep the end
         width = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), bos, dtype=torch.long)
@@ -90,9 +97,16 @@ def run_categorical_eval(task, tokenizer, model, batch_size, max_problems=None):
     return passed / max(total, 1)
 
 
+def answer_of(completion):
+    """A completion without its think block ("" when the think never closed: no answer); others unchanged."""
+    if not completion.lstrip().startswith(THINK_OPEN):
+        return completion
+    return split_reasoning(completion)[1] or ""
+
+
 @torch.inference_mode()
 def run_generative_eval(task, tokenizer, model, engine, num_samples, max_new_tokens, temperature, top_k,
-                        max_problems=None, verbose=True):
+                        max_problems=None, verbose=True, think=None):
     """pass@num_samples: a problem passes if any sampled completion passes the task's checker."""
     _, rank, _, world = get_dist_info()
     device = model.get_device()
@@ -102,13 +116,14 @@ def run_generative_eval(task, tokenizer, model, engine, num_samples, max_new_tok
     for i in range(rank, n, world):
         conversation = task[i]
         prompt = tokenizer.render_for_completion(conversation)
-        if len(prompt) >= seq_len:  # cannot answer at all: counts as a miss, never a crash
+        prefill = len(engine.think_prefill_tokens(think))
+        if len(prompt) + prefill >= seq_len:  # cannot answer at all: counts as a miss, never a crash
             total += 1
             continue
-        budget = min(max_new_tokens, seq_len - len(prompt))
+        budget = min(max_new_tokens, seq_len - len(prompt) - prefill)
         results, _ = engine.generate_batch(prompt, num_samples=num_samples, max_tokens=budget,
-                                           temperature=temperature, top_k=top_k)
-        completions = [tokenizer.decode(r[len(prompt):]) for r in results]
+                                           temperature=temperature, top_k=top_k, think=think)
+        completions = [answer_of(tokenizer.decode(r[len(prompt):])) for r in results]
         passed += int(any(task.evaluate(conversation, c) for c in completions))
         total += 1
         if verbose and rank == 0:
@@ -120,14 +135,16 @@ def run_generative_eval(task, tokenizer, model, engine, num_samples, max_new_tok
 
 
 def run_chat_eval(task_name, model, tokenizer, engine, batch_size=8, num_samples=1, max_new_tokens=512,
-                  temperature=0.0, top_k=50, max_problems=None, task=None):
-    """Accuracy of one task; `task` overrides building it by name (for custom or local data)."""
+                  temperature=0.0, top_k=50, max_problems=None, task=None, think=None):
+    """Accuracy of one task; `task` overrides building it by name (for custom or local data). think: "on"/"off"
+    (None: the engine's think_default)."""
     task = task if task is not None else make_task(task_name)
     if task.eval_type == "categorical":
-        return run_categorical_eval(task, tokenizer, model, batch_size, max_problems)
+        suffix = tokenizer.encode(think_prefill("off")) if engine.think_mode(think) else []
+        return run_categorical_eval(task, tokenizer, model, batch_size, max_problems, prompt_suffix=suffix)
     if task.eval_type == "generative":
         return run_generative_eval(task, tokenizer, model, engine, num_samples, max_new_tokens, temperature,
-                                   top_k, max_problems)
+                                   top_k, max_problems, think=think)
     raise ValueError(f"task {task_name} has unknown eval_type {task.eval_type!r}")
 
 
@@ -148,6 +165,8 @@ def main(argv=None):
     parser.add_argument("-g", "--model-tag", default=None, help="model tag (default: the largest d<N>)")
     parser.add_argument("-s", "--step", type=int, default=None, help="step (default: the last one)")
     parser.add_argument("-x", "--max-problems", type=int, default=None, help="cap problems per task")
+    parser.add_argument("--think", default=None, choices=["on", "off"],
+                        help="think mode of generative answers (default: the model's); graded after </think>")
     parser.add_argument("--device-type", default="", help="cuda|cpu|mps (default: autodetect)")
     args = parser.parse_args(argv)
 
@@ -155,7 +174,9 @@ def main(argv=None):
     from nanochat.engine import Engine
     _, rank, _, _, device = compute_init(args.device_type)
     model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
-    engine = Engine(model, tokenizer)
+    engine = Engine(model, tokenizer, think_default=model_think_default(meta))
+    if engine.think_mode(args.think) == "on":
+        print0("NOTE: categorical tasks (ARC, MMLU) are read from one forward: they get an empty think block")
 
     task_names = args.task_name.split("|") if args.task_name else ALL_TASKS
     results = {}
@@ -163,7 +184,8 @@ def main(argv=None):
         t0 = time.time()
         acc = run_chat_eval(name, model, tokenizer, engine, batch_size=args.batch_size,
                             num_samples=args.num_samples, max_new_tokens=args.max_new_tokens,
-                            temperature=args.temperature, top_k=args.top_k, max_problems=args.max_problems)
+                            temperature=args.temperature, top_k=args.top_k, max_problems=args.max_problems,
+                            think=args.think)
         results[name] = acc
         print0(f"{name}: {acc:.2%} ({time.time() - t0:.1f}s)")
 
