@@ -7,6 +7,9 @@ import pytest
 import tiktoken
 import torch
 
+from nanochat.chat_format import (THINK_PREFILL, assistant_content, assistant_parts_from_tokens, split_reasoning,
+                                  think_block, validate_conversation)
+from nanochat.tools import tool_call_json
 from nanochat.tokenizer import (
     SPECIAL_TOKENS, SPLIT_PATTERN, RustBPETokenizer, build_encoding, compute_token_bytes, get_token_bytes,
     get_tokenizer, save_token_bytes,
@@ -356,9 +359,6 @@ def test_tok_eval_table_and_report_offline(tok, _isolated_base_dir, monkeypatch,
 # think -> tool call -> answer turns: render, masks, round trip, and the inference prompt as a trained prefix
 
 def think_tool_conversation():
-    from nanochat.chat_format import think_block
-    from nanochat.tools import tool_call_json
-
     def T(text):
         return {"type": "text", "text": text}
     return [
@@ -381,7 +381,6 @@ def think_tool_conversation():
 
 
 def test_think_tool_turns_render_as_prefixes_of_longer_conversations(tok):
-    from nanochat.chat_format import validate_conversation
     messages = think_tool_conversation()
     assert validate_conversation(messages) == []
     previous_ids, previous_mask = [], []
@@ -403,7 +402,6 @@ def test_think_tool_turns_mask_outputs_and_user_text_only(tok):
 
 
 def test_think_tool_turns_round_trip_through_the_generated_tokens(tok):
-    from nanochat.chat_format import assistant_content, assistant_parts_from_tokens
     messages = think_tool_conversation()
     ids, _ = tok.render_conversation(messages, max_tokens=None)
     start, end = tok.encode_special("<|assistant_start|>"), tok.encode_special("<|assistant_end|>")
@@ -418,7 +416,6 @@ def test_think_tool_turns_round_trip_through_the_generated_tokens(tok):
 def test_inference_prompt_plus_think_prefill_is_what_training_rendered(tok):
     """render_for_completion + the Engine's think prefill are exactly the first tokens of the trained turn, so the
     model continues from a state it saw in training (on: reasoning follows; off: the answer or a call follows)."""
-    from nanochat.chat_format import THINK_PREFILL, split_reasoning
     messages = think_tool_conversation()
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
