@@ -18,6 +18,10 @@ How generation works:
 Prompt + generated tokens never exceed the model's sequence_len: max_tokens is capped to what fits, and a
 prompt that does not fit is an error (see fit_conversation_to_context to make a chat fit).
 
+Per call: think="on"/"off" prefills the think block (yielded first, forced); tools= chooses the tools a block
+may call by name (nanochat.tools); search="auto"/"force" lets the Engine call web_search itself where the answer
+would begin (nanochat.auto_search, one hook per row).
+
 `python -m nanochat.engine` checks the engine against the model's naive generate() on a checkpoint.
 """
 
