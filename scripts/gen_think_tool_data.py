@@ -20,7 +20,8 @@ model learns to answer (or call a tool) right after it. The tool outputs come fr
 and LocalSearchProvider + format_results at the Engine's budget for --max-seq-len (nanochat.tools.
 web_search_budget), so training outputs look like inference ones; the search query is the one the Engine's "auto"
 mode would search (needs_web_search_contextual), and a question is only used when the classifier agrees it needs a
-search and its document ranks first. Every row passes nanochat.chat_format.validate_conversation, else the run
+search and its document ranks first; the other patterns keep only questions the classifier says need none, so the
+data never contradicts the "auto" search mode. Every row passes nanochat.chat_format.validate_conversation, else the run
 stops. The same seed gives the same file. The demo documents (nanochat/data/search_docs) are fictional.
 """
 
@@ -41,6 +42,7 @@ from nanochat.web_search import DEMO_DOCS_DIR, LocalSearchProvider, format_resul
 
 PATTERN_WEIGHTS = {"search": 5, "followup": 2, "calculator": 4, "multistep": 2, "dates": 2, "travel": 1,
                    "direct": 3, "identity": 1}
+SEARCH_PATTERNS = ("search", "followup")  # the others answer questions the classifier says need no search
 IDENTITY_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "nanochat", "data",
                              "identity_conversations.jsonl")
 
@@ -486,8 +488,8 @@ def generate_rows(num_rows, seed, data, think_off_frac, generators):
             raise SystemExit(f"ERROR: only {len(rows)} of {num_rows} rows after {attempts} attempts")
         name = rng.choices(names, weights)[0]
         messages = generators[name](rng, data)
-        if messages is None:
-            continue
+        if messages is None or (name not in SEARCH_PATTERNS and needs_web_search_contextual(messages[:-1])[0]):
+            continue  # no grounded example, or a tool-less answer to what "auto" mode would search
         if rng.random() < think_off_frac:
             messages = without_reasoning(messages)
         problems = validate_conversation(messages)

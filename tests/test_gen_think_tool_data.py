@@ -28,6 +28,16 @@ def test_every_row_validates_and_every_pattern_appears(rows):
     assert all(validate_conversation(c) == [] for c in conversations)
 
 
+def test_rows_agree_with_the_search_classifier(rows):
+    """Search rows ask what the Engine's "auto" mode would search; every other row asks what it would not."""
+    for conversation in load_conversations_jsonl(rows):
+        messages = conversation["messages"]
+        for i, message in enumerate(messages):
+            if message["role"] == "assistant":
+                needs = needs_web_search_contextual(messages[:i])[0]
+                assert needs == (conversation["pattern"] in gen.SEARCH_PATTERNS), messages[:i]
+
+
 def test_same_seed_same_file_other_seed_other_file(rows, tmp_path):
     again, other = tmp_path / "again.jsonl", tmp_path / "other.jsonl"
     gen.main(["--output", str(again), "--rows", "400", "--seed", "3", "--max-seq-len", "512"])
