@@ -98,7 +98,8 @@ def build_parser():
     parser.add_argument("--min-pass", type=float, default=0.95, help="gate: minimum total pass rate (default 0.95)")
     parser.add_argument("--log", default=None, help="JSONL to append the result line to "
                                                     "(default $NANOCHAT_BASE_DIR/probe_results.jsonl)")
-    parser.add_argument("-m", "--max-new-tokens", type=int, default=256, help="tokens to generate per probe")
+    parser.add_argument("-m", "--max-new-tokens", type=int, default=512,
+                        help="tokens per probe answer (capped by the context; forced tool outputs count too)")
     parser.add_argument("--tool", default="calculator", choices=["calculator", "python"],
                         help="without --with-tools: which tool runs <|python_start|> blocks")
     parser.add_argument("--with-tools", action="store_true",
