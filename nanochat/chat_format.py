@@ -27,6 +27,16 @@ PART_TYPES = ("text", "python", "python_output")
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 _THINK_TAG = re.compile(r"</?think>")
 
+# Think mode at inference (Engine think="on" | "off" | None = the model's default). The prefill is text the Engine
+# puts after <|assistant_start|> before the model samples: "on" opens the think block; "off" writes an empty, closed
+# one (Qwen3's enable_thinking=False convention) rather than nothing, because a model trained on think data decides
+# for itself whether to think when nothing is prefilled, and a closed block is an unambiguous "reasoning is done",
+# which the validator's one-think-block rule keeps it from reopening. None prefills nothing: what every model
+# trained without think data (nanochat's own SFT) saw in training. The training data writes the same text
+# (think_block), so the prefill is exactly the start of a trained turn.
+THINK_MODES = ("on", "off")
+THINK_PREFILL = {"on": THINK_OPEN + "\n", "off": THINK_OPEN + "\n" + THINK_CLOSE + "\n"}
+
 
 def validate_conversation(messages, for_training=True):
     """Return a list of problems (human-readable strings); an empty list means the conversation is well-formed.
@@ -146,6 +156,56 @@ def _assistant_problems(content):
     elif think_blocks and not answered_after_think and not problems:
         problems.append("no answer text after </think>: the answer must follow the think block, not sit inside it")
     return problems
+
+
+# -----------------------------------------------------------------------------
+# Think mode: the text training data writes, the prefill inference uses, reasoning vs answer
+
+def think_block(reasoning):
+    """The think block as training data writes it (the text before the answer or the first tool call): an empty
+    reasoning gives exactly the "off" prefill, any reasoning starts with the "on" prefill."""
+    reasoning = reasoning.strip()
+    return THINK_PREFILL["off"] if not reasoning else f"{THINK_PREFILL['on']}{reasoning}\n{THINK_CLOSE}\n"
+
+
+def normalize_think(think):
+    """"on"/True -> "on", "off"/False -> "off", None/""/"default" -> None (the model's default); else ValueError."""
+    if think is None or think == "" or think == "default":
+        return None
+    if think is True or think == "on":
+        return "on"
+    if think is False or think == "off":
+        return "off"
+    raise ValueError(f"think must be 'on', 'off' or None (the model's default), got {think!r}")
+
+
+def think_prefill(think):
+    """The text the Engine prefills for a think mode ("" for None)."""
+    think = normalize_think(think)
+    return THINK_PREFILL[think] if think else ""
+
+
+def model_think_default(meta):
+    """A checkpoint's default think mode: what `chat_sft --think-default` recorded in its meta, else None."""
+    meta = meta or {}
+    recorded = meta.get("think_default", (meta.get("user_config") or {}).get("think_default"))
+    return normalize_think(recorded)
+
+
+def split_reasoning(text):
+    """An assistant turn's visible text (tool blocks removed) -> (reasoning, answer).
+
+    reasoning is the text inside a leading <think>...</think> ("" when there is none); answer is the text after
+    it, or None when the think block never closed (the model ran out of tokens while thinking): that is "no
+    answer", never the reasoning shown as an answer."""
+    stripped = text.lstrip()
+    if not stripped.startswith(THINK_OPEN):
+        return "", text.strip()
+    body = stripped[len(THINK_OPEN):]
+    if THINK_CLOSE not in body:
+        return body.strip(), None
+    reasoning, answer = body.split(THINK_CLOSE, 1)
+    return reasoning.strip(), answer.strip()
 
 
 # -----------------------------------------------------------------------------

@@ -252,6 +252,13 @@ class LocalSearchProvider:
         results = [dict(documents[i]) for i in best if scores[i] > 0]
         return trim_to_token_budget(results, self.max_tokens, self.count_tokens)
 
+    def documents(self):
+        """Every document of the folder as indexed ({"title", "url", "content"}, in file order), e.g. to write
+        questions about them (scripts/gen_think_tool_data.py)."""
+        with self._lock:
+            self._refresh()
+            return [dict(doc) for doc in self._documents]
+
     def index_dir(self):
         """Where the index for the folder as it is now lives (built or not)."""
         return os.path.join(self.cache_dir, _fingerprint(self.folder, _document_files(self.folder)))

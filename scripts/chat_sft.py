@@ -114,6 +114,10 @@ def build_parser():
                         help="add your conversations (JSONL) to the validation mixture (repeatable)")
     parser.add_argument("--custom-only", action="store_true",
                         help="train only on --extra-train-jsonl (validate on --extra-val-jsonl, else on the train rows)")
+    parser.add_argument("--think-default", type=str, default=None, choices=["on", "off"],
+                        help="the trained model's think mode when a chat does not choose one (saved in the "
+                             "checkpoint's meta; chat_cli/chat_eval/chat_probe then prefill <think> or an empty "
+                             "think block). Unset: nothing is prefilled")
     parser.add_argument("--packing", type=str, default="pad", choices=["pad", "crop"],
                         help="when no conversation fits the rest of a row: pad it (SFT) or crop one in (midtrain)")
     parser.add_argument("--loss-on", type=str, default="assistant", choices=["assistant", "all"],

@@ -17,6 +17,7 @@ from nanochat.checkpoint_manager import find_last_step, load_model
 from nanochat.cli import UserError
 from nanochat.tokenizer import get_tokenizer
 from nanochat.training import step_loss_scale
+from nanochat.chat_format import model_think_default
 from scripts import chat_sft
 from scripts.chat_sft import parse_jsonl_spec, parse_args
 
@@ -241,7 +242,8 @@ def test_identity_file_is_valid_and_on_persona():
 def test_custom_only_trains_on_exactly_the_given_rows(base, tmp_path, capsys):
     rows = _qa_rows(7)
     f = _write_jsonl(tmp_path / "mine.jsonl", rows)
-    result = chat_sft.main(_tiny_args("--custom-only", "--extra-train-jsonl", f"{f}:2", "--eval-every", "-1"))
+    result = chat_sft.main(_tiny_args("--custom-only", "--extra-train-jsonl", f"{f}:2", "--eval-every", "-1",
+                                      "--think-default", "on"))
     out = capsys.readouterr().out
     assert "Inherited embedding_lr=0.3" in out
     assert "NOTE: --max-seq-len=32 overrides the source checkpoint's value of 64" in out
@@ -251,6 +253,7 @@ def test_custom_only_trains_on_exactly_the_given_rows(base, tmp_path, capsys):
     assert math.isfinite(result["val_bpb"])
     meta = json.load(open(os.path.join(result["output_dir"], f"meta_{result['step']:06d}.json")))
     assert meta["max_seq_len"] == T and meta["user_config"]["embedding_lr"] == 0.3
+    assert model_think_default(meta) == "on"  # what chat_cli/chat_eval/chat_probe prefill by default
     assert os.path.exists(os.path.join(base, "report", "chat-sft.md"))
 
 
@@ -330,6 +333,7 @@ def test_finetune_sft_checkpoint_in_place_continues_step_numbers(base, tmp_path)
 
 DIST_DRIVER = """
 import json, sys
+from nanochat.chat_format import model_think_default
 from scripts import chat_sft
 result = chat_sft.main(json.loads(sys.argv[1]))
 import os
