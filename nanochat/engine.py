@@ -180,7 +180,7 @@ class Engine:
         self.tools = tools
         self.search_provider = search_provider
         self.think_default = normalize_think(think_default)
-        self.tool = self._tool_for(tools)
+        self.tool = self._make_tool(tools)
         self.decode_threads = decode_threads
         self.quantize = quantize
         self._decoder = None
@@ -224,9 +224,14 @@ class Engine:
         think = self.think_mode(think)
         return self.tokenizer.encode(think_prefill(think)) if think else []
 
-    def _tool_for(self, tools, search="off"):
-        """The function that runs tool blocks for a tools= choice; a search mode other than "off" enables
-        web_search too (the Engine's own calls go through it) and needs a search provider."""
+    def tool_for(self, tools=None, search="off"):
+        """The function that runs tool blocks for a call's tools= choice (None: the Engine's own); a search mode
+        other than "off" enables web_search too (the Engine's own calls go through it) and needs a provider."""
+        if tools is None and search == "off":
+            return self.tool
+        return self._make_tool(self.tools if tools is None else tools, search)
+
+    def _make_tool(self, tools, search="off"):
         if search != "off":
             if self.search_provider is None:
                 raise ValueError(f"search={search!r} needs a search provider: Engine(..., search_provider="
@@ -270,8 +275,7 @@ class Engine:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         think = self.think_mode(think)
         search = check_search_mode(search)
-        tool = self.tool if tools is None and search == "off" else self._tool_for(
-            self.tools if tools is None else tools, search)
+        tool = self.tool_for(tools, search)
         searches = auto_search_rows(self.tokenizer, tokens, search, think, num_samples)
         prefill = self.think_prefill_tokens(think)
         tokens = tokens + prefill
