@@ -18,10 +18,11 @@ Check files from the command line (exit status 1 if any row is bad):
 """
 
 import argparse
-import json
 import re
 import sys
 import warnings
+
+from nanochat.fileio import iter_jsonl, parse_jsonl_line
 
 PART_TYPES = ("text", "python", "python_output")
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
@@ -245,29 +246,19 @@ def assistant_content(parts):
     return parts
 
 
-def parse_json_line(raw):
-    """One JSONL line (bytes) -> (value, None), or (None, problem) when it is not UTF-8 or not JSON.
-    Blank lines give (None, None): callers skip them."""
-    try:
-        line = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        return None, f"not valid UTF-8 ({e.reason} at byte {e.start})"
-    if not line.strip():
-        return None, None
-    try:
-        return json.loads(line), None
-    except json.JSONDecodeError as e:
-        return None, f"invalid JSON: {e.msg} (column {e.colno})"
-
-
 def parse_conversation_line(raw, for_training=True):
     """One JSONL line (bytes) of a conversation file -> (row, problems): row is {"messages": [...], ...} (a bare
     list is wrapped), problems a list of strings (empty when the row is good). Blank lines give (None, [])."""
-    row, problem = parse_json_line(raw)
+    row, problem = parse_jsonl_line(raw)
     if problem:
         return None, [problem]
     if row is None:
         return None, []
+    return conversation_row(row, for_training)
+
+
+def conversation_row(row, for_training=True):
+    """A parsed JSONL value -> (row, problems) as parse_conversation_line returns them."""
     if isinstance(row, list):
         row = {"messages": row}
     elif not isinstance(row, dict):
@@ -284,14 +275,13 @@ def load_conversations_jsonl(path, strict=True, for_training=True):
     about each and skips it. Blank lines are ignored.
     """
     conversations, errors, bad_lines = [], [], set()
-    with open(path, "rb") as f:
-        for line_no, raw in enumerate(f, start=1):
-            row, problems = parse_conversation_line(raw, for_training=for_training)
-            if problems:
-                bad_lines.add(line_no)
-                errors.extend(f"{path}:{line_no}: {p}" for p in problems)
-            elif row is not None:
-                conversations.append(row)
+    for line_no, row, problem in iter_jsonl(path):
+        row, problems = conversation_row(row, for_training) if problem is None else (None, [problem])
+        if problems:
+            bad_lines.add(line_no)
+            errors.extend(f"{path}:{line_no}: {p}" for p in problems)
+        else:
+            conversations.append(row)
     if errors:
         if strict:
             raise ValueError(f"{path}: {len(bad_lines)} bad row(s); fix them (or load with strict=False to skip them):\n"

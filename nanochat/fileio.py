@@ -8,11 +8,15 @@ Writing files so that a crash, a kill or a full disk never leaves a half-written
 Files that must appear together (a checkpoint's weights, optimizer shards and meta) are written first with
 `open_temp(path)` each, then put in place with `publish(path)` each, so the renames follow each other closely.
 
+JSONL files (conversations, preference pairs, probes, search documents) are read through `iter_jsonl`, so a bad
+line is always reported the same way: "path:LINE: reason".
+
 Temp files are named `.<name>.tmp<pid>` in the destination's directory (a rename is only atomic within one
 file system). A process killed mid-write leaves its temp file behind; `remove_stale_temp_files` clears those
 of processes that no longer run. No torch here: the tokenizer and the data tools use it too.
 """
 
+import json
 import os
 import re
 from contextlib import contextmanager
@@ -122,3 +126,31 @@ def remove_stale_temp_files(directory):
         except OSError:
             pass
     return removed
+
+
+# -----------------------------------------------------------------------------
+# JSONL
+
+def parse_jsonl_line(raw):
+    """One JSONL line (bytes) -> (value, None), or (None, problem) when it is not UTF-8 or not JSON.
+    Blank lines give (None, None): callers skip them."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return None, f"not valid UTF-8 ({e.reason} at byte {e.start})"
+    if not line.strip():
+        return None, None
+    try:
+        return json.loads(line), None
+    except json.JSONDecodeError as e:
+        return None, f"invalid JSON: {e.msg} (column {e.colno})"
+
+
+def iter_jsonl(path):
+    """(line number, value, problem) for every non-blank line of a JSONL file, streamed: problem is None for a good
+    line, else the reason (value None). Split on \\n only (str.splitlines would also break on U+2028)."""
+    with open(path, "rb") as f:
+        for line_number, raw in enumerate(f, start=1):
+            value, problem = parse_jsonl_line(raw)
+            if value is not None or problem is not None:
+                yield line_number, value, problem

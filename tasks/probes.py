@@ -29,11 +29,11 @@ Rules (all must hold for a probe to pass):
 that never closed leaves no answer at all (nanochat.chat_format.split_reasoning).
 """
 
-import json
 import re
 from dataclasses import dataclass, field
 
 from nanochat.chat_format import THINK_MODES, assistant_parts_from_tokens, split_reasoning
+from nanochat.fileio import iter_jsonl
 from nanochat.search_classifier import needs_web_search_contextual
 from nanochat.tools import TOOL_NAMES, parse_tool_call
 
@@ -105,25 +105,20 @@ def validate_probe(probe):
 def load_probes(path):
     """Read a probe JSONL; raise ValueError listing every bad line as path:line: reason."""
     probes, errors, seen = [], [], set()
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                probe = json.loads(line)
-            except json.JSONDecodeError as e:
-                errors.append(f"{path}:{lineno}: not valid JSON ({e.msg})")
-                continue
-            if not isinstance(probe, dict):
-                errors.append(f"{path}:{lineno}: a probe must be a JSON object")
-                continue
-            problems = validate_probe(probe)
-            if probe.get("id") in seen:
-                problems.append(f"duplicate id {probe['id']!r}")
-            seen.add(probe.get("id"))
-            errors.extend(f"{path}:{lineno}: {p}" for p in problems)
-            if not problems:
-                probes.append(probe)
+    for lineno, probe, problem in iter_jsonl(path):
+        if problem is not None:
+            errors.append(f"{path}:{lineno}: {problem}")
+            continue
+        if not isinstance(probe, dict):
+            errors.append(f"{path}:{lineno}: a probe must be a JSON object")
+            continue
+        problems = validate_probe(probe)
+        if probe.get("id") in seen:
+            problems.append(f"duplicate id {probe['id']!r}")
+        seen.add(probe.get("id"))
+        errors.extend(f"{path}:{lineno}: {p}" for p in problems)
+        if not problems:
+            probes.append(probe)
     if errors:
         raise ValueError("bad probe file:\n" + "\n".join(errors))
     if not probes:

@@ -284,7 +284,7 @@ def test_local_bad_input_is_a_clear_error(tmp_path):
         LocalSearchProvider(tmp_path / "nope")
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "rows.jsonl").write_text('{"text": "ok"}\n{broken\n')
-    with pytest.raises(SearchError, match=r"rows.jsonl:2: not valid JSON"):
+    with pytest.raises(SearchError, match=r"rows.jsonl:2: invalid JSON"):
         LocalSearchProvider(tmp_path / "bad").search("ok", 1)
     (tmp_path / "bad" / "rows.jsonl").write_text('{"body": "no text field"}\n')
     with pytest.raises(SearchError, match="no 'text' or 'content'"):
