@@ -37,6 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from nanochat.auto_search import auto_search_rows, check_search_mode
 from nanochat.engine import sample_next_token
 from nanochat.kv_cache import KVCache, RaggedKVCache
 
@@ -52,11 +53,19 @@ class GenerationRequest:
 
     max_tokens: new tokens per sample (the caller caps it to fit the context). logprobs: None, or how many top
     alternatives to report with each generated token (0 = just the chosen token's). prompt_logprobs: also score
-    every prompt token (for echo). use_tools: run the Engine's tool on closed tool blocks."""
+    every prompt token (for echo). use_tools: run the Engine's tool on closed tool blocks. chat: the prompt is a
+    rendered chat (render_for_completion); then, as Engine.generate: think "on"/"off" (None: the Engine's think_default) prefills the think text, which every
+    sample emits first as forced tokens (not counted in max_tokens); search "auto"/"force" makes the scheduler call
+    web_search where the answer begins if the model does not (nanochat.auto_search)."""
 
     def __init__(self, prompt, max_tokens, num_samples=1, temperature=1.0, top_k=None, top_p=None, seed=None,
-                 use_tools=True, logprobs=None, prompt_logprobs=False, on_event=None):
+                 use_tools=True, logprobs=None, prompt_logprobs=False, on_event=None, chat=False, think=None,
+                 search="off"):
         self.prompt = list(prompt)
+        self.chat, self.think, self.search = chat, think, search
+        self.think_prefill = []   # set by the scheduler from the Engine's think mode
+        self.tool = None          # the tool runner for this request's search mode (set by the scheduler)
+        self.search_hooks = None
         self.max_tokens, self.num_samples = max_tokens, num_samples
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
         self.seed = random.getrandbits(63) if seed is None else seed
@@ -130,9 +139,22 @@ class Scheduler(threading.Thread):
         with self.condition:
             if len(self.waiting) >= self.max_waiting:
                 raise QueueFull(f"{len(self.waiting)} requests are already waiting")
+            self._resolve_chat_options(request)
             request.scheduler = self
             self.waiting.append(request)
             self.condition.notify()
+
+    def _resolve_chat_options(self, request):
+        """Turn a request's think/search choices into what the loop uses (raises ValueError for a bad choice,
+        e.g. a search mode without a search provider): the think prefill, which joins the prompt; the tool
+        runner; one auto-search hook per sample."""
+        engine = self.engine
+        think = engine.think_mode(request.think) if request.chat else None
+        search = check_search_mode(request.search) if request.chat else "off"
+        request.tool = engine.tool_for(None, search) if request.use_tools or search != "off" else None
+        request.search_hooks = auto_search_rows(engine.tokenizer, request.prompt, search, think, request.num_samples)
+        request.think_prefill = engine.think_prefill_tokens(think) if think else []
+        request.prompt = request.prompt + request.think_prefill
 
     def wake(self):
         with self.condition:
@@ -283,7 +305,9 @@ class Scheduler(threading.Thread):
                    else [None] * request.num_samples)
         events = {}
         for sample, (token, entry) in enumerate(zip(sampled[:, 0].tolist(), entries)):
-            row = _Row(request, sample, self.engine.new_row_state())
+            for prefilled in request.think_prefill:  # already in the cache: emitted, not fed again
+                events.setdefault(request, []).append(("token", sample, prefilled, True, None))
+            row = _Row(request, sample, self.engine.new_row_state(search=request.search_hooks[sample]))
             row.slot = self._free_rows()[0]
             self.slots[row.slot] = row
             self.cache.insert(row.slot, self.prefill_cache)
@@ -328,12 +352,17 @@ class Scheduler(threading.Thread):
 
     def _emit(self, row, sampled, entry, events):
         """The row's next token: forced by its tool or the sample; then the state machine and the stop rules."""
-        request = row.request
-        token, forced = row.state.choose(sampled)
-        code = row.state.observe(token)
-        if code is not None and request.use_tools:
-            row.tool_future = self.tools.submit(self.engine.run_tool, code)
+        request, state = row.request, row.state
+        if state.search is not None and not state.forced_tokens and not state.completed:
+            state.forced_tokens.extend(state.search.before(sampled))  # the scheduler's own web_search call
+        was_done = state.completed
+        token, forced = state.choose(sampled)
+        code = state.observe(token)
+        if code is not None and request.tool is not None:
+            row.tool_future = self.tools.submit(self.engine.run_tool, code, request.tool)
             row.tool_future.add_done_callback(lambda _: self.wake())
+        if state.search is not None and not was_done:
+            state.search.after(token, output_queued=bool(state.forced_tokens) or row.tool_future is not None)
         row.feed_token = token
         row.generated += 1
         self.tokens_served += 1

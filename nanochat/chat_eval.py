@@ -10,6 +10,7 @@ six ChatCORE tasks (centered as CORE's: 0 = chance, 1 = perfect).
 import torch
 import torch.distributed as dist
 
+from nanochat.chat_format import THINK_OPEN, split_reasoning, think_prefill
 from nanochat.common import get_dist_info
 from nanochat.core_eval import centered_accuracy
 from nanochat.engine import Engine
@@ -53,8 +54,9 @@ def _all_reduce_counts(passed, total, device):
 
 
 @torch.inference_mode()
-def run_categorical_eval(task, tokenizer, model, batch_size, max_problems=None):
-    """Accuracy of picking the gold letter from the last-position logits restricted to the choices."""
+def run_categorical_eval(task, tokenizer, model, batch_size, max_problems=None, prompt_suffix=()):
+    """Accuracy of picking the gold letter from the last-position logits restricted to the choices (after
+    prompt_suffix, e.g. an empty think block, is appended to every prompt)."""
     _, rank, _, world = get_dist_info()
     device = model.get_device()
     bos = tokenizer.get_bos_token_id()
@@ -65,7 +67,7 @@ def run_categorical_eval(task, tokenizer, model, batch_size, max_problems=None):
     letter_ids = {}
     for start in range(0, len(indices), batch_size):
         conversations = [task[i] for i in indices[start:start + batch_size]]
-        prompts = [tokenizer.render_for_completion(c) for c in conversations]
+        prompts = [tokenizer.render_for_completion(c) + list(prompt_suffix) for c in conversations]
         prompts = [p if len(p) <= seq_len else p[:1] + p[-(seq_len - 1):] for p in prompts]  # keep BOS, keep the end
         width = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), bos, dtype=torch.long)
@@ -87,9 +89,16 @@ def run_categorical_eval(task, tokenizer, model, batch_size, max_problems=None):
     return passed / max(total, 1)
 
 
+def answer_of(completion):
+    """A completion without its think block ("" when the think never closed: no answer); others unchanged."""
+    if not completion.lstrip().startswith(THINK_OPEN):
+        return completion
+    return split_reasoning(completion)[1] or ""
+
+
 @torch.inference_mode()
 def run_generative_eval(task, tokenizer, model, engine, num_samples, max_new_tokens, temperature, top_k,
-                        max_problems=None, verbose=True):
+                        max_problems=None, verbose=True, think=None):
     """pass@num_samples: a problem passes if any sampled completion passes the task's checker."""
     _, rank, _, world = get_dist_info()
     device = model.get_device()
@@ -99,13 +108,14 @@ def run_generative_eval(task, tokenizer, model, engine, num_samples, max_new_tok
     for i in range(rank, n, world):
         conversation = task[i]
         prompt = tokenizer.render_for_completion(conversation)
-        if len(prompt) >= seq_len:  # cannot answer at all: counts as a miss, never a crash
+        prefill = len(engine.think_prefill_tokens(think))
+        if len(prompt) + prefill >= seq_len:  # cannot answer at all: counts as a miss, never a crash
             total += 1
             continue
-        budget = min(max_new_tokens, seq_len - len(prompt))
+        budget = min(max_new_tokens, seq_len - len(prompt) - prefill)
         results, _ = engine.generate_batch(prompt, num_samples=num_samples, max_tokens=budget,
-                                           temperature=temperature, top_k=top_k)
-        completions = [tokenizer.decode(r[len(prompt):]) for r in results]
+                                           temperature=temperature, top_k=top_k, think=think)
+        completions = [answer_of(tokenizer.decode(r[len(prompt):])) for r in results]
         passed += int(any(task.evaluate(conversation, c) for c in completions))
         total += 1
         if verbose and rank == 0:
@@ -117,14 +127,16 @@ def run_generative_eval(task, tokenizer, model, engine, num_samples, max_new_tok
 
 
 def run_chat_eval(task_name, model, tokenizer, engine, batch_size=8, num_samples=1, max_new_tokens=512,
-                  temperature=0.0, top_k=50, max_problems=None, task=None):
-    """Accuracy of one task; `task` overrides building it by name (for custom or local data)."""
+                  temperature=0.0, top_k=50, max_problems=None, task=None, think=None):
+    """Accuracy of one task; `task` overrides building it by name (for custom or local data). think: "on"/"off"
+    (None: the engine's think_default)."""
     task = task if task is not None else make_task(task_name)
     if task.eval_type == "categorical":
-        return run_categorical_eval(task, tokenizer, model, batch_size, max_problems)
+        suffix = tokenizer.encode(think_prefill("off")) if engine.think_mode(think) else []
+        return run_categorical_eval(task, tokenizer, model, batch_size, max_problems, prompt_suffix=suffix)
     if task.eval_type == "generative":
         return run_generative_eval(task, tokenizer, model, engine, num_samples, max_new_tokens, temperature,
-                                   top_k, max_problems)
+                                   top_k, max_problems, think=think)
     raise ValueError(f"task {task_name} has unknown eval_type {task.eval_type!r}")
 
 

@@ -18,14 +18,25 @@ Check files from the command line (exit status 1 if any row is bad):
 """
 
 import argparse
-import json
 import re
 import sys
 import warnings
 
+from nanochat.fileio import iter_jsonl, parse_jsonl_line
+
 PART_TYPES = ("text", "python", "python_output")
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 _THINK_TAG = re.compile(r"</?think>")
+
+# Think mode at inference (Engine think="on" | "off" | None = the model's default). The prefill is text the Engine
+# puts after <|assistant_start|> before the model samples: "on" opens the think block; "off" writes an empty, closed
+# one (Qwen3's enable_thinking=False convention) rather than nothing, because a model trained on think data decides
+# for itself whether to think when nothing is prefilled, and a closed block is an unambiguous "reasoning is done",
+# which the validator's one-think-block rule keeps it from reopening. None prefills nothing: what every model
+# trained without think data (nanochat's own SFT) saw in training. The training data writes the same text
+# (think_block), so the prefill is exactly the start of a trained turn.
+THINK_MODES = ("on", "off")
+THINK_PREFILL = {"on": THINK_OPEN + "\n", "off": THINK_OPEN + "\n" + THINK_CLOSE + "\n"}
 
 
 def validate_conversation(messages, for_training=True):
@@ -149,6 +160,56 @@ def _assistant_problems(content):
 
 
 # -----------------------------------------------------------------------------
+# Think mode: the text training data writes, the prefill inference uses, reasoning vs answer
+
+def think_block(reasoning):
+    """The think block as training data writes it (the text before the answer or the first tool call): an empty
+    reasoning gives exactly the "off" prefill, any reasoning starts with the "on" prefill."""
+    reasoning = reasoning.strip()
+    return THINK_PREFILL["off"] if not reasoning else f"{THINK_PREFILL['on']}{reasoning}\n{THINK_CLOSE}\n"
+
+
+def normalize_think(think):
+    """"on"/True -> "on", "off"/False -> "off", None/""/"default" -> None (the model's default); else ValueError."""
+    if think is None or think == "" or think == "default":
+        return None
+    if think is True or think == "on":
+        return "on"
+    if think is False or think == "off":
+        return "off"
+    raise ValueError(f"think must be 'on', 'off' or None (the model's default), got {think!r}")
+
+
+def think_prefill(think):
+    """The text the Engine prefills for a think mode ("" for None)."""
+    think = normalize_think(think)
+    return THINK_PREFILL[think] if think else ""
+
+
+def model_think_default(meta):
+    """A checkpoint's default think mode: what `chat_sft --think-default` recorded in its meta, else None."""
+    meta = meta or {}
+    recorded = meta.get("think_default", (meta.get("user_config") or {}).get("think_default"))
+    return normalize_think(recorded)
+
+
+def split_reasoning(text):
+    """An assistant turn's visible text (tool blocks removed) -> (reasoning, answer).
+
+    reasoning is the text inside a leading <think>...</think> ("" when there is none); answer is the text after
+    it, or None when the think block never closed (the model ran out of tokens while thinking): that is "no
+    answer", never the reasoning shown as an answer."""
+    stripped = text.lstrip()
+    if not stripped.startswith(THINK_OPEN):
+        return "", text.strip()
+    body = stripped[len(THINK_OPEN):]
+    if THINK_CLOSE not in body:
+        return body.strip(), None
+    reasoning, answer = body.split(THINK_CLOSE, 1)
+    return reasoning.strip(), answer.strip()
+
+
+# -----------------------------------------------------------------------------
 # Generated tokens -> an assistant message (the inverse of rendering one)
 
 _BLOCK_TOKENS = {"<|python_start|>": ("python", True), "<|python_end|>": ("python", False),
@@ -185,29 +246,19 @@ def assistant_content(parts):
     return parts
 
 
-def parse_json_line(raw):
-    """One JSONL line (bytes) -> (value, None), or (None, problem) when it is not UTF-8 or not JSON.
-    Blank lines give (None, None): callers skip them."""
-    try:
-        line = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        return None, f"not valid UTF-8 ({e.reason} at byte {e.start})"
-    if not line.strip():
-        return None, None
-    try:
-        return json.loads(line), None
-    except json.JSONDecodeError as e:
-        return None, f"invalid JSON: {e.msg} (column {e.colno})"
-
-
 def parse_conversation_line(raw, for_training=True):
     """One JSONL line (bytes) of a conversation file -> (row, problems): row is {"messages": [...], ...} (a bare
     list is wrapped), problems a list of strings (empty when the row is good). Blank lines give (None, [])."""
-    row, problem = parse_json_line(raw)
+    row, problem = parse_jsonl_line(raw)
     if problem:
         return None, [problem]
     if row is None:
         return None, []
+    return conversation_row(row, for_training)
+
+
+def conversation_row(row, for_training=True):
+    """A parsed JSONL value -> (row, problems) as parse_conversation_line returns them."""
     if isinstance(row, list):
         row = {"messages": row}
     elif not isinstance(row, dict):
@@ -224,14 +275,13 @@ def load_conversations_jsonl(path, strict=True, for_training=True):
     about each and skips it. Blank lines are ignored.
     """
     conversations, errors, bad_lines = [], [], set()
-    with open(path, "rb") as f:
-        for line_no, raw in enumerate(f, start=1):
-            row, problems = parse_conversation_line(raw, for_training=for_training)
-            if problems:
-                bad_lines.add(line_no)
-                errors.extend(f"{path}:{line_no}: {p}" for p in problems)
-            elif row is not None:
-                conversations.append(row)
+    for line_no, row, problem in iter_jsonl(path):
+        row, problems = conversation_row(row, for_training) if problem is None else (None, [problem])
+        if problems:
+            bad_lines.add(line_no)
+            errors.extend(f"{path}:{line_no}: {p}" for p in problems)
+        else:
+            conversations.append(row)
     if errors:
         if strict:
             raise ValueError(f"{path}: {len(bad_lines)} bad row(s); fix them (or load with strict=False to skip them):\n"

@@ -24,7 +24,6 @@ NANOCHAT_EVAL_BUNDLE_URL) with core.yaml, eval_meta_data.csv (random baselines) 
 import os
 import csv
 import inspect
-import json
 import random
 import shutil
 import zipfile
@@ -40,6 +39,7 @@ from tqdm import tqdm
 
 from nanochat.common import get_base_dir, print0
 from nanochat.download import download_file
+from nanochat.fileio import iter_jsonl
 from nanochat.gpt import GPT
 from nanochat.kv_cache import KVCache
 
@@ -445,8 +445,11 @@ def core_task_meta(task):
 def load_core_task_data(bundle_dir, task_meta, max_per_task=-1):
     """A task's items, shuffled with Random(1337) (so max_per_task takes a fixed random subset), then capped."""
     path = os.path.join(bundle_dir, "eval_data", task_meta["dataset_uri"])
-    with open(path, "r", encoding="utf-8") as f:
-        data = [json.loads(line.strip()) for line in f if line.strip()]
+    data = []
+    for line_number, item, problem in iter_jsonl(path):
+        if problem is not None:
+            raise ValueError(f"{path}:{line_number}: {problem} (a damaged eval bundle: delete it to re-download)")
+        data.append(item)
     random.Random(1337).shuffle(data)
     if max_per_task > 0:
         data = data[:max_per_task]

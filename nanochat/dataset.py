@@ -23,7 +23,6 @@ single file is split inside it instead: its last unit (row group / 1024 document
 
 import os
 import sys
-import json
 import argparse
 import importlib
 from functools import lru_cache
@@ -35,6 +34,7 @@ from tqdm import tqdm
 
 from nanochat.common import get_base_dir, is_rank0
 from nanochat.download import download_file, hf_dataset_url, hf_endpoint, DownloadError
+from nanochat.fileio import parse_jsonl_line
 from nanochat.offline_corpus import build_offline_corpus, split_text
 
 # -----------------------------------------------------------------------------
@@ -180,10 +180,9 @@ def read_row_group(path, rg_idx):
                 if len(docs) == JSONL_DOCS_PER_UNIT:
                     break
                 if line.strip():
-                    try:
-                        row = json.loads(line)
-                    except ValueError as e:  # bad JSON or bad UTF-8
-                        raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from None
+                    row, problem = parse_jsonl_line(line)
+                    if problem is not None:
+                        raise ValueError(f"{path}:{lineno}: {problem}")
                     if not isinstance(row, dict) or not isinstance(row.get("text"), str):
                         raise ValueError(f'{path}:{lineno}: expected an object with a string "text" field')
                     docs.append(row["text"])

@@ -26,7 +26,8 @@ rejected are one assistant message each, whose content may be a list of parts (n
 import torch
 import torch.nn.functional as F
 
-from nanochat.chat_format import parse_json_line, validate_conversation
+from nanochat.chat_format import validate_conversation
+from nanochat.fileio import iter_jsonl
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 
@@ -162,17 +163,13 @@ def load_pairs_jsonl(path):
     """Read a JSONL file of preference pairs -> list of normalized pairs (normalize_pair). Every bad row is
     reported as path:LINE: reason, all in one ValueError."""
     pairs, errors = [], []
-    with open(path, "rb") as f:
-        for line_no, raw in enumerate(f, start=1):
-            row, problem = parse_json_line(raw)
-            if problem is None and row is None:
-                continue  # blank line
-            try:
-                if problem:
-                    raise ValueError(problem)
-                pairs.append(normalize_pair(row))
-            except ValueError as e:
-                errors.append(f"{path}:{line_no}: {e}")
+    for line_no, row, problem in iter_jsonl(path):
+        try:
+            if problem:
+                raise ValueError(problem)
+            pairs.append(normalize_pair(row))
+        except ValueError as e:
+            errors.append(f"{path}:{line_no}: {e}")
     if errors:
         raise ValueError(f"{path}: {len(errors)} bad pair row(s); fix them:\n" + "\n".join(errors))
     if not pairs:

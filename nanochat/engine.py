@@ -18,6 +18,10 @@ How generation works:
 Prompt + generated tokens never exceed the model's sequence_len: max_tokens is capped to what fits, and a
 prompt that does not fit is an error (see fit_conversation_to_context to make a chat fit).
 
+Per call: think="on"/"off" prefills the think block (yielded first, forced); tools= chooses the tools a block
+may call by name (nanochat.tools); search="auto"/"force" lets the Engine call web_search itself where the answer
+would begin (nanochat.auto_search, one hook per row).
+
 `python -m nanochat.engine` checks the engine against the model's naive generate() on a checkpoint.
 """
 
@@ -29,10 +33,12 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
+from nanochat.auto_search import auto_search_rows, check_search_mode
+from nanochat.chat_format import normalize_think, think_prefill
 from nanochat.cpu_decode import QUANTIZE_CHOICES, CPUDecoder
 from nanochat.gpt import GPT
 from nanochat.kv_cache import KVCache  # re-exported: nanochat users import KVCache from here
-from nanochat.tools import get_tool, use_calculator  # noqa: F401  (use_calculator: nanochat's public name)
+from nanochat.tools import get_tool, use_calculator, web_search_budget  # noqa: F401  (use_calculator: nanochat's public name)
 
 __all__ = ["Engine", "KVCache", "sample_next_token", "use_calculator", "fit_conversation_to_context"]
 
@@ -100,18 +106,23 @@ def _intra_op_threads(num_threads):
         torch.set_num_threads(previous)
 
 
+_ENGINE_TOOL = object()  # run_tool's default: the tool the Engine was built with
+
+
 class RowState:
     """One sequence's tool state machine (the Engine's and the serving scheduler's): forced tokens waiting to be
-    emitted, the tool block being collected, done or not. Per step: `token, forced = row.choose(sampled)`, then
+    emitted, the tool block being collected, done or not, and the search the Engine owes this row ("auto"/"force"
+    search, see nanochat.auto_search). Per step: `token, forced = row.choose(sampled)`, then
     `code = row.observe(token)`; a non-None code is a finished <|python_start|>...<|python_end|> block whose tool
     output (Engine.run_tool) the caller queues with row.forced_tokens.extend(...)."""
 
-    def __init__(self, python_start=None, python_end=None, stop_tokens=()):
+    def __init__(self, python_start=None, python_end=None, stop_tokens=(), search=None):
         self.forced_tokens = deque()
         self.in_python_block = False
         self.python_tokens = []
         self.completed = False
         self.python_start, self.python_end, self.stop_tokens = python_start, python_end, set(stop_tokens)
+        self.search = search
 
     def choose(self, sampled):
         """The token this row emits: a queued forced token if there is one, else the sampled one."""
@@ -138,9 +149,13 @@ class RowState:
 
 class Engine:
 
-    def __init__(self, model, tokenizer, tools="calculator", decode_threads=1, quantize=None):
-        """tools: "calculator" (nanochat's default), "python" (runs code in the sandbox), None (tool calls are
-        not executed), or a function code -> str | None (see nanochat.tools).
+    def __init__(self, model, tokenizer, tools="calculator", decode_threads=1, quantize=None, search_provider=None,
+                 think_default=None):
+        """tools: "calculator" (nanochat's default), "python" (runs code in the sandbox), "web_search", a list of
+        these (each block is dispatched by name, see nanochat.tools), None (tool calls are not executed), or a
+        function code -> str | None. search_provider: what web_search searches (nanochat.web_search).
+        think_default: the model's think mode when a call does not choose one ("on", "off", None = nothing
+        prefilled; scripts pass nanochat.chat_format.model_think_default(meta)).
 
         decode_threads: torch intra-op threads while a CPU decode step runs (restored before each yield; the
         prompt prefill keeps the process setting). One-token steps are matrix-vector products that MKL runs on
@@ -162,7 +177,10 @@ class Engine:
                              f"run without it on a GPU")
         self.model = model
         self.tokenizer = tokenizer
-        self.tool = get_tool(tools)
+        self.tools = tools
+        self.search_provider = search_provider
+        self.think_default = normalize_think(think_default)
+        self.tool = self._make_tool(tools)
         self.decode_threads = decode_threads
         self.quantize = quantize
         self._decoder = None
@@ -191,32 +209,76 @@ class Engine:
         room = self.model.config.sequence_len - num_prompt_tokens
         return room if max_tokens is None else max(0, min(max_tokens, room))
 
-    def new_row_state(self):
-        """A RowState that knows this tokenizer's tool and stop tokens."""
+    def new_row_state(self, search=None):
+        """A RowState that knows this tokenizer's tool and stop tokens (search: the row's auto-search hook)."""
         return RowState(self._special("<|python_start|>"), self._special("<|python_end|>"),
-                        (self._special("<|assistant_end|>"), self.tokenizer.get_bos_token_id()))
+                        (self._special("<|assistant_end|>"), self.tokenizer.get_bos_token_id()), search=search)
 
-    def run_tool(self, code_tokens):
-        """Decode a finished <|python_start|>...<|python_end|> block, run the tool, return the tokens to force."""
-        if self.tool is None or not code_tokens:
+    def think_mode(self, think=None):
+        """The think mode a call runs in: its own ("on"/"off"), else the Engine's think_default."""
+        return self.think_default if think is None else normalize_think(think)
+
+    def think_prefill_tokens(self, think=None):
+        """The tokens generate() prefills (and yields first) for a think mode; callers that fit a chat into the
+        context leave room for them."""
+        think = self.think_mode(think)
+        return self.tokenizer.encode(think_prefill(think)) if think else []
+
+    def tool_for(self, tools=None, search="off"):
+        """The function that runs tool blocks for a call's tools= choice (None: the Engine's own); a search mode
+        other than "off" enables web_search too (the Engine's own calls go through it) and needs a provider."""
+        if tools is None and search == "off":
+            return self.tool
+        return self._make_tool(self.tools if tools is None else tools, search)
+
+    def _make_tool(self, tools, search="off"):
+        if search != "off":
+            if self.search_provider is None:
+                raise ValueError(f"search={search!r} needs a search provider: Engine(..., search_provider="
+                                 f"nanochat.web_search.provider_from_env()) or a LocalSearchProvider(folder)")
+            if tools is None or tools == "none":
+                tools = ["web_search"]
+            elif not callable(tools):
+                tools = [tools, "web_search"] if isinstance(tools, str) else [*tools, "web_search"]
+        k, max_chars = web_search_budget(self.model.config.sequence_len)
+        return get_tool(tools, search_provider=self.search_provider, search_k=k, search_max_chars=max_chars)
+
+    def run_tool(self, code_tokens, tool=_ENGINE_TOOL):
+        """Decode a finished <|python_start|>...<|python_end|> block, run the tool (default: the Engine's; None: no
+        tool), return the tokens to force."""
+        tool = self.tool if tool is _ENGINE_TOOL else tool
+        if tool is None or not code_tokens:
             return []
-        result = self.tool(self.tokenizer.decode(code_tokens))
+        result = tool(self.tokenizer.decode(code_tokens))
         if result is None:
             return []
         return [self._special("<|output_start|>"), *self.tokenizer.encode(str(result)), self._special("<|output_end|>")]
 
     @torch.inference_mode()
-    def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, top_p=None, seed=42):
+    def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, top_p=None, seed=42,
+                 think=None, search="off", tools=None):
         """Yield (token_column, token_masks) per step: one token per sample, mask 1 = sampled, 0 = forced.
 
         Stops after max_tokens steps (capped so prompt + output fit in sequence_len), or once every row has
         produced <|assistant_end|> or <|bos|> (rows that finished early keep getting tokens until then; the
         caller ignores them, as generate_batch does). Deterministic for a given seed.
+
+        Per call, for a chat prompt (render_for_completion's ids): think "on"/"off" (None: the Engine's
+        think_default) prefills the think text (nanochat.chat_format.THINK_PREFILL): it is yielded first as forced
+        tokens, then max_tokens more may follow. search "auto"/"force" makes the Engine call web_search itself
+        where the answer would begin if the model does not (nanochat.auto_search). tools overrides the Engine's
+        tools= for this call ("none": no tools).
         """
         if not isinstance(tokens, list) or not tokens or not all(isinstance(t, int) for t in tokens):
             raise TypeError("tokens must be a non-empty list of ints (a tokenized prompt)")
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        think = self.think_mode(think)
+        search = check_search_mode(search)
+        tool = self.tool_for(tools, search)
+        searches = auto_search_rows(self.tokenizer, tokens, search, think, num_samples)
+        prefill = self.think_prefill_tokens(think)
+        tokens = tokens + prefill
         seq_len = self.model.config.sequence_len
         if len(tokens) >= seq_len:
             raise ValueError(f"The prompt has {len(tokens)} tokens but the model's context is {seq_len}: nothing "
@@ -224,6 +286,8 @@ class Engine:
         max_tokens = self.max_new_tokens(len(tokens), max_tokens)
         if max_tokens == 0:
             return
+        for token in prefill:
+            yield [token] * num_samples, [0] * num_samples
         device = self.model.get_device()
         rng = torch.Generator(device=device)
         rng.manual_seed(seed)
@@ -241,7 +305,7 @@ class Engine:
             logits = logits.expand(num_samples, -1)
         decode_step = self.decode_step_fn()
 
-        rows = [self.new_row_state() for _ in range(num_samples)]
+        rows = [self.new_row_state(search) for search in searches]
         ids = torch.empty((num_samples, 1), dtype=torch.long, device=device)
         with _intra_op_threads(self.decode_threads if device.type == "cpu" else None):
             next_ids = sample_next_token(logits, rng, temperature, top_k, top_p)  # (B, 1)
@@ -250,13 +314,18 @@ class Engine:
             token_column, token_masks = [], []
             any_forced = False
             for row, token in zip(rows, sampled):
+                if row.search is not None and not row.forced_tokens and not row.completed:
+                    row.forced_tokens.extend(row.search.before(token))  # the Engine's own web_search call
+                was_done = row.completed
                 token, forced = row.choose(token)
                 any_forced |= forced
                 token_column.append(token)
                 token_masks.append(0 if forced else 1)
                 code = row.observe(token)
                 if code is not None:
-                    row.forced_tokens.extend(self.run_tool(code))
+                    row.forced_tokens.extend(self.run_tool(code, tool))
+                if row.search is not None and not was_done:
+                    row.search.after(token, output_queued=bool(row.forced_tokens))
             yield token_column, token_masks
             if step + 1 == max_tokens or all(row.completed for row in rows):
                 break

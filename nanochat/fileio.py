@@ -5,11 +5,18 @@ Writing files so that a crash, a kill or a full disk never leaves a half-written
         f.write(...)                       # on a clean exit: flush, fsync, rename over `path`, fsync the dir
                                            # on any error: the temp file is removed and `path` is untouched
 
+Files that must appear together (a checkpoint's weights, optimizer shards and meta) are written first with
+`open_temp(path)` each, then put in place with `publish(path)` each, so the renames follow each other closely.
+
+JSONL files (conversations, preference pairs, probes, search documents) are read through `iter_jsonl`, so a bad
+line is always reported the same way: "path:LINE: reason".
+
 Temp files are named `.<name>.tmp<pid>` in the destination's directory (a rename is only atomic within one
 file system). A process killed mid-write leaves its temp file behind; `remove_stale_temp_files` clears those
 of processes that no longer run. No torch here: the tokenizer and the data tools use it too.
 """
 
+import json
 import os
 import re
 from contextlib import contextmanager
@@ -38,10 +45,12 @@ def fsync_dir(directory):
 
 
 @contextmanager
-def atomic_open(path, mode="wb", encoding=None):
-    """Open a temp file for writing; on success it replaces `path` in one rename. mode: "w" or "wb"."""
+def open_temp(path, mode="wb", encoding=None):
+    """Write `path`'s temp file (beside it), flushed and fsynced when the block ends; `publish(path)` then puts it
+    in place. On an error inside the block the temp file is removed. For several files that must appear
+    together (a checkpoint): write them all first, then publish them in a quick succession."""
     if mode not in ("w", "wb"):
-        raise ValueError(f"atomic_open writes whole files: mode must be 'w' or 'wb', got {mode!r}")
+        raise ValueError(f"atomic writes write whole files: mode must be 'w' or 'wb', got {mode!r}")
     tmp_path = temp_path_for(path)
     os.makedirs(os.path.dirname(tmp_path), exist_ok=True)
     if mode == "w" and encoding is None:
@@ -51,14 +60,36 @@ def atomic_open(path, mode="wb", encoding=None):
             yield f
             f.flush()
             os.fsync(f.fileno())
+    except BaseException:
+        discard_temp(path)
+        raise
+
+
+def publish(path):
+    """Rename the temp file that open_temp wrote over `path` (atomic), and make the rename durable."""
+    tmp_path = temp_path_for(path)
+    try:
         os.replace(tmp_path, path)
     except BaseException:
-        try:
-            os.remove(tmp_path)
-        except OSError:
-            pass
+        discard_temp(path)
         raise
     fsync_dir(os.path.dirname(tmp_path))
+
+
+def discard_temp(path):
+    """Remove `path`'s temp file if this process left one."""
+    try:
+        os.remove(temp_path_for(path))
+    except OSError:
+        pass
+
+
+@contextmanager
+def atomic_open(path, mode="wb", encoding=None):
+    """Open a temp file for writing; on success it replaces `path` in one rename. mode: "w" or "wb"."""
+    with open_temp(path, mode, encoding) as f:
+        yield f
+    publish(path)
 
 
 def atomic_write_text(path, text):
@@ -95,3 +126,31 @@ def remove_stale_temp_files(directory):
         except OSError:
             pass
     return removed
+
+
+# -----------------------------------------------------------------------------
+# JSONL
+
+def parse_jsonl_line(raw):
+    """One JSONL line (bytes) -> (value, None), or (None, problem) when it is not UTF-8 or not JSON.
+    Blank lines give (None, None): callers skip them."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return None, f"not valid UTF-8 ({e.reason} at byte {e.start})"
+    if not line.strip():
+        return None, None
+    try:
+        return json.loads(line), None
+    except json.JSONDecodeError as e:
+        return None, f"invalid JSON: {e.msg} (column {e.colno})"
+
+
+def iter_jsonl(path):
+    """(line number, value, problem) for every non-blank line of a JSONL file, streamed: problem is None for a good
+    line, else the reason (value None). Split on \\n only (str.splitlines would also break on U+2028)."""
+    with open(path, "rb") as f:
+        for line_number, raw in enumerate(f, start=1):
+            value, problem = parse_jsonl_line(raw)
+            if value is not None or problem is not None:
+                yield line_number, value, problem

@@ -14,7 +14,7 @@ user/assistant), and the last message must be the user's.
 import json
 import time
 import uuid
-from typing import Optional, Union
+from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -76,7 +76,23 @@ class SamplingFields(_Lenient):
         return default if value is None else value
 
 
-class ChatRequest(SamplingFields):
+class ChatOptions(_Lenient):
+    """Ours beyond OpenAI's fields: think "on"/"off" (null: the model's default; vLLM's
+    chat_template_kwargs.enable_thinking is read too) and search "off"/"auto"/"force" (the server calls
+    web_search itself where the answer begins when the question needs it; needs a search provider)."""
+    think: Optional[Literal["on", "off"]] = None
+    search: Literal["off", "auto", "force"] = "off"
+    chat_template_kwargs: Optional[dict] = None
+
+    def think_mode(self):
+        if self.think is None and isinstance(self.chat_template_kwargs, dict):
+            enabled = self.chat_template_kwargs.get("enable_thinking")
+            if isinstance(enabled, bool):
+                return "on" if enabled else "off"
+        return self.think
+
+
+class ChatRequest(SamplingFields, ChatOptions):
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
 
 
@@ -86,8 +102,8 @@ class CompletionRequest(SamplingFields):
     logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
 
 
-class NanochatChatRequest(_Lenient):
-    """nanochat's own /chat/completions body."""
+class NanochatChatRequest(ChatOptions):
+    """nanochat's own /chat/completions body (plus our think/search)."""
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     temperature: Optional[float] = Field(None, ge=0.0, le=2.0)
     top_k: Optional[int] = Field(None, ge=0)

@@ -181,10 +181,48 @@ def _is_compile_error(e: Exception) -> bool:
     return module.startswith(("torch._dynamo", "torch._inductor")) or "triton" in str(e).lower()
 
 # -----------------------------------------------------------------------------
-# Collectives with a fallback for backends that lack reduce_scatter / ReduceOp.AVG (older gloo).
+# Collectives, with a fallback for backends that lack reduce_scatter or ReduceOp.AVG (gloo in older torch).
 
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or getattr(dist, "reduce_scatter_tensor", None)
 _all_gather = getattr(dist, "all_gather_single", None) or getattr(dist, "all_gather_into_tensor", None)
+
+
+def _collective_device():
+    """The device collectives run on: this rank's GPU under NCCL, else the CPU."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _probe_all_reduce_avg(rank, world_size):
+    t = torch.full((1,), float(rank))
+    dist.all_reduce(t, op=dist.ReduceOp.AVG)
+    return t.item() == (world_size - 1) / 2
+
+
+def _probe_reduce_scatter_avg(rank, world_size):
+    out = torch.zeros(1)
+    _reduce_scatter(out, torch.arange(world_size, dtype=torch.float32) + rank, op=dist.ReduceOp.AVG)
+    return out.item() == rank + (world_size - 1) / 2
+
+
+def _probe_all_gather(rank, world_size):
+    out = torch.zeros(world_size)
+    _all_gather(out, torch.full((1,), float(rank)))
+    return torch.equal(out, torch.arange(world_size, dtype=torch.float32))
+
+
+def _supported(probe, rank, world_size, device):
+    """True if a tiny synchronous run of the collective works and gives the right numbers (a backend may refuse
+    an op, or accept an op and ignore it, e.g. sum where an average was asked). Every rank runs the same probes."""
+    try:
+        with torch.device(device):
+            works = bool(probe(rank, world_size))
+    except (RuntimeError, NotImplementedError, ValueError, TypeError, AttributeError):
+        works = False
+    ok = torch.tensor(float(works), device=device)
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN)  # native only if it worked on every rank
+    return bool(ok.item())
 
 
 class _Pending:
@@ -202,23 +240,23 @@ class _Pending:
 
 
 class _Comm:
-    """Averaging reduce-scatter / all-reduce and all-gather along dim 0. Native ops first; if the backend
-    refuses one (raised at call time, identically on every rank, before any data moves), that op switches
-    to a fallback for the rest of the run: all_reduce(SUM) then divide (and slice), list all_gather."""
+    """Averaging reduce-scatter / all-reduce and all-gather along dim 0. The backend's native ops where it has
+    them, else fallbacks: all_reduce(SUM) then divide (and slice), list all_gather. Which ops are native is
+    probed once, synchronously, when the optimizer is built (every rank runs the same probes in the same order):
+    some backends refuse an op when it is called, others (gloo in older torch) only when its work is waited on,
+    which an async call in the middle of a step could not recover from."""
 
     def __init__(self, rank: int, world_size: int, force_fallback: bool = False):
         self.rank, self.world_size = rank, world_size
-        self.native = {"all_reduce_avg": not force_fallback, "reduce_scatter_avg": not force_fallback,
-                       "all_gather": not force_fallback}
+        probes = {"all_reduce_avg": _probe_all_reduce_avg, "reduce_scatter_avg": _probe_reduce_scatter_avg,
+                  "all_gather": _probe_all_gather}
+        device = _collective_device()
+        self.native = {name: not force_fallback and _supported(probe, rank, world_size, device)
+                       for name, probe in probes.items()}
         self.inplace_gather = (not force_fallback) and dist.get_backend() == "nccl"
 
     def _try(self, name, fn):
-        if self.native[name]:
-            try:
-                return fn()
-            except (RuntimeError, NotImplementedError, ValueError, TypeError, AttributeError):
-                self.native[name] = False  # e.g. "Cannot use ReduceOp.AVG with Gloo"
-        return None
+        return fn() if self.native[name] else None
 
     def all_reduce_avg(self, t: Tensor) -> _Pending:
         work = self._try("all_reduce_avg", lambda: dist.all_reduce(t, op=dist.ReduceOp.AVG, async_op=True))
@@ -240,6 +278,9 @@ class _Comm:
     def all_gather(self, out: Tensor, inp: Tensor) -> _Pending:
         """out (world*n, ...) <- concat of every rank's inp (n, ...). NCCL may alias inp into out;
         other backends get a private copy of inp."""
+        # detached: out may be a parameter, and a backend that lands the data from its own thread (gloo in older
+        # torch) writes with that thread's grad mode, where autograd forbids in-place writes to no_grad views
+        out = out.detach()
         if not self.inplace_gather and inp.data_ptr() >= out.data_ptr() and inp.data_ptr() < out.data_ptr() + out.nbytes:
             inp = inp.clone()
         work = self._try("all_gather", lambda: _all_gather(out, inp, async_op=True))

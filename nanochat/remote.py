@@ -1,7 +1,7 @@
 """
 Where pushed checkpoints go: the same three calls (list, upload, download) over any fsspec URL and over the
-Hugging Face hub, and the --push-to / --push-wait flags every trainer shares. No torch here: the trainers check
-their flags before they import it (a bad URL is refused in a second, not after the model is built).
+Hugging Face hub. No torch here: nanochat.cli's --push-to checks a URL with open_remote while the trainers parse
+their flags, before they import torch (a bad URL is refused at once, not after the model is built).
 
 - fsspec (`file://`, `memory://`, `s3://` with s3fs, `gs://` with gcsfs, `az://` ...): one API over all of them,
   each with its own credentials (AWS profile, gcloud login ...); the cloud packages stay optional;
@@ -9,7 +9,6 @@ their flags before they import it (a bad URL is refused in a second, not after t
   upload (its files appear together); $HF_ENDPOINT (nanochat.download.hf_endpoint) and $HF_TOKEN are honoured.
 """
 
-import argparse
 import os
 import posixpath
 import re
@@ -20,6 +19,7 @@ import fsspec
 import huggingface_hub
 from huggingface_hub.errors import RepositoryNotFoundError
 
+from nanochat.cli import UserError
 from nanochat.download import hf_endpoint
 from nanochat.fileio import atomic_open
 
@@ -27,7 +27,7 @@ STEP_FILE = re.compile(r"(model|meta|optim)_(\d+)(?:_rank(\d+))?\.(pt|json)")
 HUB_URL = re.compile(r"hf://([A-Za-z0-9][\w.-]*/[\w.-]+)(/.*)?")
 
 
-class PushError(ValueError):
+class PushError(UserError):
     """A user error about a push/pull URL or what it holds (the CLI prints it in one line)."""
 
 
@@ -128,24 +128,3 @@ def open_remote(url):
         raise PushError(f"{protocol}:// needs a package that is not installed ({e}); e.g. pip install s3fs for "
                         f"s3://, gcsfs for gs://") from None
     return FsspecRemote(url)
-
-
-def push_url(text):
-    """argparse type of --push-to: the URL, checked before any training happens."""
-    try:
-        open_remote(text)
-    except PushError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    return text
-
-
-def add_push_arguments(parser):
-    """--push-to URL and --push-wait SECONDS, the same in every trainer."""
-    parser.add_argument("--push-to", type=push_url, default=None, metavar="URL",
-                        help="upload every checkpoint (and the tokenizer) in the background as it is saved: an fsspec "
-                             "URL (file://, s3://, gs://, memory://...) or hf://org/name; restore on another machine "
-                             "with `python -m nanochat.hub pull URL`")
-    parser.add_argument("--push-wait", type=float, default=600, metavar="SECONDS",
-                        help="at exit, wait at most this long for uploads still running, then say what is unpushed")
-
-

@@ -8,6 +8,7 @@ import math
 
 import torch
 
+from nanochat.cli import UserError
 from nanochat.gpt import GPT, GPTConfig
 
 B_REF = 2 ** 19          # optimal total batch size (tokens) measured at d12, the reference depth
@@ -37,7 +38,7 @@ def plan_training(num_iterations, target_flops, target_param_data_ratio, total_b
     - all LRs x sqrt(B / B_REF); Muon WD x sqrt(B / B_REF) * D_REF / D (T_epoch, arXiv 2405.13698)
     - iterations: --num-iterations (>= 0) > --target-flops > --target-param-data-ratio (first enabled wins)"""
     if num_iterations < 0 and target_flops <= 0 and target_param_data_ratio <= 0:
-        raise ValueError("No training horizon: pass one of --num-iterations, --target-flops or --target-param-data-ratio")
+        raise UserError("No training horizon: pass one of --num-iterations, --target-flops or --target-param-data-ratio")
     # The ratio cancels in the batch and WD formulas, so a disabled ratio (-1) still gives the reference numbers.
     ratio = target_param_data_ratio if target_param_data_ratio > 0 else 12
     target_tokens = int(ratio * scaling_params)

@@ -4,7 +4,8 @@ to extend by adding a word to a list. Used by the Engine/CLI/server "auto" web_s
 generator; nanochat.web_search re-exports both functions under the same names.
 
 needs_web_search(query) -> bool, checked in this order:
-  1. never: questions about the assistant itself, arithmetic, code, creative writing (the model answers these);
+  1. never: questions about the assistant itself, arithmetic (tips, discounts, change, calendar arithmetic on a
+     given day), code, creative writing (the model answers these);
   2. yes:   words about now ("latest", "current", "today", "this week", a recent year ...);
   3. never: explanations and definitions ("how do airplanes fly", "what is inflation"), past office holders;
   4. yes:   time-sensitive topics (weather, news, prices, scores) and office holders ("the mayor of Seoul");
@@ -30,13 +31,20 @@ ABOUT_THE_ASSISTANT = _any_of(
     r"your (?:name|creator|maker|makers|purpose|model|training|architecture|version|parameters|weights)",
     r"who (?:made|created|built|trained|developed|designed|wrote|owns) you",
     r"(?:who|what) are you", r"are you (?:a|an|human|real|alive|conscious|sentient|chatgpt|nanochat)",
-    r"about yourself", r"introduce yourself", r"what can you do")
+    r"about yourself", r"introduce yourself", r"what can you do",
+    r"who am i (?:chatting|talking|speaking) (?:with|to)")
 
 ARITHMETIC = _any_of(
     r"calculate", r"compute", r"solve", r"multiply", r"multiplied by", r"divided by", r"\d+ (?:times|plus|minus) \d+",
     r"square root", r"cube root", r"squared", r"cubed", r"sum of", r"product of", r"tip on",
-    r"\d+(?:\.\d+)?\s*% (?:tip|of)", r"compound interest",
-    r"how many (?:days|hours|minutes|weeks) (?:are|is|until|between)")
+    r"\d+(?:\.\d+)?\s*% (?:tip|of|off)", r"compound interest", r"sale price", r"how much (?:is|are) left",
+    r"how much change", r"how many (?:days|hours|minutes|weeks) (?:are|is|until|between)")
+# "if today is Friday, what day is it in 3 days", "what date is 45 days after 3 March 2025": calendar arithmetic on
+# a day the question itself gives, whatever words about now ("today", a year) it holds
+WEEKDAY = r"(?:mon|tues|wednes|thurs|fri|satur|sun)day"
+DATE_ARITHMETIC = re.compile(rf"\bif today is (?:a )?{WEEKDAY}\b|\bdays? (?:before|after|from) (?:a |an )?{WEEKDAY}\b"
+                             r"|\bwhat (?:date|day) (?:is|was|will it be) \w+ (?:days?|weeks?) (?:before|after|from)\b",
+                             re.IGNORECASE)
 # "what is 23 * 47?", "23x47", "2^10": the whole question is numbers and operators
 BARE_EXPRESSION = re.compile(r"^(?:(?:what(?:'s| is)|how much is|calculate|compute)\s+)?[\d\s.,+\-*/x×÷^%()=]+\??$",
                              re.IGNORECASE)
@@ -120,7 +128,7 @@ def needs_web_search(query):
     if not text:
         return False
     if (ABOUT_THE_ASSISTANT.search(text) or ARITHMETIC.search(text) or BARE_EXPRESSION.match(text)
-            or CODE_REQUEST.search(text) or CREATIVE_REQUEST.search(text)):
+            or DATE_ARITHMETIC.search(text) or CODE_REQUEST.search(text) or CREATIVE_REQUEST.search(text)):
         return False
     if ABOUT_NOW.search(text):
         return True

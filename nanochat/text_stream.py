@@ -116,7 +116,7 @@ class ReplyStream:
         parts = self.head_parts + self._parse(tail)
         if not final and tail and tail[0] in self.openers and parts:
             parts = parts[:-1]  # a tool block still being written: shown once it is closed
-        items, in_think, started = [], False, False
+        items, in_think, started, just_toggled = [], False, False, False
         for part in parts:
             if part["type"] != "text":
                 items.append(["tool_call" if part["type"] == "python" else "tool_output", part["text"]])
@@ -124,16 +124,23 @@ class ReplyStream:
                 continue
             for piece in _THINK_SPLIT.split(part["text"]):
                 if piece == THINK_OPEN and not started and not in_think:
-                    in_think = True
+                    in_think = just_toggled = True
                 elif piece == THINK_CLOSE and in_think:
-                    in_think, started = False, True
+                    if items and items[-1][0] == "reasoning":  # the newline the think template puts before it
+                        items[-1][1] = items[-1][1].removesuffix("\n")
+                    in_think, started, just_toggled = False, True, True
                 elif piece:
+                    if just_toggled:  # the newline the think template puts after <think> and after </think>
+                        piece, just_toggled = piece.removeprefix("\n"), False
                     kind = "reasoning" if in_think else "content"
                     started |= kind == "content" and bool(piece.strip())
+                    if not piece:
+                        continue
                     if items and items[-1][0] == kind:
                         items[-1][1] += piece
                     else:
                         items.append([kind, piece])
+        items = [item for item in items if item[1] or item[0] in ("tool_call", "tool_output")]
         return self._apply_stop(items, final)
 
     def _apply_stop(self, items, final):
@@ -154,7 +161,10 @@ class ReplyStream:
             markers = [THINK_OPEN, THINK_CLOSE] if not self.raw else []
             if kind == "content":
                 markers += self.stop
-            items[-1][1] = text[:len(text) - _partial_suffix(text, markers)]
+            text = text[:len(text) - _partial_suffix(text, markers)]
+            if kind == "reasoning":  # its last newline may be the think template's, dropped once </think> comes
+                text = text.removesuffix("\n")
+            items[-1][1] = text
         return items
 
     def _deltas(self, final):

@@ -16,6 +16,7 @@ Text handling:
 """
 
 import copy
+import hashlib
 import os
 import pickle
 
@@ -23,8 +24,9 @@ import rustbpe
 import tiktoken
 import torch
 
+from nanochat.cli import MissingFileError, UserError
 from nanochat.common import get_base_dir
-from nanochat.fileio import atomic_open
+from nanochat.fileio import atomic_open, remove_stale_temp_files
 
 SPECIAL_TOKENS = [
     "<|bos|>",  # starts every document; also the document delimiter in packed pretraining rows
@@ -83,10 +85,18 @@ class RustBPETokenizer:
         """Load `tokenizer_dir/tokenizer.pkl` (ours or nanochat's: both are a pickled tiktoken Encoding)."""
         pickle_path = os.path.join(tokenizer_dir, TOKENIZER_FILENAME)
         if not os.path.exists(pickle_path):
-            raise FileNotFoundError(f"No tokenizer at {pickle_path}. Train one with `python -m scripts.tok_train` "
+            raise MissingFileError(f"No tokenizer at {pickle_path}. Train one with `python -m scripts.tok_train` "
                                     f"(or copy a nanochat tokenizer/ folder there).")
-        with open(pickle_path, "rb") as f:
-            enc = pickle.load(f)
+        try:
+            with open(pickle_path, "rb") as f:
+                enc = pickle.load(f)
+        except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError, TypeError, ValueError) as e:
+            raise UserError(f"{pickle_path} cannot be read ({type(e).__name__}: {e}): the file is truncated or "
+                            f"damaged. Restore it from a copy of the tokenizer/ folder you trained with (a retrained "
+                            f"tokenizer no longer matches the checkpoints trained with this one)") from None
+        if not isinstance(enc, tiktoken.Encoding):
+            raise UserError(f"{pickle_path} holds a {type(enc).__name__}, not a tiktoken Encoding: it is not a "
+                            f"nanochat tokenizer. Train one with `python -m scripts.tok_train`")
         return cls(enc, "<|bos|>")
 
     @classmethod
@@ -104,6 +114,7 @@ class RustBPETokenizer:
     def save(self, tokenizer_dir):
         """Write `tokenizer_dir/tokenizer.pkl` (pickled tiktoken Encoding, nanochat's format), atomically."""
         os.makedirs(tokenizer_dir, exist_ok=True)
+        remove_stale_temp_files(tokenizer_dir)
         pickle_path = os.path.join(tokenizer_dir, TOKENIZER_FILENAME)
         with atomic_open(pickle_path, "wb") as f:
             pickle.dump(self.enc, f)
@@ -115,6 +126,18 @@ class RustBPETokenizer:
 
     def get_vocab_size(self):
         return self.enc.n_vocab
+
+    def fingerprint(self):
+        """A short hash of everything that decides how text becomes ids: the split pattern, every mergeable
+        token's bytes and rank, and the special tokens' ids. Checkpoints record it (training.checkpoint_meta) and
+        loading one with a different tokenizer is refused (checkpoint_manager.check_tokenizer_matches). These
+        are the fields tiktoken itself pickles, so they are there for every Encoding."""
+        digest = hashlib.sha256(self.enc._pat_str.encode("utf-8"))
+        for token, rank in sorted(self.enc._mergeable_ranks.items(), key=lambda item: item[1]):
+            digest.update(rank.to_bytes(4, "little") + len(token).to_bytes(2, "little") + token)
+        for name, token_id in sorted(self.enc._special_tokens.items()):
+            digest.update(f"\0{name}={token_id}".encode("utf-8"))
+        return "sha256:" + digest.hexdigest()[:16]
 
     def get_special_tokens(self):
         return self.enc.special_tokens_set
@@ -359,6 +382,11 @@ def get_tokenizer():
 def get_token_bytes(device="cpu"):
     path = os.path.join(get_base_dir(), "tokenizer", TOKEN_BYTES_FILENAME)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"No token bytes at {path}: they are written by `python -m scripts.tok_train`.")
-    with open(path, "rb") as f:
-        return torch.load(f, map_location=device)
+        raise MissingFileError(f"No token bytes at {path}: they are written by `python -m scripts.tok_train`.")
+    try:
+        with open(path, "rb") as f:
+            return torch.load(f, map_location=device)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as e:
+        raise UserError(f"{path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}): "
+                        f"the file is truncated or damaged. Copy it again with tokenizer.pkl from where the tokenizer "
+                        f"was trained") from None

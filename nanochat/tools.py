@@ -11,12 +11,24 @@ calculator does for anything it refuses.
 - python: runs the code in the sandbox (nanochat.execution) and returns what it printed (or the error). If the
   last statement is an expression its value is printed, like a REPL, so `sum(range(10))` yields `45`.
 
-`get_tool(name)` maps the Engine's `tools=` choice ("calculator", "python", None) to a function.
+- web_search: searches a provider (nanochat.web_search) and returns the formatted results.
+
+A block calls a tool by name with JSON, {"tool": "web_search", "arguments": {"query": "..."}} (calculator takes
+"expression", python "code"; web_search an optional "k"), or holds a bare expression, nanochat's calculator
+format, kept as it was. Which tools a block may call is chosen per Engine / per generate call: `get_tool(tools)`
+maps that choice (a name, a list of names, None, or a function) to the function the Engine runs. A malformed call
+(bad JSON, an unknown or disabled tool, a missing argument) or a failing tool gives an error string as the tool
+output, never an exception: the model sees what went wrong and the generation goes on.
 """
 
 import ast
+import functools
+import json
 import math
 import operator
+from dataclasses import dataclass
+
+from nanochat.web_search import DEFAULT_TOOL_OUTPUT_CHARS, run_web_search
 
 # -----------------------------------------------------------------------------
 # Calculator
@@ -158,16 +170,108 @@ def python_tool(code, timeout=5.0, maximum_memory_bytes=256 * 1024 * 1024):
     return text
 
 
-TOOLS = {"calculator": calculator_tool, "python": python_tool}
+# -----------------------------------------------------------------------------
+# Dispatch by name: what the Engine runs for one <|python_start|>...<|python_end|> block
+
+TOOL_NAMES = ("calculator", "python", "web_search")
+ARGUMENT_NAMES = {"calculator": "expression", "python": "code", "web_search": "query"}
+MAX_SEARCH_RESULTS = 10
 
 
-def get_tool(tools):
-    """The Engine's `tools=` argument: "calculator" (default, like the reference), "python" (sandbox),
-    None/"none" (tool calls are left alone), or any function code -> str | None."""
+@dataclass
+class ToolCall:
+    """One parsed tool block: the tool it calls and its main argument, or why it is malformed (error)."""
+    name: str | None
+    argument: str | None = None
+    bare: bool = False    # nanochat's format (an expression / code, no JSON)
+    k: int | None = None  # web_search: how many results (JSON "k"), None for the default
+    error: str | None = None
+
+
+def tool_call_json(name, **arguments):
+    """The JSON a model writes to call a tool, {"tool": name, "arguments": {...}}: one spelling for the training
+    data and for the calls the Engine writes itself (auto search), so both look alike to the model."""
+    return json.dumps({"tool": name, "arguments": arguments}, ensure_ascii=False)
+
+
+def parse_tool_call(code, enabled=TOOL_NAMES):
+    """Parse a tool block's text. JSON {"tool": name, "arguments": {...}} calls a tool by name (the text starts
+    with "{"); anything else is nanochat's bare format, run by the calculator, or by python when only python is
+    enabled. Never raises: a malformed call comes back with .error set."""
+    text = code.strip()
+    if not text.startswith("{"):
+        name = "calculator" if "calculator" in enabled else "python" if "python" in enabled else None
+        if name is None:
+            return ToolCall(None, error=f'a bare expression needs the calculator; call {"/".join(enabled)} as JSON '
+                                        f'{{"tool": "{enabled[0] if enabled else "name"}", "arguments": {{...}}}}')
+        return ToolCall(name, code, bare=True)
+    try:
+        call = json.loads(text)
+    except json.JSONDecodeError as e:
+        return ToolCall(None, error=f'bad JSON ({e.msg} at column {e.colno}); write {{"tool": "name", '
+                                    f'"arguments": {{...}}}}')
+    if not isinstance(call, dict) or not isinstance(call.get("tool"), str):
+        return ToolCall(None, error='a JSON tool call needs {"tool": "name", "arguments": {...}}')
+    name, arguments = call["tool"], call.get("arguments")
+    if name not in enabled:
+        return ToolCall(None, error=f"unknown tool {name!r} (available: {', '.join(enabled) or 'none'})")
+    key = ARGUMENT_NAMES[name]
+    if not isinstance(arguments, dict) or not isinstance(arguments.get(key), str) or not arguments[key].strip():
+        return ToolCall(name, error=f'{name} needs "arguments": {{"{key}": "..."}}')
+    k = arguments.get("k")
+    if name == "web_search" and k is not None and not (isinstance(k, int) and 1 <= k <= MAX_SEARCH_RESULTS):
+        return ToolCall(name, error=f'web_search "k" must be an integer from 1 to {MAX_SEARCH_RESULTS}')
+    return ToolCall(name, arguments[key], k=k)
+
+
+def web_search_budget(sequence_len):
+    """(results, characters) of one web_search output for a model with this context: 3 results in at most 1500
+    characters from 2048 tokens up; below that fewer results in sequence_len // 2 characters (about a quarter of
+    the context), so the question, the reasoning, the answer, and in a follow-up a second search, still fit. The
+    Engine and the training data generator both use it, so training outputs are shaped like inference ones."""
+    if sequence_len >= 2048:
+        return 3, DEFAULT_TOOL_OUTPUT_CHARS
+    return (2 if sequence_len >= 1024 else 1), sequence_len // 2
+
+
+def run_tool_call(code, enabled=TOOL_NAMES, search_provider=None, search_k=3,
+                  search_max_chars=DEFAULT_TOOL_OUTPUT_CHARS):
+    """The text a tool block produces (None: no output, the model just continues). Bare expressions keep
+    nanochat's rule (None when the calculator refuses, unless python is enabled too, which then runs them);
+    everything else that goes wrong (bad JSON, unknown tool, a failing tool) is an error string, never an
+    exception, so a model's mistake never ends a generation."""
+    call = parse_tool_call(code, enabled)
+    if call.error:
+        return f"tool error: {call.error}"
+    try:
+        if call.name == "calculator":
+            result = calculator_tool(call.argument)
+            if result is None and call.bare and "python" in enabled:
+                return python_tool(call.argument)
+            if result is None and not call.bare:
+                return (f"calculator error: cannot evaluate {call.argument[:80]!r} (numbers, + - * / // % ** and "
+                        f"parentheses only)")
+            return result
+        if call.name == "python":
+            return python_tool(call.argument)
+        return run_web_search(search_provider, call.argument, call.k or search_k, search_max_chars)
+    except Exception as e:  # a tool's own failure is text the model sees, not a crashed generation
+        return f"{call.name} error: {type(e).__name__}: {e}"
+
+
+def get_tool(tools, search_provider=None, search_k=3, search_max_chars=DEFAULT_TOOL_OUTPUT_CHARS):
+    """The Engine's `tools=`: a tool name ("calculator", nanochat's default; "python"; "web_search"), a list of
+    them, None/"none" (tool blocks are left alone), or any function code -> str | None. Names give a function
+    that dispatches each block by name (run_tool_call) among the enabled tools; web_search searches
+    search_provider (see nanochat.web_search.provider_from_env)."""
     if tools is None or tools == "none":
         return None
     if callable(tools):
         return tools
-    if tools not in TOOLS:
-        raise ValueError(f"unknown tool {tools!r}: choose one of {sorted(TOOLS)}, None, or pass a function")
-    return TOOLS[tools]
+    names = (tools,) if isinstance(tools, str) else tuple(tools)
+    unknown = [name for name in names if name not in TOOL_NAMES]
+    if unknown or not names:
+        raise ValueError(f"unknown tool {unknown[0] if unknown else names!r}: choose from {list(TOOL_NAMES)}, "
+                         f"None, or pass a function")
+    return functools.partial(run_tool_call, enabled=tuple(dict.fromkeys(names)), search_provider=search_provider,
+                             search_k=search_k, search_max_chars=search_max_chars)

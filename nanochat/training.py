@@ -3,31 +3,39 @@ What every trainer (base_train, chat_sft, and the RL and DPO stages built on the
 
 - where it runs: `init_runtime` (device, ranks, the GPU's peak FLOP/s) and `init_wandb` (or a stand-in);
 - the batch: `compute_grad_accum_steps` (with the error that says which flags to change), `step_loss_scale`
-  (a step's loss as the mean over every trained token of all micro-batches and ranks);
+  (a step's loss as the mean over every trained token of all micro-batches and ranks), `check_memory_fits`
+  (refuses a model or batch that cannot fit, with the numbers, before anything is allocated);
 - schedules: by step (pretraining) or by progress through the run (fine-tuning), Muon momentum and weight decay;
 - fine-tuning from a checkpoint: `find_checkpoint`, `read_checkpoint_meta`, `inherit_settings` (flags left
   unset take the source's values), `warm_start_optimizer`, `scale_learning_rates`;
 - speed: `compile_with_fallback`, `ManualGC` (no collector pauses), `StepMeter` (the step line with loss, tok/s,
   MFU, training time and ETA);
-- saving: `checkpoint_meta` (the meta fields nanochat's loaders read), `gather_from_ranks`, `peak_memory_mib`.
+- saving: `checkpoint_meta` (the meta fields nanochat's loaders read, and the tokenizer's fingerprint),
+  `gather_from_ranks`, `peak_memory_mib`; `check_finite_loss` stops a diverged run before it saves anything.
+  (checkpoint_manager has `check_can_save` and `estimate_checkpoint_bytes`, to call before step 0.)
+
+Errors the user can fix are `UserError`s (nanochat.cli): the scripts print them as one line and exit 2.
 """
 
 import gc
-import json
 import math
 import os
 import shutil
 import time
 from dataclasses import dataclass
 
+import psutil
 import torch
 import torch.distributed as dist
 
 from nanochat import chunked_loss
-from nanochat.checkpoint_manager import (available_steps, checkpoints_root, find_largest_model, find_last_step,
-                                         load_checkpoint, meta_path)
+from nanochat.checkpoint_manager import (CheckpointNotFoundError, available_steps, checkpoints_root,
+                                         find_largest_model, find_last_step, gib, load_checkpoint, meta_path,
+                                         read_meta)
+from nanochat.cli import UserError
 from nanochat.common import (COMPUTE_DTYPE, DummyWandb, autodetect_device_type, compute_init, get_peak_flops,
                              print0)
+from nanochat.tokenizer import get_tokenizer
 
 try:
     import resource  # peak RSS; Unix only
@@ -97,13 +105,50 @@ def compute_grad_accum_steps(total_batch_size, device_batch_size, max_seq_len, w
         return total_batch_size // per_step
     lower = max(per_step, total_batch_size // per_step * per_step)
     upper = lower + per_step if lower < total_batch_size else lower
-    ok_device_bs = [b for b in range(1, device_batch_size * 4 + 1) if total_batch_size % (b * max_seq_len * world_size) == 0]
+    # a device batch size that works divides total / (seq len x ranks): no need to look past that (or past 4x
+    # the one asked for), however large the one asked for is
+    largest = min(device_batch_size * 4, total_batch_size // (max_seq_len * world_size))
+    ok_device_bs = [b for b in range(1, largest + 1) if total_batch_size % (b * max_seq_len * world_size) == 0]
     hint = (f" or a --device-batch-size that divides it: {ok_device_bs[-6:]}" if ok_device_bs else
             f" (no --device-batch-size works with --max-seq-len {max_seq_len} on {world_size} rank(s))")
-    raise ValueError(
+    raise UserError(
         f"Total batch size {total_batch_size:,} tokens is not a multiple of one micro-step over all ranks: "
         f"--device-batch-size {device_batch_size} x --max-seq-len {max_seq_len} x {world_size} rank(s) = {per_step:,} tokens. "
         f"Set --total-batch-size to a multiple of {per_step:,} (e.g. {lower:,} or {upper:,}){hint}.")
+
+
+def estimate_training_bytes(model, device_batch_size, max_seq_len, world_size):
+    """A lower bound on one device's memory for training `model` (the meta-device model is enough), as
+    {what: bytes}: 8 bytes per parameter for the weights and their gradients plus 4 for optimizer state (Muon's
+    momentum, AdamW's two moments; sharded over ranks) -- bf16 embedding tables on CUDA still come to at least
+    that with AdamW's fp32 moments -- and the residual stream of every layer that backward keeps, in the compute
+    dtype (the real activations are many times more)."""
+    num_params = sum(p.numel() for p in model.parameters())
+    config = model.config
+    residual = device_batch_size * max_seq_len * config.n_embd * config.n_layer * COMPUTE_DTYPE.itemsize
+    return {"weights, gradients and optimizer state": num_params * (8 + 4 / world_size), "activations": residual}
+
+
+def available_memory_bytes(device_type):
+    """Free memory of this process's device: the GPU's free memory on CUDA, else the system's available RAM."""
+    if device_type == "cuda":
+        return torch.cuda.mem_get_info()[0]
+    return psutil.virtual_memory().available
+
+
+def check_memory_fits(model, device_batch_size, max_seq_len, runtime, model_loaded=False):
+    """Before allocating: refuse (UserError, with the numbers) a model or device batch whose lower-bound memory
+    (estimate_training_bytes) exceeds what the device has free. `model_loaded`: the model's weights are already
+    on the device (so they count as available). Only a lower bound refuses, so a run that could fit never is."""
+    parts = estimate_training_bytes(model, device_batch_size, max_seq_len, runtime.world_size)
+    loaded = sum(t.numel() * t.element_size() for t in model.state_dict().values()) if model_loaded else 0
+    needed, available = sum(parts.values()), available_memory_bytes(runtime.device_type) + loaded
+    if needed > available:
+        detail = " + ".join(f"{gib(v)} {k}" for k, v in parts.items())
+        raise UserError(f"training this model (d{model.config.n_layer}, {sum(p.numel() for p in model.parameters()):,} "
+                        f"parameters) at --device-batch-size {device_batch_size} x {max_seq_len} tokens needs at least "
+                        f"{gib(needed)} ({detail}) but this {runtime.device_type} device has {gib(available)} free. "
+                        f"Use a smaller --depth or --device-batch-size (or more devices)")
 
 
 def print_batch_arithmetic(device_batch_size, max_seq_len, total_batch_size, grad_accum_steps):
@@ -200,10 +245,9 @@ def read_checkpoint_meta(checkpoint_dir, step):
     path = meta_path(checkpoint_dir, step)
     if not os.path.exists(path):
         steps = available_steps(checkpoint_dir) if os.path.isdir(checkpoint_dir) else "none, the directory does not exist"
-        raise FileNotFoundError(f"No checkpoint for step {step} in {checkpoint_dir} (complete steps there: {steps}). "
-                                f"Pass a step that exists, or omit the step to use the last one.")
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+        raise CheckpointNotFoundError(f"No checkpoint for step {step} in {checkpoint_dir} (complete steps there: "
+                                      f"{steps}). Pass a step that exists, or omit the step to use the last one.")
+    return read_meta(path)
 
 
 def inherit_settings(rows):
@@ -229,7 +273,6 @@ def warm_start_optimizer(optimizer, checkpoint_dir, step, runtime, required):
     """Load this rank's optimizer shard (momentum buffers, second moments) from a checkpoint but keep the LRs and
     weight decay this run set up (pretraining ends near zero LR). A missing shard is an error when `required`
     (resuming), else a warning and a fresh optimizer."""
-    fresh = [{k: g[k] for k in ("lr", "initial_lr", "weight_decay")} for g in optimizer.param_groups]
     try:
         _, optimizer_data, _ = load_checkpoint(checkpoint_dir, step, runtime.device, load_optimizer=True,
                                                rank=runtime.rank)
@@ -238,10 +281,17 @@ def warm_start_optimizer(optimizer, checkpoint_dir, step, runtime, required):
             raise
         print0(f"WARNING: no optimizer state to warm-start from ({str(e).splitlines()[0][:200]}); starting fresh")
         return
-    optimizer.load_state_dict(optimizer_data)
+    load_optimizer_state(optimizer, optimizer_data)
+    print0(f"Loaded optimizer state from {checkpoint_dir} step {step} (LRs reset to this run's)")
+
+
+def load_optimizer_state(optimizer, state):
+    """Load a saved optimizer state (momentum buffers, second moments) but keep the LRs and weight decay this run
+    set up, so a resumed run follows its own flags: lower LRs are how a diverged run is resumed."""
+    fresh = [{k: g[k] for k in ("lr", "initial_lr", "weight_decay")} for g in optimizer.param_groups]
+    optimizer.load_state_dict(state)
     for group, values in zip(optimizer.param_groups, fresh):
         group.update(values)
-    print0(f"Loaded optimizer state from {checkpoint_dir} step {step} (LRs reset to this run's)")
 
 
 def scale_learning_rates(optimizer, frac):
@@ -371,14 +421,35 @@ class StepMeter:
 
 
 # -----------------------------------------------------------------------------
-# Saving and the end of a run
+# Divergence, saving and the end of a run
+
+class NonFiniteLossError(UserError):
+    """The training loss became NaN/inf. Exit status 3 (2 is a bad command)."""
+    exit_code = 3
+
+
+def check_finite_loss(loss_value, step):
+    """Stop the run at the first NaN/inf step loss, before anything is saved. No grace steps: bf16 has fp32's
+    exponent range and fp8 casts are scaled to each tensor's max, so a non-finite loss is not a rounding spike
+    (fp16's overflowing gradients are skipped by its GradScaler, not seen here); and the step that produced it
+    has already put NaN into the weights (Muon's orthogonalization spreads it through every matrix it
+    touches), so every later loss would be NaN too. Finite loss spikes do not stop a run."""
+    if not math.isfinite(loss_value):
+        raise NonFiniteLossError(
+            f"the training loss is {loss_value} at step {step}: the run diverged, so it stops here without saving "
+            f"(the checkpoints already saved are untouched). Lower the learning rates (e.g. halve them, or warm up "
+            f"longer), then resume from the last good checkpoint with --resume-from-step")
+
 
 def checkpoint_meta(step, val_bpb, model_config, user_config, device_batch_size, max_seq_len, total_batch_size,
-                    **extra):
-    """The meta fields nanochat's loaders and evals read, then the trainer's own (`extra`)."""
+                    tokenizer=None, **extra):
+    """The meta fields nanochat's loaders and evals read, the fingerprint of the tokenizer the model trains with
+    (default: $NANOCHAT_BASE_DIR/tokenizer, the one every trainer loads; loading the checkpoint with another one
+    is refused), then the trainer's own (`extra`)."""
+    tokenizer = get_tokenizer() if tokenizer is None else tokenizer
     return {"step": step, "val_bpb": val_bpb, "model_config": model_config, "user_config": user_config,
             "device_batch_size": device_batch_size, "max_seq_len": max_seq_len, "total_batch_size": total_batch_size,
-            **extra}
+            "tokenizer_fingerprint": tokenizer.fingerprint(), **extra}
 
 
 def gather_from_ranks(obj, runtime):

@@ -41,6 +41,7 @@ import requests
 import Stemmer
 
 from nanochat.common import get_base_dir
+from nanochat.fileio import iter_jsonl
 from nanochat.search_classifier import needs_web_search, needs_web_search_contextual  # noqa: F401 (re-export)
 
 logger = logging.getLogger(__name__)
@@ -252,6 +253,13 @@ class LocalSearchProvider:
         results = [dict(documents[i]) for i in best if scores[i] > 0]
         return trim_to_token_budget(results, self.max_tokens, self.count_tokens)
 
+    def documents(self):
+        """Every document of the folder as indexed ({"title", "url", "content"}, in file order), e.g. to write
+        questions about them (scripts/gen_think_tool_data.py)."""
+        with self._lock:
+            self._refresh()
+            return [dict(doc) for doc in self._documents]
+
     def index_dir(self):
         """Where the index for the folder as it is now lives (built or not)."""
         return os.path.join(self.cache_dir, _fingerprint(self.folder, _document_files(self.folder)))
@@ -364,16 +372,11 @@ def _row_text(row, where):
 
 def _jsonl_rows(path):
     rows = []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line_number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SearchError(f"{path}:{line_number}: not valid JSON ({e.msg}); fix the line or move the file "
-                                  f"out of the search folder") from None
-            rows.append(_row_text(row, f"{path}:{line_number}"))
+    for line_number, row, problem in iter_jsonl(path):
+        if problem is not None:
+            raise SearchError(f"{path}:{line_number}: {problem}; fix the line or move the file out of the search "
+                              f"folder")
+        rows.append(_row_text(row, f"{path}:{line_number}"))
     return rows
 
 

@@ -14,7 +14,6 @@ import asyncio
 import json
 import logging
 import os
-import time
 from collections import Counter
 
 from fastapi import FastAPI, Request
@@ -194,10 +193,14 @@ def create_app(pool, tokenizer, model_name, sequence_len, temperature=0.8, top_k
         return dict(num_samples=body.n, temperature=temperature if body.temperature is None else body.temperature,
                     top_k=top_k_value or None, top_p=body.top_p, seed=body.seed, max_tokens=min(wanted, room))
 
-    def chat_prompt(messages, wanted_tokens):
-        """Fit the chat into the context as chat_cli does (oldest exchanges dropped, system kept); refuse if the
-        system or the last user message itself would have to be cut."""
-        reserve = max(1, min(wanted_tokens, sequence_len // 2))
+    engine = pool.schedulers[0].engine
+
+    def chat_prompt(messages, wanted_tokens, think=None):
+        """Fit the chat into the context as chat_cli does (oldest exchanges dropped, system kept), with room for
+        the think prefill; refuse if the system or the last user message itself would have to be cut. Returns
+        (prompt ids, prefill length)."""
+        prefill = len(engine.think_prefill_tokens(think))
+        reserve = max(1, min(wanted_tokens, sequence_len // 2)) + prefill
         try:
             prompt, kept = fit_conversation_to_context(tokenizer, messages, sequence_len, max_new_tokens=reserve)
         except ValueError as e:
@@ -207,7 +210,7 @@ def create_app(pool, tokenizer, model_name, sequence_len, temperature=0.8, top_k
             raise APIError(400, f"the prompt is too long: the last message (with the system message) does not fit "
                                 f"this model's context of {sequence_len} tokens with room for {reserve} new tokens; "
                                 f"shorten it or lower max_tokens", param="messages", code="context_length_exceeded")
-        return prompt
+        return prompt, prefill
 
     # --- pages and status
 
@@ -239,9 +242,11 @@ def create_app(pool, tokenizer, model_name, sequence_len, temperature=0.8, top_k
         check_model(body.model)
         stop = body.stop_strings()
         messages = conversation_from_messages(body.messages)
-        prompt = chat_prompt(messages, body.requested_max_tokens(max_tokens))
-        kwargs = sampling(body, max_tokens, len(prompt))
-        generation = Generation(pool, tokenizer, [GenerationRequest(prompt, use_tools=True, **kwargs)], stop=stop)
+        think = body.think_mode()
+        prompt, prefill = chat_prompt(messages, body.requested_max_tokens(max_tokens), think)
+        kwargs = sampling(body, max_tokens, len(prompt) + prefill)
+        request = GenerationRequest(prompt, use_tools=True, chat=True, think=think, search=body.search, **kwargs)
+        generation = Generation(pool, tokenizer, [request], stop=stop)
         ids = (new_id("chatcmpl"), now())
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -417,11 +422,14 @@ def create_app(pool, tokenizer, model_name, sequence_len, temperature=0.8, top_k
         body = await read_json(request, NanochatChatRequest)
         messages = conversation_from_messages(body.messages)
         wanted = body.max_tokens or max_tokens
-        prompt = chat_prompt(messages, wanted)
-        request_kwargs = dict(num_samples=1, max_tokens=min(wanted, sequence_len - len(prompt)),
+        think = body.think_mode()
+        prompt, prefill = chat_prompt(messages, wanted, think)
+        request_kwargs = dict(num_samples=1, max_tokens=min(wanted, sequence_len - len(prompt) - prefill),
                               temperature=temperature if body.temperature is None else body.temperature,
                               top_k=(top_k if body.top_k is None else body.top_k) or None)
-        generation = Generation(pool, tokenizer, [GenerationRequest(prompt, use_tools=True, **request_kwargs)])
+        request = GenerationRequest(prompt, use_tools=True, chat=True, think=think, search=body.search,
+                                    **request_kwargs)
+        generation = Generation(pool, tokenizer, [request])
         replica = pool.schedulers.index(generation.replicas[0])
 
         async def events():

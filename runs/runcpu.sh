@@ -59,7 +59,8 @@ else
     stage "offline corpus" $PY -m nanochat.dataset --offline  # ~32M chars of stdlib docs/sources, kept if present
     SFT_DATA="--offline"
 fi
-stage "tokenizer training" $PY -m scripts.tok_train --vocab-size=8192 --max-chars=20000000
+# --force: a re-run retrains every stage after this one too, so replacing the tokenizer is intended here
+stage "tokenizer training" $PY -m scripts.tok_train --vocab-size=8192 --max-chars=20000000 --force
 stage "tokenizer eval" $PY -m scripts.tok_eval
 
 # -----------------------------------------------------------------------------

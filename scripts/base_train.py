@@ -17,103 +17,81 @@ Context extension (2K -> 8K; the RoPE base is scaled NTK-style unless --rope-bas
     python -m scripts.base_train --init-from=d12 --max-seq-len=8192 --device-batch-size=4 --num-iterations=200
 """
 
-import os
-os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
-import sys
-import json
-import time
 import argparse
-from dataclasses import dataclass, asdict
+import os
+import sys
 
-import torch
-
-from nanochat.attention import HAS_FA3
-from nanochat.checkpoint_manager import (save_checkpoint, load_checkpoint, find_last_step, patch_model_config,
-                                         patch_state_dict)
-from nanochat.common import compute_cleanup, print0, get_base_dir, COMPUTE_DTYPE, warn_if_cpu_is_busy
-from nanochat.core_eval import evaluate_core
-from nanochat.dataloader import (tokenizing_distributed_data_loader_with_state_bos_bestfit,
-                                 tokenizing_distributed_data_loader_bos_bestfit)
-from nanochat.fp8 import enable_fp8_training, disable_fp8
-from nanochat.gpt import GPT, GPTConfig, compute_window_sizes
-from nanochat.hub import CheckpointPusher
-from nanochat.remote import add_push_arguments
-from nanochat.loss_eval import evaluate_bpb
-from nanochat.optim import optimizer_step, set_schedule
-from nanochat.report import get_report
-from nanochat.samples import SAMPLE_PROMPTS, greedy_samples
-from nanochat.scaling import (B_REF, DEFAULT_ROPE_BASE, build_meta_model, model_config_for_depth, ntk_rope_base,
-                              plan_training)
-from nanochat.synthetic_data import synthetic_loader
-from nanochat.tokenizer import get_tokenizer, get_token_bytes
-from nanochat import training
-from nanochat.training import (ManualGC, StepMeter, compile_with_fallback, compute_grad_accum_steps, lr_multiplier,
-                               muon_momentum, muon_weight_decay, should_compile)
+from nanochat.cli import (ArgumentParser, UserError, existing_dir, exit_on_user_error, float_above, float_at_least,
+                          fraction, int_at_least, window_pattern, add_push_arguments)
 
 
 # -----------------------------------------------------------------------------
-# Command line
+# Command line: every flag is checked as it is parsed, before torch and the rest are imported below
 
 def step_or_last(text):
     """--resume-from-step: a step number (an int in user_config, as nanochat writes it), -1 or 'last'."""
     if text == "last":
         return text
     try:
-        return int(text)
+        step = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a step number, -1 or 'last', got {text!r}") from None
+        step = -2
+    if step < -1:
+        raise argparse.ArgumentTypeError(f"must be a step number, -1 or 'last', got {text!r}")
+    return step
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description="Pretrain a base model (the whole recipe follows from --depth)")
+    parser = ArgumentParser(description="Pretrain a base model (the whole recipe follows from --depth)")
     # Logging / runtime
     parser.add_argument("--run", type=str, default="dummy", help="wandb run name ('dummy' disables wandb logging)")
-    parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
+    parser.add_argument("--device-type", type=str, default="", choices=["", "cuda", "cpu", "mps"], help="cuda|cpu|mps (empty = autodetect)")
     # FP8 training
     parser.add_argument("--fp8", action="store_true", help="FP8 matmuls for the big Linears (CUDA H100+ only; ignored elsewhere)")
     parser.add_argument("--fp8-recipe", type=str, default="tensorwise", choices=["rowwise", "tensorwise"],
                         help="FP8 scaling recipe: tensorwise (faster, recommended) or rowwise")
     # Model architecture
-    parser.add_argument("--depth", type=int, default=20, help="number of transformer layers; sizes everything else")
-    parser.add_argument("--aspect-ratio", type=int, default=64, help="model_dim = depth * aspect_ratio (rounded up to a multiple of --head-dim)")
-    parser.add_argument("--head-dim", type=int, default=128, help="attention head dimension")
-    parser.add_argument("--max-seq-len", type=int, default=2048, help="context length in tokens")
-    parser.add_argument("--window-pattern", type=str, default="SSSL",
+    parser.add_argument("--depth", type=int_at_least(1), default=20, help="number of transformer layers; sizes everything else")
+    parser.add_argument("--aspect-ratio", type=int_at_least(1), default=64, help="model_dim = depth * aspect_ratio (rounded up to a multiple of --head-dim)")
+    parser.add_argument("--head-dim", type=int_at_least(2, multiple_of=2), default=128,
+                        help="attention head dimension (even: rotary embeddings pair its channels)")
+    parser.add_argument("--max-seq-len", type=int_at_least(1), default=2048, help="context length in tokens")
+    parser.add_argument("--window-pattern", type=window_pattern, default="SSSL",
                         help="attention windows tiled over layers: L = full context, S = a quarter of it (rounded up to 128); last layer is always L")
-    parser.add_argument("--rope-base", type=float, default=None,
-                        help=f"RoPE base theta (default {DEFAULT_ROPE_BASE:.0f}; with --init-from and a longer --max-seq-len: the source's base scaled NTK-style)")
+    parser.add_argument("--rope-base", type=float_above(0), default=None,
+                        help="RoPE base theta (default: GPTConfig's, 100000; with --init-from and a longer --max-seq-len: the source's base scaled NTK-style)")
     # Training horizon (only one used, in order of precedence)
-    parser.add_argument("--num-iterations", type=int, default=-1, help="explicit number of optimization steps (-1 = disable; 0 = no steps, just evaluate/save the initial model)")
-    parser.add_argument("--target-flops", type=float, default=-1.0, help="train until this many FLOPs (-1 = disable)")
-    parser.add_argument("--target-param-data-ratio", type=float, default=12,
+    parser.add_argument("--num-iterations", type=int_at_least(0, off=-1), default=-1, help="explicit number of optimization steps (-1 = disable; 0 = no steps, just evaluate/save the initial model)")
+    parser.add_argument("--target-flops", type=float_above(0, off=-1), default=-1.0, help="train until this many FLOPs (-1 = disable)")
+    parser.add_argument("--target-param-data-ratio", type=float_above(0, off=-1), default=12,
                         help="train for ratio * scaling params tokens (Chinchilla = 20; -1 = disable)")
     # Optimization
-    parser.add_argument("--device-batch-size", type=int, default=32, help="sequences per device per micro-step; lower it (16, 8, ...) if you run out of memory")
-    parser.add_argument("--total-batch-size", type=int, default=-1, help="tokens per optimizer step, all ranks (-1 = scaling-law optimum, a power of 2)")
-    parser.add_argument("--embedding-lr", type=float, default=0.3, help="learning rate for the embedding tables (AdamW)")
-    parser.add_argument("--unembedding-lr", type=float, default=0.008, help="learning rate for lm_head (AdamW)")
-    parser.add_argument("--weight-decay", type=float, default=0.28, help="cautious weight decay for the Muon matrices (at d12; scaled with depth)")
-    parser.add_argument("--matrix-lr", type=float, default=0.02, help="learning rate for the matrices (Muon)")
-    parser.add_argument("--scalar-lr", type=float, default=0.5, help="learning rate for the per-layer scalars (AdamW)")
-    parser.add_argument("--warmup-steps", type=int, default=40, help="steps of linear LR warmup")
-    parser.add_argument("--warmdown-ratio", type=float, default=0.65, help="fraction of the steps spent in linear LR warmdown")
-    parser.add_argument("--final-lr-frac", type=float, default=0.05, help="LR at the end as a fraction of the peak LR")
+    parser.add_argument("--device-batch-size", type=int_at_least(1), default=32, help="sequences per device per micro-step; lower it (16, 8, ...) if you run out of memory")
+    parser.add_argument("--total-batch-size", type=int_at_least(1, off=-1), default=-1, help="tokens per optimizer step, all ranks (-1 = scaling-law optimum, a power of 2)")
+    parser.add_argument("--embedding-lr", type=float_at_least(0), default=0.3, help="learning rate for the embedding tables (AdamW)")
+    parser.add_argument("--unembedding-lr", type=float_at_least(0), default=0.008, help="learning rate for lm_head (AdamW)")
+    parser.add_argument("--weight-decay", type=float_at_least(0), default=0.28, help="cautious weight decay for the Muon matrices (at d12; scaled with depth)")
+    parser.add_argument("--matrix-lr", type=float_at_least(0), default=0.02, help="learning rate for the matrices (Muon)")
+    parser.add_argument("--scalar-lr", type=float_at_least(0), default=0.5, help="learning rate for the per-layer scalars (AdamW)")
+    parser.add_argument("--warmup-steps", type=int_at_least(0), default=40, help="steps of linear LR warmup")
+    parser.add_argument("--warmdown-ratio", type=fraction, default=0.65, help="fraction of the steps spent in linear LR warmdown")
+    parser.add_argument("--final-lr-frac", type=fraction, default=0.05, help="LR at the end as a fraction of the peak LR")
     parser.add_argument("--resume-from-step", type=step_or_last, default="-1",
                         help="resume from this step's checkpoint of --model-tag ('last' = the latest; -1 = start fresh)")
     # Evaluation
-    parser.add_argument("--eval-every", type=int, default=250, help="evaluate val bpb every N steps (-1 = disable)")
-    parser.add_argument("--eval-tokens", type=int, default=80 * 524288, help="tokens to evaluate val bpb on")
-    parser.add_argument("--core-metric-every", type=int, default=2000, help="evaluate the CORE metric every N steps (-1 = disable)")
-    parser.add_argument("--core-metric-max-per-task", type=int, default=500, help="examples per task for the CORE metric (-1 = all)")
-    parser.add_argument("--sample-every", type=int, default=2000, help="print greedy samples every N steps (-1 = disable)")
-    parser.add_argument("--save-every", type=int, default=-1, help="save a checkpoint every N steps (-1 = only at the end)")
+    parser.add_argument("--eval-every", type=int_at_least(0, off=-1), default=250, help="evaluate val bpb every N steps (-1 = disable)")
+    parser.add_argument("--eval-tokens", type=int_at_least(1), default=80 * 524288, help="tokens to evaluate val bpb on")
+    parser.add_argument("--core-metric-every", type=int_at_least(0, off=-1), default=2000, help="evaluate the CORE metric every N steps (-1 = disable)")
+    parser.add_argument("--core-metric-max-per-task", type=int_at_least(1, off=-1), default=500, help="examples per task for the CORE metric (-1 = all)")
+    parser.add_argument("--sample-every", type=int_at_least(0, off=-1), default=2000, help="print greedy samples every N steps (-1 = disable)")
+    parser.add_argument("--save-every", type=int_at_least(0, off=-1), default=-1, help="save a checkpoint every N steps (-1 = only at the end)")
     # Data / output / extras
-    parser.add_argument("--data-dir", type=str, default=None, help="folder of parquet (text column) / jsonl / txt to train on (default: climbmix, else the offline corpus)")
+    parser.add_argument("--data-dir", type=existing_dir, default=None, help="folder of parquet (text column) / jsonl / txt to train on (default: climbmix, else the offline corpus)")
     parser.add_argument("--synthetic-data", action="store_true",
                         help="random tokens instead of text (benchmarks/tests: every world size sees the same global batches)")
     parser.add_argument("--init-from", type=str, default=None,
                         help="TAG[:STEP] of a base checkpoint to continue pretraining from (weights only; new tag, fresh optimizer and schedule)")
-    parser.add_argument("--compile", type=int, default=-1, help="torch.compile the model: 1 = yes, 0 = no, -1 = auto (CUDA, and CPU when a C++ compiler is installed)")
+    parser.add_argument("--compile", type=int, default=-1, choices=[-1, 0, 1], help="torch.compile the model: 1 = yes, 0 = no, -1 = auto (CUDA, and CPU when a C++ compiler is installed)")
     parser.add_argument("--model-tag", type=str, default=None, help="checkpoint directory name (default d<depth>, or <source>_cpt with --init-from)")
     add_push_arguments(parser)
     return parser
@@ -127,6 +105,41 @@ def explicit_flags(parser, argv):
             if any(a == opt or a.startswith(opt + "=") for a in argv):
                 out.add(action.dest)
     return out
+
+
+if __name__ == "__main__":
+    build_parser().parse_args()  # a bad flag ends here, in a fraction of a second: the imports below take seconds
+
+# Below the flag check on purpose (start-up time, see above); the allocator setting must precede torch's import.
+os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
+import json
+import time
+from dataclasses import dataclass, asdict
+
+import torch
+
+from nanochat.attention import HAS_FA3
+from nanochat.checkpoint_manager import (save_checkpoint, load_checkpoint, find_last_loadable_step, patch_model_config,
+                                         patch_state_dict, check_can_save, check_tokenizer_matches,
+                                         estimate_checkpoint_bytes)
+from nanochat.common import compute_cleanup, print0, get_base_dir, COMPUTE_DTYPE, warn_if_cpu_is_busy
+from nanochat.core_eval import evaluate_core
+from nanochat.dataloader import (tokenizing_distributed_data_loader_with_state_bos_bestfit,
+                                 tokenizing_distributed_data_loader_bos_bestfit)
+from nanochat.fp8 import enable_fp8_training, disable_fp8
+from nanochat.gpt import GPT, GPTConfig, compute_window_sizes
+from nanochat.hub import CheckpointPusher
+from nanochat.loss_eval import evaluate_bpb
+from nanochat.optim import optimizer_step, set_schedule
+from nanochat.report import get_report
+from nanochat.samples import SAMPLE_PROMPTS, greedy_samples
+from nanochat.scaling import (B_REF, DEFAULT_ROPE_BASE, build_meta_model, model_config_for_depth, ntk_rope_base,
+                              plan_training)
+from nanochat.synthetic_data import synthetic_loader
+from nanochat.tokenizer import get_tokenizer, get_token_bytes
+from nanochat import training
+from nanochat.training import (ManualGC, StepMeter, compile_with_fallback, compute_grad_accum_steps, lr_multiplier,
+                               muon_momentum, muon_weight_decay, should_compile)
 
 
 # -----------------------------------------------------------------------------
@@ -176,7 +189,7 @@ def resolve_settings(args, explicit, vocab_size, world_size):
     init_src = find_init_source(args.init_from) if args.init_from else None
     model_tag = args.model_tag or (f"{init_src['tag']}_cpt" if init_src else f"d{args.depth}")
     checkpoint_dir = os.path.join(get_base_dir(), "base_checkpoints", model_tag)
-    resume_step = find_last_step(checkpoint_dir) if args.resume_from_step == "last" else args.resume_from_step
+    resume_step = find_last_loadable_step(checkpoint_dir) if args.resume_from_step == "last" else args.resume_from_step
     if init_src is None:
         config = model_config_for_depth(args.depth, args.aspect_ratio, args.head_dim, args.max_seq_len, vocab_size,
                                         args.window_pattern, args.rope_base or DEFAULT_ROPE_BASE)
@@ -205,7 +218,7 @@ def config_for_init_from(args, explicit, init_src, vocab_size):
     extension), --window-pattern and --rope-base may change, shape flags must agree if given."""
     src = init_src["config"]
     if src["vocab_size"] != vocab_size:
-        raise ValueError(f"--init-from {init_src['tag']} was trained with vocab_size={src['vocab_size']} but the current "
+        raise UserError(f"--init-from {init_src['tag']} was trained with vocab_size={src['vocab_size']} but the current "
                          f"tokenizer has {vocab_size} tokens: continued pretraining needs the source's tokenizer.")
     shape_flags = {"depth", "aspect_ratio", "head_dim"} & explicit
     if shape_flags:
@@ -213,7 +226,7 @@ def config_for_init_from(args, explicit, init_src, vocab_size):
         got = (implied.n_layer, implied.n_embd, implied.n_head)
         want = (src["n_layer"], src["n_embd"], src["n_head"])
         if got != want:
-            raise ValueError(f"--init-from {init_src['tag']} has n_layer={want[0]}, n_embd={want[1]}, n_head={want[2]} but "
+            raise UserError(f"--init-from {init_src['tag']} has n_layer={want[0]}, n_embd={want[1]}, n_head={want[2]} but "
                              f"{', '.join('--' + f.replace('_', '-') for f in sorted(shape_flags))} imply "
                              f"n_layer={got[0]}, n_embd={got[1]}, n_head={got[2]}. Drop those flags: the shape comes from the source.")
     seq_len = args.max_seq_len if "max_seq_len" in explicit else src["sequence_len"]
@@ -242,11 +255,11 @@ def check_resume_compatible(meta, model_config_kwargs, user_config, world_size):
     saved = patch_model_config(meta["model_config"])
     diff = {k: (saved.get(k), v) for k, v in model_config_kwargs.items() if k in saved and saved[k] != v}
     if diff:
-        raise ValueError(f"Cannot resume: the checkpoint's model config differs from these flags' ({diff}, as "
+        raise UserError(f"Cannot resume: the checkpoint's model config differs from these flags' ({diff}, as "
                          f"checkpoint vs now). Resume with the same architecture flags as the original run.")
     saved_world = meta.get("world_size")
     if saved_world is not None and saved_world != world_size:
-        raise ValueError(f"Cannot resume: the checkpoint was saved by {saved_world} rank(s) (optimizer state is sharded "
+        raise UserError(f"Cannot resume: the checkpoint was saved by {saved_world} rank(s) (optimizer state is sharded "
                          f"per rank) but this run has {world_size}. Use torchrun --nproc_per_node={saved_world}.")
     ignore = {"resume_from_step", "run", "push_to", "push_wait"}
     changed = {k: (meta["user_config"].get(k), v) for k, v in user_config.items()
@@ -293,6 +306,8 @@ class PretrainingRun:
         self.token_bytes = get_token_bytes(device=rt.device)
         print0(f"Vocab size: {self.tokenizer.get_vocab_size():,}")
         self.s = s = resolve_settings(args, explicit, self.tokenizer.get_vocab_size(), rt.world_size)
+        training.check_memory_fits(build_meta_model(s.model_config), args.device_batch_size,
+                                   s.model_config.sequence_len, rt)  # before anything is allocated
         self.wandb_run = training.init_wandb(args.run, "nanochat", s.user_config, rt.master)
         self.pusher = CheckpointPusher(args.push_to)
 
@@ -304,7 +319,11 @@ class PretrainingRun:
             scalar_lr=args.scalar_lr * s.batch_lr_scale, matrix_lr=args.matrix_lr * s.batch_lr_scale,
             weight_decay=s.weight_decay_scaled)
         if optimizer_data is not None:
-            self.optimizer.load_state_dict(optimizer_data)
+            training.load_optimizer_state(self.optimizer, optimizer_data)  # this run's LRs (e.g. lowered after a NaN)
+        # before step 0, not at the first save hours later: room for one checkpoint, and a writable report
+        check_can_save(s.checkpoint_dir, estimate_checkpoint_bytes(self.model, self.optimizer))
+        if rt.master:
+            check_can_save(os.path.join(get_base_dir(), "report"), 2 ** 20)
         self.scaler = training.make_grad_scaler()
         self.setup_data(resume_meta)
         self.train_model = compile_with_fallback(self.model, self.x, self.y) if use_compile else self.model
@@ -333,10 +352,12 @@ class PretrainingRun:
             model_data, optimizer_data, meta = load_checkpoint(s.checkpoint_dir, s.resume_step, rt.device,
                                                                load_optimizer=True, rank=rt.rank)
             check_resume_compatible(meta, asdict(s.model_config), s.user_config, rt.world_size)
+            check_tokenizer_matches(meta, self.tokenizer, f"{s.checkpoint_dir} step {s.resume_step}")
             model.load_state_dict(patch_state_dict(model_data, model), strict=True, assign=True)
         elif s.init_from is not None:
             print0(f"Initializing weights from {s.init_from['dir']} step {s.init_from['step']}")
-            model_data, _, _ = load_checkpoint(s.init_from["dir"], s.init_from["step"], rt.device)
+            model_data, _, init_meta = load_checkpoint(s.init_from["dir"], s.init_from["step"], rt.device)
+            check_tokenizer_matches(init_meta, self.tokenizer, f"{s.init_from['dir']} step {s.init_from['step']}")
             model.load_state_dict(patch_state_dict(model_data, model), strict=True, assign=True)
         if self.args.fp8:
             enable_fp8_training(model, self.args.fp8_recipe, rt.device_type)
@@ -452,7 +473,7 @@ class PretrainingRun:
         loader_states = training.gather_from_ranks(self.consumed_state, rt)
         meta = training.checkpoint_meta(
             self.step, self.val_bpb, asdict(s.model_config), s.user_config, args.device_batch_size,
-            s.model_config.sequence_len, s.total_batch_size,
+            s.model_config.sequence_len, s.total_batch_size, tokenizer=self.tokenizer,
             dataloader_state_dict=loader_states[0],  # rank 0's, as nanochat
             loop_state={"min_val_bpb": self.min_val_bpb, "smooth_train_loss": meter.smooth_loss,
                         "total_training_time": meter.total_time},
@@ -484,6 +505,7 @@ class PretrainingRun:
         optimizer_step(self.optimizer, self.scaler, rt.ddp)
         self.model.zero_grad(set_to_none=True)
         train_loss = training.mean_over_ranks(loss_sum / s.grad_accum_steps, rt)  # the loss of the whole batch
+        training.check_finite_loss(train_loss, self.step)
         rt.synchronize()
         self.losses[self.step] = train_loss
         self.meter.update(train_loss, time.time() - t0, s.total_batch_size, steps_done=self.step + 1)
@@ -570,4 +592,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_user_error(main)

@@ -5,10 +5,16 @@ Chat with a trained model in the terminal (single device).
     python -m scripts.chat_cli -p "What is your name?"  # one answer, then exit
     python -m scripts.chat_cli -i base -g d4 -s 400 -t 0.0
 
-Type 'clear' to start over and 'quit' / 'exit' (or Ctrl-D) to leave. Answers stream as they are sampled;
-calculator calls show up as <<expr=result>>. Long conversations never overflow the model's context: the
+Type 'clear' to start over and 'quit' / 'exit' (or Ctrl-D) to leave, '/think' to switch think mode on or off
+('/think on|off|default'). Answers stream as they are sampled; tool calls show up as <<call=result>>; reasoning
+shows as <think>...</think>, and a think that is still open when --max-tokens runs out is reported as no answer.
+
+    python -m scripts.chat_cli --think on --tools calculator,web_search --search auto --search-docs nanochat/data/search_docs
+
+Long conversations never overflow the model's context: the
 oldest exchanges are dropped (and, if needed, the start of a very long message) so that the prompt plus
-the answer fit in the model's sequence length.
+the answer fit in the model's sequence length. Ctrl-C while an answer streams stops it and keeps the chat
+(without that question and its partial answer).
 """
 
 import argparse
@@ -17,11 +23,14 @@ import sys
 
 import torch
 
-from nanochat.chat_format import assistant_content, assistant_parts_from_tokens
+from nanochat.chat_format import (THINK_MODES, assistant_content, assistant_parts_from_tokens, model_think_default,
+                                  split_reasoning)
 from nanochat.checkpoint_manager import load_model
 from nanochat.common import compute_init, autodetect_device_type
 from nanochat.engine import Engine, fit_conversation_to_context
 from nanochat.text_stream import TokenTextStream
+from nanochat.tools import TOOL_NAMES
+from nanochat.web_search import SEARCH_DOCS_ENV, SEARCH_URL_ENV, provider_from_env
 
 
 def build_parser():
@@ -41,6 +50,16 @@ def build_parser():
                         help="CPU only: decode with int8 weights (about 2x faster on small models, slightly lossy)")
     parser.add_argument("--device-type", type=str, default="", choices=["", "cuda", "cpu", "mps"],
                         help="cuda|cpu|mps (empty = autodetect)")
+    parser.add_argument("--think", type=str, default=None, choices=list(THINK_MODES),
+                        help="think mode: on (the answer starts with <think>), off (an empty think block); "
+                             "default: the model's (chat_sft --think-default); '/think' switches it while chatting")
+    parser.add_argument("--tools", type=str, default="calculator",
+                        help=f"comma-separated tools the model may call: {','.join(TOOL_NAMES)}")
+    parser.add_argument("--search", type=str, default="off", choices=["off", "auto", "force"],
+                        help="web_search without being asked: auto (when the question needs it), force (always)")
+    parser.add_argument("--search-docs", type=str, default=None,
+                        help=f"folder web_search searches offline (default ${SEARCH_DOCS_ENV}; ${SEARCH_URL_ENV} "
+                             f"selects an HTTP search API instead)")
     return parser
 
 
@@ -70,7 +89,7 @@ def answer(engine, tokenizer, messages, args, seed, out):
     (assistant content, number of exchanges dropped to fit the context)."""
     seq_len = engine.model.config.sequence_len
     # room for the answer: the requested max, but never more than half the context (a long history still fits)
-    max_new = max(1, min(args.max_tokens, seq_len // 2))
+    max_new = max(1, min(args.max_tokens, seq_len // 2)) + len(engine.think_prefill_tokens(args.think))
     prompt, kept = fit_conversation_to_context(tokenizer, messages, seq_len, max_new_tokens=max_new)
     dropped = (len(messages) - len(kept)) // 2
     printer = TokenPrinter(tokenizer, out)
@@ -78,11 +97,20 @@ def answer(engine, tokenizer, messages, args, seed, out):
     top_k = args.top_k if args.top_k > 0 else None
     max_tokens = min(args.max_tokens, seq_len - len(prompt))
     for token_column, _ in engine.generate(prompt, num_samples=1, max_tokens=max_tokens,
-                                           temperature=args.temperature, top_k=top_k, seed=seed):
+                                           temperature=args.temperature, top_k=top_k, seed=seed,
+                                           think=args.think, search=args.search):
         generated.append(token_column[0])
         printer.feed(token_column[0])
     printer.close()
     return tokens_to_parts(tokenizer, generated), dropped, kept
+
+
+def switch_think(command, current):
+    """'/think' flips on <-> off; '/think on|off|default' sets it (default: None, the model's own)."""
+    words = command.lower().split()
+    if len(words) == 1:
+        return "off" if current == "on" else "on"
+    return None if words[1] == "default" else words[1] if words[1] in THINK_MODES else current
 
 
 def main(argv=None, input_fn=input, out=None):
@@ -92,9 +120,19 @@ def main(argv=None, input_fn=input, out=None):
     device_type = args.device_type or autodetect_device_type()
     if args.quantize and device_type != "cpu":
         raise SystemExit(f"--quantize {args.quantize} speeds up CPU decoding only; drop it on {device_type}")
+    tools = [name.strip() for name in args.tools.split(",") if name.strip()]
+    if not set(tools) <= set(TOOL_NAMES):
+        print(f"--tools: unknown tool in {args.tools!r}; choose from {','.join(TOOL_NAMES)}", file=sys.stderr)
+        raise SystemExit(2)
+    provider = provider_from_env(args.search_docs) if "web_search" in tools or args.search != "off" else None
+    if provider is None and ("web_search" in tools or args.search != "off"):
+        print(f"web_search needs something to search: --search-docs FOLDER, ${SEARCH_DOCS_ENV} or ${SEARCH_URL_ENV}",
+              file=sys.stderr)
+        raise SystemExit(2)
     _, _, _, _, device = compute_init(device_type)
-    model, tokenizer, _ = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
-    engine = Engine(model, tokenizer, quantize=args.quantize)
+    model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
+    engine = Engine(model, tokenizer, quantize=args.quantize, tools=tools or None, search_provider=provider,
+                    think_default=model_think_default(meta))
 
     if not args.prompt:
         print("\nNanoChat Interactive Mode", file=out)
@@ -123,12 +161,31 @@ def main(argv=None, input_fn=input, out=None):
             continue
         if not user_input:
             continue
+        if user_input.split()[0].lower() == "/think":
+            args.think = switch_think(user_input, args.think or engine.think_default)
+            print(f"Think mode: {args.think or 'the model default (nothing prefilled)'}", file=out)
+            continue
 
         messages.append({"role": "user", "content": user_input})
         print("\nAssistant: ", end="", file=out, flush=True)
-        with torch.inference_mode():
-            content, dropped, kept = answer(engine, tokenizer, messages, args, seed, out)
+        try:
+            with torch.inference_mode():
+                content, dropped, kept = answer(engine, tokenizer, messages, args, seed, out)
+        except KeyboardInterrupt:
+            # Ctrl-C stops this answer, not the chat. The exchange is dropped rather than kept half-done: the cut
+            # answer would be rendered as a finished turn the model then imitates, and a question without its
+            # answer would break the user/assistant alternation the chat format needs.
+            messages.pop()
+            seed += 1
+            print("\n(stopped: this question and its partial answer are left out of the conversation)", file=out)
+            if args.prompt:
+                break
+            continue
         print(file=out)
+        visible = content if isinstance(content, str) else "".join(p["text"] for p in content if p["type"] == "text")
+        if split_reasoning(visible)[1] is None:
+            print(f"(no answer: the reasoning was still going after {args.max_tokens} tokens; raise --max-tokens "
+                  f"or '/think off')", file=out)
         if dropped:
             print(f"(context full: the {dropped} oldest exchange(s) no longer fit and were dropped)", file=out)
         # keep only what the model can still see, so the history never grows without bound

@@ -15,40 +15,15 @@ Batch sizes and learning rates are inherited from the source checkpoint unless g
 Checkpoints: $NANOCHAT_BASE_DIR/chatsft_checkpoints/<tag>/ (mid_checkpoints/ for --preset midtrain).
 """
 
-import os
-os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
-import time
 import argparse
-from dataclasses import dataclass, asdict
-from importlib import resources
+import os
+import re
 
-import torch
-import torch.distributed as dist
-
-from nanochat.chat_dataloader import ConversationPacker
-from nanochat.chat_eval import ALL_TASKS, evaluate_chat_tasks
-from nanochat.checkpoint_manager import available_steps, build_model, save_checkpoint
-from nanochat.common import compute_cleanup, get_base_dir, print0
-from nanochat.hub import CheckpointPusher
-from nanochat.remote import add_push_arguments
-from nanochat.loss_eval import evaluate_bpb
-from nanochat.optim import optimizer_step, set_schedule
-from nanochat.report import get_report
-from nanochat.tokenizer import get_token_bytes
-from nanochat import training
-from nanochat.training import (ManualGC, StepMeter, compute_grad_accum_steps, find_checkpoint, linear_ramp,
-                               progress_lr_multiplier, step_loss_scale)
-from tasks.arithmetic import Arithmetic
-from tasks.common import TaskMixture
-from tasks.customjson import CustomJSON
-from tasks.gsm8k import GSM8K
-from tasks.hub import TaskDataUnavailable
-from tasks.mmlu import MMLU
-from tasks.smoltalk import SmolTalk
-from tasks.spellingbee import SimpleSpelling, SpellingBee
+from nanochat.cli import (ArgumentParser, UserError, existing_file, exit_on_user_error, float_at_least, fraction,
+                          int_at_least, add_push_arguments)
 
 # -----------------------------------------------------------------------------
-# CLI
+# CLI: every flag (and data path) is checked as it is parsed, before torch and the rest are imported below
 
 # --preset midtrain: the settings of nanochat's scripts/mid_train.py (before it was folded into SFT):
 # fixed LRs, train on every token (not just the assistant's), best-fit-crop packing, flat LR then a linear
@@ -59,12 +34,31 @@ MIDTRAIN_DEFAULTS = dict(embedding_lr=0.2, unembedding_lr=0.004, matrix_lr=0.02,
                          loss_on="all")
 
 
+def parse_jsonl_spec(spec):
+    """'path' or 'path:REPEAT' -> (path, repeat); argparse.ArgumentTypeError for a REPEAT below 1 or a path that
+    is not a readable file. A ':' that is part of the path (C:\\x) is left alone."""
+    path, repeat = spec, 1
+    head, sep, tail = spec.rpartition(":")
+    if sep and head and re.fullmatch(r"-?\d+", tail):
+        path, repeat = head, int(tail)
+        if repeat < 1:
+            raise argparse.ArgumentTypeError(f"{spec}: REPEAT must be a whole number >= 1, got {repeat}")
+    return existing_file(path), repeat
+
+
+def jsonl_spec(text):
+    """argparse type of --extra-train-jsonl: PATH[:REPEAT], checked (the string is kept as typed)."""
+    parse_jsonl_spec(text)
+    return text
+
+
 def build_parser():
-    parser = argparse.ArgumentParser(description="Supervised fine-tuning (SFT) of a nanochat model",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = ArgumentParser(description="Supervised fine-tuning (SFT) of a nanochat model",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # logging / runtime
     parser.add_argument("--run", type=str, default="dummy", help="wandb run name ('dummy' disables wandb logging)")
-    parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
+    parser.add_argument("--device-type", type=str, default="", choices=["", "cuda", "cpu", "mps"],
+                        help="cuda|cpu|mps (empty = autodetect)")
     parser.add_argument("--preset", type=str, default="sft", choices=["sft", "midtrain"],
                         help="sft: the reference SFT; midtrain: nanochat's older midtraining stage (its mixture, "
                              "LRs and schedule, loss on all tokens, output to mid_checkpoints/)")
@@ -72,54 +66,58 @@ def build_parser():
     parser.add_argument("--source", type=str, default="base", choices=["base", "mid", "sft", "rl", "dpo"],
                         help="which checkpoints to start from")
     parser.add_argument("--model-tag", type=str, default=None, help="model tag to load from (default: largest d<N>)")
-    parser.add_argument("--model-step", type=int, default=None, help="model step to load from (default: last)")
+    parser.add_argument("--model-step", type=int_at_least(0), default=None, help="model step to load from (default: last)")
     parser.add_argument("--output-tag", type=str, default=None, help="tag to save under (default: the source's tag)")
-    parser.add_argument("--load-optimizer", type=int, default=1,
+    parser.add_argument("--load-optimizer", type=int, default=1, choices=[0, 1],
                         help="warm-start the optimizer from the source checkpoint's shard (0=no, 1=yes)")
-    parser.add_argument("--resume-from-step", type=int, default=-1,
+    parser.add_argument("--resume-from-step", type=int_at_least(0, off=-1), default=-1,
                         help="resume this run from its checkpoint at this step (same flags, same world size)")
     # horizon
-    parser.add_argument("--num-iterations", type=int, default=-1, help="optimization steps (-1 = one full epoch)")
+    parser.add_argument("--num-iterations", type=int_at_least(1, off=-1), default=-1, help="optimization steps (-1 = one full epoch)")
     # batch sizes (None = inherit from the source checkpoint)
-    parser.add_argument("--max-seq-len", type=int, default=None, help="row length in tokens (default: inherit)")
-    parser.add_argument("--device-batch-size", type=int, default=None, help="rows per device (default: inherit)")
-    parser.add_argument("--total-batch-size", type=int, default=None, help="tokens per step (default: inherit)")
+    parser.add_argument("--max-seq-len", type=int_at_least(1), default=None, help="row length in tokens (default: inherit)")
+    parser.add_argument("--device-batch-size", type=int_at_least(1), default=None, help="rows per device (default: inherit)")
+    parser.add_argument("--total-batch-size", type=int_at_least(1), default=None, help="tokens per step (default: inherit)")
     # optimization (None = inherit from the source checkpoint)
-    parser.add_argument("--embedding-lr", type=float, default=None, help="LR of the embeddings (default: inherit)")
-    parser.add_argument("--unembedding-lr", type=float, default=None, help="LR of lm_head (default: inherit)")
-    parser.add_argument("--matrix-lr", type=float, default=None, help="LR of the Muon matrices (default: inherit)")
-    parser.add_argument("--weight-decay", type=float, default=0.0, help="weight decay of the Muon matrices")
-    parser.add_argument("--init-lr-frac", type=float, default=0.8, help="initial LR as a fraction of the base LR")
-    parser.add_argument("--warmup-ratio", type=float, default=0.0, help="fraction of training for LR warmup")
-    parser.add_argument("--warmdown-ratio", type=float, default=0.5, help="fraction of training for LR warmdown")
-    parser.add_argument("--final-lr-frac", type=float, default=0.0, help="final LR as a fraction of the initial LR")
+    parser.add_argument("--embedding-lr", type=float_at_least(0), default=None, help="LR of the embeddings (default: inherit)")
+    parser.add_argument("--unembedding-lr", type=float_at_least(0), default=None, help="LR of lm_head (default: inherit)")
+    parser.add_argument("--matrix-lr", type=float_at_least(0), default=None, help="LR of the Muon matrices (default: inherit)")
+    parser.add_argument("--weight-decay", type=float_at_least(0), default=0.0, help="weight decay of the Muon matrices")
+    parser.add_argument("--init-lr-frac", type=float_at_least(0), default=0.8, help="initial LR as a fraction of the base LR")
+    parser.add_argument("--warmup-ratio", type=fraction, default=0.0, help="fraction of training for LR warmup")
+    parser.add_argument("--warmdown-ratio", type=fraction, default=0.5, help="fraction of training for LR warmdown")
+    parser.add_argument("--final-lr-frac", type=fraction, default=0.0, help="final LR as a fraction of the initial LR")
     # evaluation
-    parser.add_argument("--eval-every", type=int, default=200, help="val bpb every N steps (-1 = only at the end)")
-    parser.add_argument("--eval-tokens", type=int, default=40 * 524288, help="tokens to evaluate val bpb on")
-    parser.add_argument("--chatcore-every", type=int, default=200,
+    parser.add_argument("--eval-every", type=int_at_least(0, off=-1), default=200, help="val bpb every N steps (-1 = only at the end)")
+    parser.add_argument("--eval-tokens", type=int_at_least(1), default=40 * 524288, help="tokens to evaluate val bpb on")
+    parser.add_argument("--chatcore-every", type=int_at_least(0, off=-1), default=200,
                         help="chat eval every N steps and at the end (-1 = never): ChatCORE's six tasks, or "
                              "SpellingBee + Arithmetic with the offline mixture")
-    parser.add_argument("--chatcore-max-cat", type=int, default=-1, help="max problems per categorical task")
-    parser.add_argument("--chatcore-max-sample", type=int, default=24, help="max problems per generative task")
-    parser.add_argument("--save-every", type=int, default=-1, help="also save every N steps (-1 = only at the end)")
+    parser.add_argument("--chatcore-max-cat", type=int_at_least(1, off=-1), default=-1, help="max problems per categorical task")
+    parser.add_argument("--chatcore-max-sample", type=int_at_least(1, off=-1), default=24, help="max problems per generative task")
+    parser.add_argument("--save-every", type=int_at_least(0, off=-1), default=-1, help="also save every N steps (-1 = only at the end)")
     # data
-    parser.add_argument("--mmlu-epochs", type=int, default=3, help="epochs of MMLU auxiliary_train in the mixture")
-    parser.add_argument("--gsm8k-epochs", type=int, default=4, help="epochs of GSM8K train in the mixture")
-    parser.add_argument("--identity-epochs", type=int, default=2, help="epochs of the identity conversations")
-    parser.add_argument("--identity-jsonl", type=str, default=None,
+    parser.add_argument("--mmlu-epochs", type=int_at_least(0), default=3, help="epochs of MMLU auxiliary_train in the mixture")
+    parser.add_argument("--gsm8k-epochs", type=int_at_least(0), default=4, help="epochs of GSM8K train in the mixture")
+    parser.add_argument("--identity-epochs", type=int_at_least(0), default=2, help="epochs of the identity conversations")
+    parser.add_argument("--identity-jsonl", type=existing_file, default=None,
                         help="identity conversations (default: $NANOCHAT_BASE_DIR/identity_conversations.jsonl "
                              "if present, else the persona file shipped with nanochat)")
     parser.add_argument("--offline", action="store_true",
                         help="offline mixture: identity, SimpleSpelling/SpellingBee (offline words), procedural "
                              "arithmetic with calculator calls (also used automatically when the hub is unreachable)")
-    parser.add_argument("--offline-size", type=int, default=20000,
+    parser.add_argument("--offline-size", type=int_at_least(1), default=20000,
                         help="offline mixture: rows of each procedural task (SimpleSpelling, SpellingBee, Arithmetic)")
-    parser.add_argument("--extra-train-jsonl", type=str, action="append", default=[], metavar="PATH[:REPEAT]",
+    parser.add_argument("--extra-train-jsonl", type=jsonl_spec, action="append", default=[], metavar="PATH[:REPEAT]",
                         help="add your conversations (JSONL) to the training mixture, REPEAT times (repeatable)")
-    parser.add_argument("--extra-val-jsonl", type=str, action="append", default=[], metavar="PATH",
+    parser.add_argument("--extra-val-jsonl", type=existing_file, action="append", default=[], metavar="PATH",
                         help="add your conversations (JSONL) to the validation mixture (repeatable)")
     parser.add_argument("--custom-only", action="store_true",
                         help="train only on --extra-train-jsonl (validate on --extra-val-jsonl, else on the train rows)")
+    parser.add_argument("--think-default", type=str, default=None, choices=["on", "off"],
+                        help="the trained model's think mode when a chat does not choose one (saved in the "
+                             "checkpoint's meta; chat_cli/chat_eval/chat_probe then prefill <think> or an empty "
+                             "think block). Unset: nothing is prefilled")
     parser.add_argument("--packing", type=str, default="pad", choices=["pad", "crop"],
                         help="when no conversation fits the rest of a row: pad it (SFT) or crop one in (midtrain)")
     parser.add_argument("--loss-on", type=str, default="assistant", choices=["assistant", "all"],
@@ -137,6 +135,41 @@ def parse_args(argv=None):
     return args
 
 
+if __name__ == "__main__":
+    parse_args()  # a bad flag or data path ends here, in a fraction of a second: the imports below take seconds
+
+# Below the flag check on purpose (start-up time, see above); the allocator setting must precede torch's import.
+os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
+import time
+from dataclasses import dataclass, asdict
+from importlib import resources
+
+import torch
+import torch.distributed as dist
+
+from nanochat.chat_dataloader import ConversationPacker
+from nanochat.chat_eval import ALL_TASKS, evaluate_chat_tasks
+from nanochat.checkpoint_manager import (available_steps, build_model, check_can_save, estimate_checkpoint_bytes,
+                                         save_checkpoint)
+from nanochat.common import compute_cleanup, get_base_dir, print0
+from nanochat.hub import CheckpointPusher
+from nanochat.loss_eval import evaluate_bpb
+from nanochat.optim import optimizer_step, set_schedule
+from nanochat.report import get_report
+from nanochat.tokenizer import get_token_bytes
+from nanochat import training
+from nanochat.training import (ManualGC, StepMeter, compute_grad_accum_steps, find_checkpoint, linear_ramp,
+                               progress_lr_multiplier, step_loss_scale)
+from tasks.arithmetic import Arithmetic
+from tasks.common import TaskMixture
+from tasks.customjson import CustomJSON
+from tasks.gsm8k import GSM8K
+from tasks.hub import TaskDataUnavailable
+from tasks.mmlu import MMLU
+from tasks.smoltalk import SmolTalk
+from tasks.spellingbee import SimpleSpelling, SpellingBee
+
+
 # -----------------------------------------------------------------------------
 # Data: mixtures
 
@@ -147,25 +180,12 @@ def default_identity_path():
     return str(resources.files("nanochat").joinpath("data", "identity_conversations.jsonl"))
 
 
-def parse_jsonl_spec(spec):
-    """'path' or 'path:REPEAT' -> (path, repeat). A ':' that is part of the path (C:\\x) is left alone."""
-    path, repeat = spec, 1
-    head, sep, tail = spec.rpartition(":")
-    if sep and tail.isdigit() and head:
-        path, repeat = head, int(tail)
-    if repeat < 1:
-        raise ValueError(f"--extra-train-jsonl {spec}: REPEAT must be >= 1")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"--extra-*-jsonl: {path} does not exist")
-    return path, repeat
-
-
 def load_custom(path):
     """A user's JSONL as a CustomJSON task; bad rows are reported as path:line: reason (nothing trains on them)."""
     try:
         return CustomJSON(filepath=path)
     except ValueError as e:
-        raise SystemExit(f"ERROR: {path} has malformed conversations, fix them first:\n{e}") from None
+        raise UserError(f"{path} has malformed conversations, fix them first:\n{e}") from None
 
 
 def hub_mixture(args, identity_path):
@@ -210,7 +230,7 @@ def build_mixtures(args):
     offline = args.offline
     if args.custom_only:
         if not extra_train:
-            raise SystemExit("ERROR: --custom-only needs at least one --extra-train-jsonl PATH[:REPEAT]")
+            raise UserError("--custom-only needs at least one --extra-train-jsonl PATH[:REPEAT]")
         train, val, what = [], [], "custom only"
         if not extra_val:
             print0("NOTE: --custom-only without --extra-val-jsonl: val bpb is measured on the training rows")
@@ -232,7 +252,7 @@ def build_mixtures(args):
     train_ds = TaskMixture(train + extra_train)
     val_ds = TaskMixture(val + extra_val)
     if len(train_ds) == 0 or len(val_ds) == 0:
-        raise SystemExit("ERROR: the training or validation mixture is empty (empty JSONL files?)")
+        raise UserError("the training or validation mixture is empty (empty JSONL files?)")
     return train_ds, val_ds, what, offline
 
 
@@ -299,11 +319,8 @@ def resolve_settings(args, world_size):
             print0(f"NOTE: {output_dir} already holds checkpoints at steps {available_steps(output_dir)}; "
                    f"same-numbered ones will be replaced")
     inherited = inherit_from(args, meta)
-    try:
-        grad_accum_steps = compute_grad_accum_steps(inherited["total_batch_size"], inherited["device_batch_size"],
-                                                    inherited["max_seq_len"], world_size)
-    except ValueError as e:
-        raise SystemExit(f"ERROR: {e}") from None
+    grad_accum_steps = compute_grad_accum_steps(inherited["total_batch_size"], inherited["device_batch_size"],
+                                                inherited["max_seq_len"], world_size)
     return Settings(source_tag=source_tag, source_step=source_step, start_dir=start_dir, start_step=start_step,
                     output_dir=output_dir, step_offset=step_offset, resume_step=args.resume_from_step,
                     grad_accum_steps=grad_accum_steps, user_config={**vars(args), **inherited},
@@ -323,10 +340,17 @@ class SFTRun:
         self.wandb_run = training.init_wandb(args.run, project, vars(args).copy(), rt.master)
         self.s = s = resolve_settings(args, rt.world_size)
         self.pusher = CheckpointPusher(args.push_to)
+        # the data first: a malformed file stops the run before the model and optimizer are loaded
+        self.train_ds, self.val_ds, self.mixture_desc, self.offline = build_mixtures(args)
         self.model, self.tokenizer, start_meta = build_model(s.start_dir, s.start_step, rt.device, phase="train")
         resume_meta = start_meta if s.resuming else None
         training.print_batch_arithmetic(s.device_batch_size, s.max_seq_len, s.total_batch_size, s.grad_accum_steps)
+        training.check_memory_fits(self.model, s.device_batch_size, s.max_seq_len, rt, model_loaded=True)
         self.optimizer = self.setup_optimizer()
+        # before step 0, not at the first save: room for one checkpoint, and a writable report
+        check_can_save(s.output_dir, estimate_checkpoint_bytes(self.model, self.optimizer))
+        if rt.master:
+            check_can_save(os.path.join(get_base_dir(), "report"), 2 ** 20)
         self.scaler = training.make_grad_scaler()
         self.train_model = self.model  # compiled on CUDA; self.model (uncompiled) saves and runs the chat evals
         if rt.device_type == "cuda":
@@ -358,7 +382,6 @@ class SFTRun:
 
     def setup_data(self, resume_meta):
         args, s, rt = self.args, self.s, self.rt
-        self.train_ds, self.val_ds, self.mixture_desc, self.offline = build_mixtures(args)
         print0(f"Training mixture ({self.mixture_desc}): {len(self.train_ds):,} conversations; validation: {len(self.val_ds):,}")
         self.loader_kwargs = dict(tokenizer=self.tokenizer, batch_size=s.device_batch_size, seq_len=s.max_seq_len,
                                   device=rt.device, rank=rt.rank, world_size=rt.world_size, packing=args.packing,
@@ -427,7 +450,7 @@ class SFTRun:
         number = s.step_offset + self.step
         meta = training.checkpoint_meta(
             number, self.val_bpb, asdict(self.model.config), s.user_config, s.device_batch_size, s.max_seq_len,
-            s.total_batch_size, source={"kind": self.args.source, "tag": s.source_tag, "step": s.source_step},
+            s.total_batch_size, tokenizer=self.tokenizer, source={"kind": self.args.source, "tag": s.source_tag, "step": s.source_step},
             dataloader_state_dicts=training.gather_from_ranks(self.train_loader.state_dict(), rt),
             loop_state={"step": self.step, "step_offset": s.step_offset, "min_val_bpb": self.min_val_bpb,
                         "smooth_train_loss": meter.smooth_loss, "total_training_time": meter.total_time,
@@ -452,6 +475,7 @@ class SFTRun:
             dist.all_reduce(loss_sum, op=dist.ReduceOp.SUM)
         self.data_done = self.every_rank_exhausted()
         train_loss = loss_sum.item() / max(1, step_tokens)
+        training.check_finite_loss(train_loss, self.step)
         # the LR of this update follows the progress made before it (so the last update is not wasted at lr 0)
         lrm = progress_lr_multiplier(self.progress, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
         if args.num_iterations > 0:
@@ -529,4 +553,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_user_error(main)

@@ -20,9 +20,11 @@ import torch
 import uvicorn
 
 from nanochat.batching import ReplicaPool, Scheduler
+from nanochat.chat_format import model_think_default
 from nanochat.checkpoint_manager import load_model
 from nanochat.common import autodetect_device_type, compute_init
 from nanochat.engine import Engine
+from nanochat.web_search import SEARCH_DOCS_ENV, SEARCH_URL_ENV, provider_from_env
 from nanochat.web_server import create_app
 
 
@@ -56,6 +58,9 @@ def build_parser():
     parser.add_argument("--max-queue", type=int, default=64, help="requests waiting per replica before 429")
     parser.add_argument("--prefill-chunk", type=int, default=256,
                         help="prompt tokens prefilled per step (bounds how long a new prompt stalls the others)")
+    parser.add_argument("--search-docs", default=None,
+                        help=f"folder requests with search auto/force (and the web_search tool) search offline "
+                             f"(default ${SEARCH_DOCS_ENV}; ${SEARCH_URL_ENV} selects an HTTP search API instead)")
     parser.add_argument("--tools", default="calculator", choices=["calculator", "python", "none"],
                         help="the tool the model's <|python_start|> blocks run")
     parser.add_argument("--model-name", default=None, help="model id in the API (default: nanochat-SOURCE-TAG)")
@@ -85,7 +90,8 @@ def main(argv=None):
             model, tokenizer, meta = load_model(args.source, device, "eval", model_tag=args.model_tag, step=args.step)
         except (FileNotFoundError, ValueError) as e:
             fail(f"cannot load the {args.source} model: {e}")
-        engine = Engine(model, tokenizer, tools=None if args.tools == "none" else args.tools)
+        engine = Engine(model, tokenizer, tools=None if args.tools == "none" else args.tools,
+                        search_provider=provider_from_env(args.search_docs), think_default=model_think_default(meta))
         schedulers.append(Scheduler(engine, max_batch=args.max_batch, prefill_chunk=args.prefill_chunk,
                                     max_waiting=args.max_queue, name=f"replica-{i}"))
     tag = args.model_tag or f"d{meta['model_config']['n_layer']}"

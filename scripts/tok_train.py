@@ -4,15 +4,40 @@ tokenizer.pkl (pickled tiktoken Encoding, nanochat's format) and token_bytes.pt 
 
     python -m scripts.tok_train --max-chars 2000000000 --doc-cap 10000 --vocab-size 32768
     python -m scripts.tok_train --data-dir /path/to/my/text --vocab-size 8192   # any folder of parquet/jsonl/txt
+
+An existing tokenizer is only replaced with --force: every checkpoint trained with it stops loading (their
+tokenizer fingerprint no longer matches).
 """
 
-import argparse
 import itertools
 import os
 import time
 
+from nanochat.cli import ArgumentParser, UserError, existing_dir, exit_on_user_error, int_at_least
+
+
+def build_parser():
+    parser = ArgumentParser(description="Train the BPE tokenizer and save it to $NANOCHAT_BASE_DIR/tokenizer/.")
+    parser.add_argument("--max-chars", type=int_at_least(1), default=2_000_000_000,
+                        help="stop after this many characters of training text (default: 2B, ~8 ClimbMix shards)")
+    parser.add_argument("--doc-cap", type=int_at_least(1), default=10_000,
+                        help="crop every document to this many characters, so long documents don't dominate (default: 10000)")
+    parser.add_argument("--vocab-size", type=int_at_least(1), default=32768,
+                        help="vocabulary size including the 9 special tokens, at least 256 + 9 (default: 32768 = 2^15)")
+    parser.add_argument("--data-dir", type=existing_dir, default=None,
+                        help="folder of parquet (text column) / jsonl / txt files to train on "
+                             "(default: the pretraining shards in $NANOCHAT_BASE_DIR)")
+    parser.add_argument("--force", action="store_true",
+                        help="replace an existing tokenizer (checkpoints trained with it will no longer load)")
+    return parser
+
+
+if __name__ == "__main__":
+    build_parser().parse_args()  # a bad flag ends here, in a fraction of a second: the imports below take seconds
+
+# Below the flag check on purpose (start-up time, see above).
 from nanochat.common import get_base_dir
-from nanochat.tokenizer import RustBPETokenizer, save_token_bytes
+from nanochat.tokenizer import SPECIAL_TOKENS, TOKENIZER_FILENAME, RustBPETokenizer, save_token_bytes
 from nanochat.dataset import parquets_iter_batched
 from nanochat.report import get_report
 
@@ -67,7 +92,7 @@ def train_and_save(batches, vocab_size, max_chars, doc_cap, tokenizer_dir):
     batches = iter(batches)
     first = next(batches, None)
     if not first:
-        raise SystemExit("No training text found. Get data first (`python -m nanochat.dataset -n 8`, or "
+        raise UserError("No training text found. Get data first (`python -m nanochat.dataset -n 8`, or "
                          "`python -m nanochat.dataset --offline` without internet), or pass --data-dir DIR.")
     docs, stats = text_iterator(itertools.chain([first], batches), max_chars, doc_cap)
     t0 = time.time()
@@ -106,27 +131,25 @@ def log_report(args, results):
 
 
 def main(argv=None, batches=None):
-    parser = argparse.ArgumentParser(description="Train the BPE tokenizer and save it to $NANOCHAT_BASE_DIR/tokenizer/.")
-    parser.add_argument("--max-chars", type=int, default=2_000_000_000,
-                        help="stop after this many characters of training text (default: 2B, ~8 ClimbMix shards)")
-    parser.add_argument("--doc-cap", type=int, default=10_000,
-                        help="crop every document to this many characters, so long documents don't dominate (default: 10000)")
-    parser.add_argument("--vocab-size", type=int, default=32768,
-                        help="vocabulary size including the 9 special tokens (default: 32768 = 2^15)")
-    parser.add_argument("--data-dir", type=str, default=None,
-                        help="folder of parquet (text column) / jsonl / txt files to train on "
-                             "(default: the pretraining shards in $NANOCHAT_BASE_DIR)")
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     for name, value in vars(args).items():
-        print(f"{name}: {value:,}" if isinstance(value, int) else f"{name}: {value}")
+        print(f"{name}: {value:,}" if type(value) is int else f"{name}: {value}")
+    min_vocab = 256 + len(SPECIAL_TOKENS)
+    if args.vocab_size < min_vocab:
+        raise UserError(f"--vocab-size must be at least {min_vocab} (256 byte tokens + {len(SPECIAL_TOKENS)} special "
+                        f"tokens), got {args.vocab_size}")
+    tokenizer_dir = os.path.join(get_base_dir(), "tokenizer")
+    existing = os.path.join(tokenizer_dir, TOKENIZER_FILENAME)
+    if os.path.exists(existing) and not args.force:
+        raise UserError(f"{existing} already exists, and checkpoints trained with it stop loading once it is "
+                        f"replaced. Pass --force to replace it, or set NANOCHAT_BASE_DIR to another directory")
 
     if batches is None:  # tests inject batches; normally we read the train split
         batches = parquets_iter_batched("train", data_dir=args.data_dir)
-    tokenizer_dir = os.path.join(get_base_dir(), "tokenizer")
     results = train_and_save(batches, args.vocab_size, args.max_chars, args.doc_cap, tokenizer_dir)
     log_report(args, results)
     return results
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_user_error(main)

@@ -35,7 +35,7 @@ import requests
 from filelock import FileLock
 
 from nanochat.common import get_base_dir
-from nanochat.fileio import atomic_write_text
+from nanochat.fileio import atomic_write_text, parse_jsonl_line
 from nanochat.download import DEFAULT_HF_ENDPOINT, download_file, hf_endpoint
 
 DATA_EXTENSIONS = ("parquet", "jsonl", "json")
@@ -86,15 +86,13 @@ def read_jsonl(path):
     break on U+2028, which some real data contains inside strings."""
     rows = []
     opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8", newline="") as f:
-        text = f.read()
-    for lineno, line in enumerate(text.split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+    with opener(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            row, problem = parse_jsonl_line(raw)
+            if problem is not None:
+                raise ValueError(f"{path}:{lineno}: {problem}")
+            if row is not None:
+                rows.append(row)
     return rows
 
 

@@ -6,29 +6,40 @@ One probe per line:
      "messages": [{"role": "user", "content": "What is your name?"}],
      "rules": [{"contains": "nanochat"}, {"no_tool": true}, {"max_chars": 400}]}
 
+Optional keys: "think": "on" | "off" runs that probe in that think mode whatever --think says (a gate about think
+mode); "with_tools": true marks a probe that needs web_search, run only under chat_probe --with-tools.
+
 Rules (all must hold for a probe to pass):
     contains: str | [str, ...]       every string appears in the answer (case-insensitive)
     contains_any: [str, ...]         at least one appears (case-insensitive)
     not_contains: str | [str, ...]   none appears (case-insensitive)
     regex: str                       re.search matches the answer (re.S)
     not_regex: str                   re.search does not match
-    calls_tool: "python" | "calculator" | "any"   the model opened a tool block
+    calls_tool: "python" | "calculator" | "web_search" | "any"   the model called that tool (by name or a bare
+                                     expression, nanochat.tools.parse_tool_call) / opened any tool block
     no_tool: true                    the model did not open a tool block
+    tool_calls_valid: true           every tool block parses (known tool, JSON well-formed, arguments present)
     think_closed_before_answer: true if <think> appears it is closed, once, before any answer text
+    thinks: true                     the turn starts with a think block holding some reasoning, closed before the
+                                     answer (an empty block does not count)
     max_chars: int                   the answer is at most this long
 
 "The answer" is the visible text of the assistant turn: tool calls and tool outputs are kept apart
-(see ProbeOutput), and the text inside <think>...</think> is excluded from contains/regex rules.
+(see ProbeOutput), and the text inside <think>...</think> is excluded from contains/regex rules; a think block
+that never closed leaves no answer at all (nanochat.chat_format.split_reasoning).
 """
 
-import json
 import re
 from dataclasses import dataclass, field
 
-from nanochat.chat_format import assistant_parts_from_tokens
+from nanochat.chat_format import THINK_MODES, assistant_parts_from_tokens, split_reasoning
+from nanochat.fileio import iter_jsonl
+from nanochat.search_classifier import needs_web_search_contextual
+from nanochat.tools import TOOL_NAMES, parse_tool_call
 
 RULE_NAMES = ("contains", "contains_any", "not_contains", "regex", "not_regex", "calls_tool", "no_tool",
-              "think_closed_before_answer", "max_chars")
+              "tool_calls_valid", "think_closed_before_answer", "thinks", "max_chars")
+OPTIONAL_KEYS = ("think", "with_tools")
 
 
 @dataclass
@@ -36,13 +47,13 @@ class ProbeOutput:
     """What the model produced in one assistant turn, split by kind."""
     raw_text: str                                   # everything, tool blocks included, as text
     text: str                                       # the visible text (no tool blocks)
-    tool_calls: list = field(default_factory=list)  # list of (tool_name, code)
+    tool_calls: list = field(default_factory=list)  # list of (tool_name, code); tool_name None: malformed call
     tool_outputs: list = field(default_factory=list)
 
     @property
     def answer(self):
-        """Visible text with any <think>...</think> reasoning removed."""
-        return re.sub(r"<think>.*?(</think>|$)", "", self.text, flags=re.S).strip()
+        """Visible text with the leading <think>...</think> reasoning removed ("" when the think never closed)."""
+        return split_reasoning(self.text)[1] or ""
 
 
 def _as_list(value):
@@ -78,33 +89,36 @@ def validate_probe(probe):
                 problems.append(f"bad regex {arg!r}: {e}")
         elif name == "max_chars" and not (isinstance(arg, int) and arg > 0):
             problems.append("max_chars needs a positive integer")
-        elif name == "calls_tool" and arg not in ("python", "calculator", "any"):
-            problems.append("calls_tool must be 'python', 'calculator' or 'any'")
+        elif name == "calls_tool" and arg not in (*TOOL_NAMES, "any"):
+            problems.append(f"calls_tool must be one of {', '.join(TOOL_NAMES)} or 'any'")
+    if probe.get("think") is not None and probe["think"] not in THINK_MODES:
+        problems.append(f"think must be one of {', '.join(THINK_MODES)} (or left out)")
+    if not isinstance(probe.get("with_tools", False), bool):
+        problems.append("with_tools must be true or false")
+    unknown = set(probe) - {"id", "category", "messages", "rules", *OPTIONAL_KEYS}
+    if unknown:
+        problems.append(f"unknown key(s) {sorted(unknown)} (known: id, category, messages, rules, "
+                        f"{', '.join(OPTIONAL_KEYS)})")
     return problems
 
 
 def load_probes(path):
     """Read a probe JSONL; raise ValueError listing every bad line as path:line: reason."""
     probes, errors, seen = [], [], set()
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                probe = json.loads(line)
-            except json.JSONDecodeError as e:
-                errors.append(f"{path}:{lineno}: not valid JSON ({e.msg})")
-                continue
-            if not isinstance(probe, dict):
-                errors.append(f"{path}:{lineno}: a probe must be a JSON object")
-                continue
-            problems = validate_probe(probe)
-            if probe.get("id") in seen:
-                problems.append(f"duplicate id {probe['id']!r}")
-            seen.add(probe.get("id"))
-            errors.extend(f"{path}:{lineno}: {p}" for p in problems)
-            if not problems:
-                probes.append(probe)
+    for lineno, probe, problem in iter_jsonl(path):
+        if problem is not None:
+            errors.append(f"{path}:{lineno}: {problem}")
+            continue
+        if not isinstance(probe, dict):
+            errors.append(f"{path}:{lineno}: a probe must be a JSON object")
+            continue
+        problems = validate_probe(probe)
+        if probe.get("id") in seen:
+            problems.append(f"duplicate id {probe['id']!r}")
+        seen.add(probe.get("id"))
+        errors.extend(f"{path}:{lineno}: {p}" for p in problems)
+        if not problems:
+            probes.append(probe)
     if errors:
         raise ValueError("bad probe file:\n" + "\n".join(errors))
     if not probes:
@@ -135,7 +149,15 @@ def check_rule(rule, output):
         return None if ok else f"did not call {arg} (calls: {names})"
     if name == "no_tool":
         return f"called a tool: {output.tool_calls[0][1][:60]!r}" if output.tool_calls else None
+    if name == "tool_calls_valid":
+        bad = [code for tool, code in output.tool_calls if tool is None]
+        return f"malformed tool call {bad[0][:60]!r}" if bad else None
     if name == "think_closed_before_answer":
+        return _check_think(output.text)
+    if name == "thinks":
+        reasoning, answer = split_reasoning(output.text)
+        if not output.text.lstrip().startswith("<think>") or not reasoning:
+            return "no reasoning in a <think> block"
         return _check_think(output.text)
     if name == "max_chars":
         return None if len(answer) <= arg else f"{len(answer)} chars > {arg}"
@@ -168,15 +190,22 @@ def check_probe(probe, output):
     return failures
 
 
-def split_assistant_tokens(tokens, tokenizer, tool_name="calculator"):
-    """Turn the generated token ids of one assistant turn into a ProbeOutput."""
+def split_assistant_tokens(tokens, tokenizer, tools=TOOL_NAMES):
+    """Turn the generated token ids of one assistant turn into a ProbeOutput; each tool call is named by the tool
+    it calls among `tools` (as the Engine dispatches it), None when it is malformed."""
     stops = {tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id()}
     end = next((i for i, t in enumerate(tokens) if t in stops), len(tokens))
     parts = assistant_parts_from_tokens(tokenizer, tokens)
+    calls = [p["text"] for p in parts if p["type"] == "python"]
     return ProbeOutput(raw_text=tokenizer.decode(list(tokens[:end])),
                        text="".join(p["text"] for p in parts if p["type"] == "text"),
-                       tool_calls=[(tool_name, p["text"]) for p in parts if p["type"] == "python"],
+                       tool_calls=[(_tool_name(code, tools), code) for code in calls],
                        tool_outputs=[p["text"] for p in parts if p["type"] == "python_output"])
+
+
+def _tool_name(code, tools):
+    call = parse_tool_call(code, tuple(tools))
+    return None if call.error else call.name
 
 
 def summarize(results):
@@ -188,3 +217,30 @@ def summarize(results):
     n_pass = sum(p for p, _ in per_category.values())
     n_total = sum(t for _, t in per_category.values())
     return per_category, (n_pass / n_total if n_total else 0.0)
+
+
+def format_compliance(results):
+    """How well the turns follow the format, over (probe, output, think_mode, with_tools) tuples:
+    think_closed   turns run in think mode "on" whose think block closed before an answer;
+    tool_calls_valid  tool calls that parse (known tool, well-formed JSON, arguments present);
+    search_when_needed / no_search_when_not_needed  (runs with tools) probes the classifier says need a search
+                   that called web_search, and probes it says need none that did not.
+    Each is {"passed", "total", "rate"} (rate None when total is 0)."""
+    counts = {name: [0, 0] for name in ("think_closed", "tool_calls_valid", "search_when_needed",
+                                        "no_search_when_not_needed")}
+
+    def count(name, ok):
+        counts[name][0] += bool(ok)
+        counts[name][1] += 1
+    for probe, output, think, with_tools in results:
+        if think == "on":
+            count("think_closed", "</think>" in output.text and _check_think(output.text) is None)
+        for tool, _ in output.tool_calls:
+            count("tool_calls_valid", tool is not None)
+        if with_tools:
+            searched = any(tool == "web_search" for tool, _ in output.tool_calls)
+            if needs_web_search_contextual(probe["messages"])[0]:
+                count("search_when_needed", searched)
+            else:
+                count("no_search_when_not_needed", not searched)
+    return {name: {"passed": p, "total": t, "rate": (p / t if t else None)} for name, (p, t) in counts.items()}

@@ -5,6 +5,7 @@ import torch
 
 from nanochat.cpu_decode import CPUDecoder
 from nanochat.kv_cache import KVCache, RaggedKVCache
+from nanochat.web_search import LocalSearchProvider
 
 
 def prefill_alone(model, tokens, seq_len):
@@ -196,11 +197,12 @@ def test_cancel_frees_rows_and_a_full_queue_refuses(tiny_gpt_factory, byte_token
     engine = Engine(tiny_gpt_factory(seed=5, sequence_len=256), byte_tokenizer, tools=None)
     scheduler = scheduler_for(engine, max_batch=2, max_waiting=1)
     long = dict(prompt=[256, 1, 2], max_tokens=250, temperature=1.0, use_tools=False)
-    running, deadline = [], time.monotonic() + 30
+    running, deadline = [], time.monotonic() + 120  # generous: a busy 2-core machine stalls the scheduler thread
     for n in (1, 2):
         running.append(collect(long, scheduler))
-        while scheduler.cache.active < n and time.monotonic() < deadline:
+        while (scheduler.cache.active < n or scheduler.waiting) and time.monotonic() < deadline:
             time.sleep(0.01)
+        assert scheduler.cache.active == n and not scheduler.waiting, "the scheduler never took the request"
     waiting = collect(long, scheduler)                # the two rows are busy: this one waits
     with pytest.raises(QueueFull):
         ReplicaPool([scheduler]).submit(GenerationRequest(**long))
@@ -210,3 +212,46 @@ def test_cancel_frees_rows_and_a_full_queue_refuses(tiny_gpt_factory, byte_token
         time.sleep(0.01)  # the scheduler thread drops cancelled requests at its next step
     assert sum(s is not None for s in scheduler.slots) == 0 and not scheduler.waiting
     assert scheduler.stats()["busy_rows"] == 0
+
+
+
+def chat_prompt(tokenizer, text):
+    """A rendered one-question chat in the byte tokenizer (what render_for_completion gives)."""
+    special = tokenizer.encode_special
+    return ([tokenizer.get_bos_token_id(), special("<|user_start|>")] + tokenizer.encode(text)
+            + [special("<|user_end|>"), special("<|assistant_start|>")])
+
+
+@pytest.mark.parametrize("options", [dict(think="on"), dict(think="off"), dict(search="force"),
+                                     dict(think="off", search="force")],
+                         ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_think_and_search_requests_equal_the_engine_alone(tiny_gpt_factory, byte_tokenizer, scheduler_for,
+                                                          tmp_path, options):
+    """Per request, as Engine.generate: the think prefill is emitted first (forced) and the forced web_search
+    runs where the answer begins; batched greedy output, forced tokens included, equals the Engine alone."""
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "weather.md").write_text("# Weather in Oslo\nToday in Oslo: rain, 7 degrees.\n")
+    engine = Engine(tiny_gpt_factory(seed=6, sequence_len=256), byte_tokenizer, tools=None,
+                    search_provider=LocalSearchProvider(str(docs)))
+    stop = {byte_tokenizer.encode_special("<|assistant_end|>"), byte_tokenizer.get_bos_token_id()}
+    prompts = [chat_prompt(byte_tokenizer, q) for q in ("weather in Oslo today?", "hi")]
+    solo = []
+    for p in prompts:
+        columns = [(column[0], mask[0]) for column, mask in engine.generate(p, max_tokens=160, temperature=0.0,
+                                                                            **options)]
+        cut = next((i for i, (t, _) in enumerate(columns) if t in stop), len(columns))
+        solo.append(columns[:cut])
+    scheduler = scheduler_for(engine, max_batch=4, prefill_chunk=8)
+    submitted = [collect(dict(prompt=p, max_tokens=160, temperature=0.0, use_tools=False, chat=True, **options),
+                         scheduler) for p in prompts]
+    for (request, events), expected in zip(submitted, solo):
+        tokens, _, _ = drain(request, events)
+        assert [t for t in tokens[0] if t not in stop] == [t for t, _ in expected]
+    first = solo[0]
+    if "think" in options:  # the prefill came first, forced
+        prefill = engine.think_prefill_tokens(options["think"])
+        assert [t for t, _ in first[:len(prefill)]] == prefill and all(m == 0 for _, m in first[:len(prefill)])
+    if "search" in options:  # the forced call ran: its output (the document) is in the answer, forced
+        forced_text = bytes(t for t, m in first if m == 0 and t < 256).decode("utf-8", "replace")
+        assert "[1] Weather in Oslo" in forced_text  # the top result, as format_results writes it

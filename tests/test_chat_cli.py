@@ -108,3 +108,31 @@ def test_printer_never_splits_a_multibyte_character(tiny_sft):
         assert "\ufffd" not in out.getvalue()
     printer.close()
     assert out.getvalue() == text
+
+
+def test_think_flag_and_command_prefill_and_report_no_answer(tiny_sft, monkeypatch):
+    from nanochat.engine import Engine
+    modes = []
+    original = Engine.generate
+
+    def recording_generate(self, tokens, *args, **kwargs):
+        modes.append(kwargs.get("think"))
+        yield from original(self, tokens, *args, **kwargs)
+    monkeypatch.setattr(Engine, "generate", recording_generate)
+    # a random model never closes the think block in 6 tokens: that is reported as no answer
+    text = _run(["--think", "on", "-t", "0", "-m", "6"], ["hello", "/think", "hello", "/think default", "hello",
+                                                          "/think on", "hello"])
+    assert modes == ["on", "off", None, "on"]
+    assert "Think mode: off" in text and "Think mode: on" in text
+    assert "Assistant: <think>\n" in text
+    assert text.count("(no answer: the reasoning was still going after 6 tokens") == 2  # the two "on" turns
+
+
+def test_web_search_without_documents_is_a_user_error(tiny_sft, monkeypatch, capsys):
+    monkeypatch.delenv("NANOCHAT_SEARCH_DOCS", raising=False)
+    monkeypatch.delenv("NANOCHAT_SEARCH_URL", raising=False)
+    for argv in (["--tools", "calculator,web_search"], ["--search", "auto"], ["--tools", "shell"]):
+        with pytest.raises(SystemExit) as e:
+            _run(["-p", "hi", *argv])
+        assert e.value.code == 2
+    assert "web_search needs something to search" in capsys.readouterr().err

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from nanochat.chat_eval import BASELINES, ALL_TASKS, chatcore, run_categorical_eval, run_generative_eval
+from nanochat.chat_eval import (BASELINES, ALL_TASKS, answer_of, chatcore, run_categorical_eval,
+                                run_generative_eval)
 from nanochat.core_eval import centered_accuracy
 
 LETTERS = ["A", "B", "C", "D"]
@@ -100,7 +101,11 @@ class FixedEngine:
         self.answers = answers  # per call, list of sample completions (token lists)
         self.calls = 0
 
+    def think_prefill_tokens(self, think=None):
+        return [99] * 3 if think else []
+
     def generate_batch(self, tokens, num_samples=1, max_tokens=None, **kw):
+        self.kwargs, self.max_tokens = kw, max_tokens
         out = self.answers[self.calls % len(self.answers)][:num_samples]
         self.calls += 1
         return [tokens + a for a in out], [[0] * len(tokens) + [1] * len(a) for a in out]
@@ -129,3 +134,27 @@ def test_chatcore_is_the_mean_centered_accuracy_of_all_six_tasks():
     assert chatcore(results) == pytest.approx((0.5 + 0.0 + 1.0 + 0.3 + 0.1 + 0.5) / 6)
     del results["HumanEval"]
     assert chatcore(results) is None  # a partial run has no ChatCORE
+
+
+def test_think_answers_are_graded_after_the_think_block():
+    assert answer_of("<think>\nit is A\n</think>\nB") == "B"
+    assert answer_of("  <think>A A A and no end") == ""  # an unclosed think is no answer, never its reasoning
+    assert answer_of("    return x\n") == "    return x\n"  # no think block: untouched (code keeps its indent)
+
+
+def test_generative_passes_the_think_mode_and_leaves_room_for_its_prefill():
+    tok, model = LetterTokenizer(), ControlledModel()
+    engine = FixedEngine([[[10]]])
+    run_generative_eval(FakeGenTask(), tok, model, engine, 1, 1000, 0.0, 50, verbose=False, think="on")
+    assert engine.kwargs["think"] == "on"
+    last_prompt = tok.render_for_completion(FakeGenTask()[3])
+    assert engine.max_tokens == ControlledModel.config.sequence_len - len(last_prompt) - 3  # 3: the prefill
+
+
+def test_categorical_reads_the_letter_after_the_prompt_suffix():
+    questions = ["a", "bb", "ccc", "dddd"]
+    task = FakeMCTask(questions, [_gold(q) for q in questions])
+    # the model prefers the right letter only right after token 2: a suffix ending in 2 keeps it, one that
+    # does not moves the read position onto the decoy
+    assert run_categorical_eval(task, LetterTokenizer(), ControlledModel(), batch_size=2, prompt_suffix=[5, 2]) == 1.0
+    assert run_categorical_eval(task, LetterTokenizer(), ControlledModel(), batch_size=2, prompt_suffix=[2, 5]) < 1.0

@@ -5,7 +5,8 @@ import sys
 
 import pytest
 
-from nanochat.chat_format import load_conversations_jsonl, main, validate_conversation
+from nanochat.chat_format import (THINK_PREFILL, load_conversations_jsonl, main, model_think_default, normalize_think,
+                                  split_reasoning, think_block, think_prefill, validate_conversation)
 
 
 def U(text):
@@ -171,3 +172,37 @@ def test_module_entry_point(tmp_path):
     bad = write_lines(tmp_path / "bad.jsonl", ["{nope"])
     result = subprocess.run([sys.executable, "-m", "nanochat.chat_format", str(bad)], capture_output=True, text=True)
     assert result.returncode == 1 and f"{bad}:1: invalid JSON" in result.stdout
+
+
+# -----------------------------------------------------------------------------
+# think mode helpers
+
+def test_think_blocks_are_the_prefills_and_validate():
+    assert think_block("") == think_block("  \n") == THINK_PREFILL["off"] == "<think>\n</think>\n"
+    block = think_block("  add them  ")
+    assert block == "<think>\nadd them\n</think>\n" and block.startswith(THINK_PREFILL["on"])
+    for block in (think_block(""), think_block("add them")):
+        assert validate_conversation([U("2+3?"), A(block + "5")]) == []
+        assert validate_conversation([U("2+3?"), A([T(block), PY("2+3"), OUT("5"), T("5")])]) == []
+    assert think_prefill("on") == "<think>\n" and think_prefill(None) == "" and think_prefill(False) == THINK_PREFILL["off"]
+
+
+def test_normalize_think_and_the_model_default():
+    assert [normalize_think(v) for v in ("on", True, "off", False, None, "", "default")] == \
+        ["on", "on", "off", "off", None, None, None]
+    with pytest.raises(ValueError, match="think must be"):
+        normalize_think("yes")
+    assert model_think_default({"user_config": {"think_default": "on"}}) == "on"
+    assert model_think_default({"think_default": "off", "user_config": {"think_default": "on"}}) == "off"
+    assert model_think_default({"user_config": {"lr": 1}}) is None and model_think_default(None) is None
+
+
+@pytest.mark.parametrize("text, reasoning, answer", [
+    ("<think>\nlook it up\n</think>\nIt is sunny.", "look it up", "It is sunny."),
+    ("  <think></think>Hi", "", "Hi"),
+    ("No think at all.", "", "No think at all."),
+    ("<think>\nstill thinking when the budget ran out", "still thinking when the budget ran out", None),
+    ("<think>a</think>", "a", ""),
+])
+def test_split_reasoning_never_shows_unclosed_reasoning_as_the_answer(text, reasoning, answer):
+    assert split_reasoning(text) == (reasoning, answer)

@@ -1,5 +1,6 @@
 """SFT: loss normalization over the whole step (no NaN on fully masked micro-batches), packing, custom data
 (exact row counts, repeat weights, bad rows), inheritance, the midtrain preset, and resume == uninterrupted."""
+import argparse
 import json
 import math
 import os
@@ -13,8 +14,10 @@ import torch
 from nanochat.chat_dataloader import ConversationPacker
 from nanochat.chat_format import load_conversations_jsonl
 from nanochat.checkpoint_manager import find_last_step, load_model
+from nanochat.cli import UserError
 from nanochat.tokenizer import get_tokenizer
 from nanochat.training import step_loss_scale
+from nanochat.chat_format import model_think_default
 from scripts import chat_sft
 from scripts.chat_sft import parse_jsonl_spec, parse_args
 
@@ -175,8 +178,12 @@ def test_jsonl_spec_parsing(tmp_path):
     f = _write_jsonl(tmp_path / "a.jsonl", _qa_rows(1))
     assert parse_jsonl_spec(f) == (f, 1)
     assert parse_jsonl_spec(f + ":3") == (f, 3)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(argparse.ArgumentTypeError, match="missing.jsonl does not exist"):
         parse_jsonl_spec(str(tmp_path / "missing.jsonl") + ":2")
+    with pytest.raises(argparse.ArgumentTypeError, match="is a directory"):
+        parse_jsonl_spec(str(tmp_path))
+    with pytest.raises(argparse.ArgumentTypeError, match="REPEAT must be a whole number >= 1, got -1"):
+        parse_jsonl_spec(f + ":-1")
 
 
 def test_extra_train_repeat_weighting(base, tmp_path):
@@ -214,7 +221,7 @@ def test_bad_rows_are_reported_with_file_and_line(base, tmp_path):
     rows.insert(1, json.dumps([{"role": "assistant", "content": "I speak first"}]))
     path.write_text("\n".join(rows) + "\n")
     args = parse_args(["--custom-only", "--extra-train-jsonl", str(path)])
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(UserError) as e:
         chat_sft.build_mixtures(args)
     assert f"{path}:2" in str(e.value)
 
@@ -235,7 +242,8 @@ def test_identity_file_is_valid_and_on_persona():
 def test_custom_only_trains_on_exactly_the_given_rows(base, tmp_path, capsys):
     rows = _qa_rows(7)
     f = _write_jsonl(tmp_path / "mine.jsonl", rows)
-    result = chat_sft.main(_tiny_args("--custom-only", "--extra-train-jsonl", f"{f}:2", "--eval-every", "-1"))
+    result = chat_sft.main(_tiny_args("--custom-only", "--extra-train-jsonl", f"{f}:2", "--eval-every", "-1",
+                                      "--think-default", "on"))
     out = capsys.readouterr().out
     assert "Inherited embedding_lr=0.3" in out
     assert "NOTE: --max-seq-len=32 overrides the source checkpoint's value of 64" in out
@@ -245,6 +253,7 @@ def test_custom_only_trains_on_exactly_the_given_rows(base, tmp_path, capsys):
     assert math.isfinite(result["val_bpb"])
     meta = json.load(open(os.path.join(result["output_dir"], f"meta_{result['step']:06d}.json")))
     assert meta["max_seq_len"] == T and meta["user_config"]["embedding_lr"] == 0.3
+    assert model_think_default(meta) == "on"  # what chat_cli/chat_eval/chat_probe prefill by default
     assert os.path.exists(os.path.join(base, "report", "chat-sft.md"))
 
 
@@ -295,7 +304,7 @@ def test_settings_inherit_from_the_source_and_leave_the_flags_alone(base, capsys
     mid = chat_sft.resolve_settings(parse_args(["--preset", "midtrain"]), world_size=1)
     assert mid.output_dir.endswith(os.path.join("mid_checkpoints", "d2")) and mid.report_section == "Midtraining"
     assert mid.embedding_lr == 0.2  # the preset's LR, not the source's
-    with pytest.raises(SystemExit, match="Set --total-batch-size to a multiple of 384"):
+    with pytest.raises(UserError, match="Set --total-batch-size to a multiple of 384"):
         chat_sft.resolve_settings(parse_args(["--device-batch-size", "3", "--total-batch-size", "1000"]), world_size=2)
 
 
@@ -324,6 +333,7 @@ def test_finetune_sft_checkpoint_in_place_continues_step_numbers(base, tmp_path)
 
 DIST_DRIVER = """
 import json, sys
+from nanochat.chat_format import model_think_default
 from scripts import chat_sft
 result = chat_sft.main(json.loads(sys.argv[1]))
 import os

@@ -141,6 +141,37 @@ def test_chat_stream_with_usage(live, client, tokenizer):
     assert all(c.usage is None for c in chunks[:-1])
 
 
+def test_think_field_returns_reasoning_apart_from_the_answer(live, client, tokenizer):
+    """think "on" prefills <think>: what the model writes inside goes to reasoning_content, never to content.
+    The tiny model never closes its think within 24 tokens, so there is no answer (content empty); vLLM's
+    chat_template_kwargs.enable_thinking means the same."""
+    from nanochat.text_stream import ReplyStream
+    prompt = tokenizer.render_for_completion([{"role": "user", "content": "hello there"}])
+    tokens = [t[0] for t, _ in Engine(live.model, tokenizer, tools=None).generate(
+        prompt, max_tokens=24, temperature=0.0, think="on")]
+    expected = ReplyStream(tokenizer)
+    for t in tokens:
+        expected.feed(t)
+    expected.finish()
+    for extra in ({"think": "on"}, {"chat_template_kwargs": {"enable_thinking": True}}):
+        reply = ask(client, "hello there", temperature=0.0, max_tokens=24, extra_body=extra)
+        message = reply.choices[0].message
+        assert message.reasoning_content and "<think>" not in message.reasoning_content
+        assert message.content == expected.text() == ""
+        streamed = list(ask(client, "hello there", temperature=0.0, max_tokens=24, stream=True, extra_body=extra))
+        reasoning = "".join(getattr(c.choices[0].delta, "reasoning_content", None) or "" for c in streamed if c.choices)
+        assert reasoning == message.reasoning_content
+    off = ask(client, "hello there", temperature=0.0, max_tokens=24, extra_body={"think": "off"})
+    assert not off.choices[0].message.reasoning_content
+
+
+def test_search_without_a_provider_and_a_bad_think_are_400(live, client):
+    with pytest.raises(openai.BadRequestError, match="search provider"):
+        ask(client, "weather today?", max_tokens=8, extra_body={"search": "auto"})
+    with pytest.raises(openai.BadRequestError):
+        ask(client, "hi", max_tokens=8, extra_body={"think": "maybe"})
+
+
 def test_n_seed_and_stop(client):
     a = ask(client, "numbers", temperature=1.0, top_p=0.9, max_tokens=16, n=3, seed=11)
     b = ask(client, "numbers", temperature=1.0, top_p=0.9, max_tokens=16, n=3, seed=11)

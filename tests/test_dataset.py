@@ -116,7 +116,7 @@ def test_bad_jsonl_row_is_reported_with_file_and_line(tmp_path):
     with pytest.raises(ValueError, match=r"0\.jsonl:3: expected an object with a string \"text\" field"):
         list(parquets_iter_batched("train", data_dir=str(data)))
     (data / "0.jsonl").write_text('{"text": "ok"}\n{"text": "cut\n')
-    with pytest.raises(ValueError, match=r"0\.jsonl:2: not valid JSON"):
+    with pytest.raises(ValueError, match=r"0\.jsonl:2: invalid JSON"):
         list(parquets_iter_batched("train", data_dir=str(data)))
     (data / "0.jsonl").write_text('{"text": "ok"}\n')
     (data / "0.txt").write_bytes("caf\xe9".encode("latin-1"))

@@ -5,13 +5,16 @@ Engine tests. Two kinds of model:
   matter), checked against naive full-recompute generation.
 """
 
+import json
 from dataclasses import dataclass
 
 import pytest
 import torch
 
+from nanochat.chat_format import THINK_PREFILL
 from nanochat.engine import Engine, KVCache, fit_conversation_to_context, sample_next_token
-from nanochat.tools import calculator_tool
+from nanochat.tools import calculator_tool, tool_call_json, web_search_budget
+from nanochat.web_search import LocalSearchProvider, format_results
 
 SPECIALS = ["<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>",
             "<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>"]
@@ -64,9 +67,10 @@ class MockModel:
     """Uniform logits (every token equally likely), or scripted: row b emits scripts[b][t] as its t-th
     generated token (a scripted position that a tool forces is simply skipped by the engine)."""
 
-    def __init__(self, scripts=None, sequence_len=64):
+    def __init__(self, scripts=None, sequence_len=64, prompt_len=len(PROMPT)):
         self.config = MockConfig(sequence_len=sequence_len)
         self.scripts = scripts
+        self.prompt_len = prompt_len
         self.calls = []  # (batch, T) of every forward
         self.threads = []  # torch intra-op threads during every forward
 
@@ -81,7 +85,7 @@ class MockModel:
         kv_cache.advance(T)
         logits = torch.zeros(B, T, VOCAB)
         if self.scripts is not None:
-            generated = pos + T - len(PROMPT)  # index of the token the last position predicts
+            generated = pos + T - self.prompt_len  # index of the token the last position predicts
             for b in range(B):
                 script = self.scripts[b % len(self.scripts)]
                 logits[b, -1, script[min(generated, len(script) - 1)]] = 10.0
@@ -445,3 +449,196 @@ def test_engine_fills_the_context_exactly(gpt):
     assert len(prompt) + len(columns) == gpt.config.sequence_len
 
 
+
+
+# -----------------------------------------------------------------------------
+# think toggle, tools by name, the Engine's own web_search ("auto"/"force")
+
+def chat_prompt(*turns):
+    """A rendered chat prompt (render_for_completion's layout) for user/assistant texts, alternating from user."""
+    ids = [S["<|bos|>"]]
+    for i, text in enumerate(turns):
+        role = "user" if i % 2 == 0 else "assistant"
+        ids += [S[f"<|{role}_start|>"], *TOK.encode(text), S[f"<|{role}_end|>"]]
+    return ids + [S["<|assistant_start|>"]]
+
+
+SEARCH_SEQ_LEN = 2048  # room for search results with long temporary paths in their urls
+
+
+def run_scripted(prompt, script, engine_kwargs=None, **generate_kwargs):
+    """Generate greedily from a model that writes `script` (by position: forced positions are placeholders);
+    returns the generated tokens and their masks."""
+    model = MockModel(scripts=[script], sequence_len=SEARCH_SEQ_LEN, prompt_len=len(prompt))
+    engine = Engine(model, TOK, **(engine_kwargs or {}))
+    results, masks = engine.generate_batch(prompt, temperature=0.0, **generate_kwargs)
+    return results[0][len(prompt):], masks[0][len(prompt):], model
+
+
+def output_tokens(text):
+    return [S["<|output_start|>"], *TOK.encode(text), S["<|output_end|>"]]
+
+
+def call_tokens(code):
+    return [S["<|python_start|>"], *TOK.encode(code), S["<|python_end|>"]]
+
+
+@pytest.fixture
+def docs(tmp_path):
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "weather_oslo.md").write_text("# Weather in Oslo today\n\nOslo: light rain, 14 degrees.\n")
+    (folder / "mayor_oslo.md").write_text("# Mayor of Oslo: Ingrid Berg\n\nIngrid Berg has been mayor since 2023.\n")
+    (folder / "price_tea.txt").write_text("Tea price today\n\nGreen tea costs 4 crowns a cup.\n")
+    return LocalSearchProvider(str(folder), cache_dir=str(tmp_path / "index"))
+
+
+def search_output(docs, query):
+    k, max_chars = web_search_budget(SEARCH_SEQ_LEN)
+    return output_tokens(format_results(docs.search(query, k), max_chars))
+
+
+@pytest.mark.parametrize("think, engine_default", [("on", None), ("off", None), (None, "on"), (None, "off")])
+def test_think_toggle_prefills_forced_tokens(think, engine_default):
+    mode = think or engine_default
+    prefill = TOK.encode(THINK_PREFILL[mode])
+    answer = TOK.encode("ok.") + [S["<|assistant_end|>"]]
+    generated, masks, model = run_scripted(PROMPT, [ord("?")] * len(prefill) + answer,
+                                           engine_kwargs={"think_default": engine_default}, think=think)
+    assert generated == prefill + TOK.encode("ok.")
+    assert masks == [0] * len(prefill) + [1] * 3
+    assert model.calls[0] == (1, len(PROMPT) + len(prefill))  # the model reads the prefill as part of its prompt
+    # nothing prefilled without a mode, and an explicit mode beats the Engine's default
+    plain, _, _ = run_scripted(PROMPT, answer)
+    assert plain == TOK.encode("ok.")
+    other = "off" if mode == "on" else "on"
+    flipped, _, _ = run_scripted(PROMPT, [ord("?")] * len(TOK.encode(THINK_PREFILL[other])) + answer,
+                                 engine_kwargs={"think_default": mode}, think=other)
+    assert flipped[:len(TOK.encode(THINK_PREFILL[other]))] == TOK.encode(THINK_PREFILL[other])
+    with pytest.raises(ValueError, match="think must be"):
+        Engine(MockModel(), TOK, think_default="maybe")
+
+
+@pytest.mark.parametrize("code, expected_output", [
+    ("23*47", "1081"),                                                     # bare calculator expression
+    (tool_call_json("calculator", expression="45 * 0.17"), "7.65"),       # JSON calculator
+    (tool_call_json("web_search", query="weather in Oslo"), None),         # JSON web_search (a local provider)
+    ('{"tool": "shell", "arguments": {"cmd": "ls"}}',
+     "tool error: unknown tool 'shell' (available: calculator, web_search)"),
+    ('{"tool": "web_search", "arguments": {"query": ', None),               # bad JSON
+])
+def test_engine_dispatches_tool_calls_by_name(docs, code, expected_output):
+    if expected_output is None and "query\": \"weather" in code:
+        forced = search_output(docs, "weather in Oslo")
+        assert TOK.decode(forced).startswith("[1] Weather in Oslo today")
+    elif expected_output is None:
+        with pytest.raises(json.JSONDecodeError) as error:  # what the JSON parser says is what the model reads
+            json.loads(code.strip())
+        forced = output_tokens(f"tool error: bad JSON ({error.value.msg} at column {error.value.colno}); write "
+                               '{"tool": "name", "arguments": {...}}')
+    else:
+        forced = output_tokens(expected_output)
+    script = call_tokens(code) + [ord("?")] * len(forced) + TOK.encode(" done") + [S["<|assistant_end|>"]]
+    generated, masks, _ = run_scripted(PROMPT, script, engine_kwargs={
+        "tools": ["calculator", "web_search"], "search_provider": docs})
+    call = call_tokens(code)
+    assert generated == call + forced + TOK.encode(" done")
+    assert masks == [1] * len(call) + [0] * len(forced) + [1] * 5  # the tool's output is forced, never sampled
+
+
+def test_tools_are_chosen_per_call(docs):
+    code = tool_call_json("web_search", query="tea price")
+    engine = Engine(MockModel(scripts=[call_tokens(code) + [ord("?")] * 300], sequence_len=512), TOK,
+                    search_provider=docs)  # the Engine's default tools: the calculator only
+
+    def tool_output(**kwargs):
+        result, masks = engine.generate_batch(PROMPT, max_tokens=len(call_tokens(code)) + 90, temperature=0.0,
+                                              **kwargs)
+        return TOK.decode([t for t, m in zip(result[0], masks[0]) if m == 0][len(PROMPT):])  # the forced tokens
+    assert tool_output().startswith("tool error: unknown tool 'web_search' (available: calculator)")
+    assert tool_output(tools=["web_search"]).startswith("[1] Tea price today")
+    assert tool_output(tools="none") == ""
+
+
+WEATHER = "What's the weather in Oslo today?"
+INJECTED = call_tokens(tool_call_json("web_search", query=WEATHER))
+
+
+def test_auto_search_is_injected_after_think_closes(docs):
+    """think on: the model reasons, closes the block, and starts answering; the Engine replaces that first answer
+    token by its web_search call, the results follow, then the model answers."""
+    prompt = chat_prompt(WEATHER)
+    prefill, think = TOK.encode(THINK_PREFILL["on"]), TOK.encode("weather changes, look it up.\n</think>\n")
+    output = search_output(docs, WEATHER)
+    script = ([ord("?")] * len(prefill) + think + TOK.encode("X") + [ord("?")] * (len(INJECTED) + len(output) - 1)
+              + TOK.encode("Rain.") + [S["<|assistant_end|>"]])
+    generated, masks, _ = run_scripted(prompt, script, engine_kwargs={"search_provider": docs}, think="on",
+                                       search="auto")
+    assert generated == prefill + think + INJECTED + output + TOK.encode("Rain.")
+    assert masks == [0] * len(prefill) + [1] * len(think) + [0] * (len(INJECTED) + len(output)) + [1] * 5
+    # "off" mode: the same question and no search
+    plain, _, _ = run_scripted(prompt, script, engine_kwargs={"search_provider": docs}, think="on")
+    assert S["<|python_start|>"] not in plain
+
+
+def test_auto_search_with_think_off_comes_first(docs):
+    prompt = chat_prompt(WEATHER)
+    prefill, output = TOK.encode(THINK_PREFILL["off"]), search_output(docs, WEATHER)
+    script = [ord("?")] * (len(prefill) + len(INJECTED) + len(output)) + TOK.encode("Rain.") + [S["<|assistant_end|>"]]
+    generated, _, _ = run_scripted(prompt, script, engine_kwargs={"search_provider": docs}, think="off",
+                                   search="auto")
+    assert generated == prefill + INJECTED + output + TOK.encode("Rain.")
+
+
+def test_the_model_searching_itself_is_not_searched_again(docs):
+    prompt = chat_prompt(WEATHER)
+    own = call_tokens(tool_call_json("web_search", query="Oslo weather"))
+    output = search_output(docs, "Oslo weather")
+    script = own + [ord("?")] * len(output) + TOK.encode("Rain.") + [S["<|assistant_end|>"]]
+    generated, _, _ = run_scripted(prompt, script, engine_kwargs={"search_provider": docs}, search="force")
+    assert generated == own + output + TOK.encode("Rain.")
+
+
+def test_search_owed_after_another_tool_comes_after_its_output(docs):
+    prompt = chat_prompt(WEATHER)
+    calc, calc_out, output = call_tokens("2+2"), output_tokens("4"), search_output(docs, WEATHER)
+    script = (calc + [ord("?")] * (len(calc_out) + len(INJECTED) + len(output)) + TOK.encode("Rain.")
+              + [S["<|assistant_end|>"]])
+    generated, _, _ = run_scripted(prompt, script, engine_kwargs={"search_provider": docs}, search="auto")
+    assert generated == calc + calc_out + INJECTED + output + TOK.encode("Rain.")
+
+
+def test_a_model_that_opens_think_itself_searches_after_it(docs):
+    prompt = chat_prompt(WEATHER)
+    think, output = TOK.encode("<think>\nlook it up\n</think>\n"), search_output(docs, WEATHER)
+    script = think + [ord("?")] * (len(INJECTED) + len(output)) + TOK.encode("Rain.") + [S["<|assistant_end|>"]]
+    generated, _, _ = run_scripted(prompt, script, engine_kwargs={"search_provider": docs}, search="auto")
+    assert generated == think + INJECTED + output + TOK.encode("Rain.")
+
+
+def test_auto_asks_the_classifier_force_does_not(docs):
+    question = "How do airplanes fly?"
+    prompt = chat_prompt(question)
+    answer = TOK.encode("Wings.") + [S["<|assistant_end|>"]]
+    generated, _, _ = run_scripted(prompt, answer, engine_kwargs={"search_provider": docs}, search="auto")
+    assert generated == TOK.encode("Wings.")
+    forced = call_tokens(tool_call_json("web_search", query=question))
+    generated, _, _ = run_scripted(prompt, answer + [ord("?")] * 300, engine_kwargs={"search_provider": docs},
+                                   search="force")
+    assert generated[:len(forced)] == forced and S["<|output_start|>"] in generated
+
+
+def test_follow_up_search_resolves_the_pronoun(docs):
+    prompt = chat_prompt("Who is the mayor of Oslo?", "Ingrid Berg.", "Tell me more about her.")
+    generated, _, _ = run_scripted(prompt, [ord("?")] * 300, engine_kwargs={"search_provider": docs},
+                                   search="auto", max_tokens=150)
+    call = TOK.decode(generated[1:generated.index(S["<|python_end|>"])])
+    assert call == tool_call_json("web_search", query="Tell me more about the mayor of Oslo.")
+
+
+def test_search_modes_need_a_provider_and_a_known_mode():
+    engine = Engine(MockModel(), TOK)
+    with pytest.raises(ValueError, match="search provider"):
+        next(engine.generate(chat_prompt(WEATHER), search="auto"))
+    with pytest.raises(ValueError, match="search must be one of"):
+        next(engine.generate(chat_prompt(WEATHER), search="sometimes"))

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from nanochat.fileio import atomic_open, atomic_write_text, remove_stale_temp_files, temp_path_for
+from nanochat.fileio import atomic_open, atomic_write_text, iter_jsonl, remove_stale_temp_files, temp_path_for
 
 
 def test_atomic_open_replaces_whole_file(tmp_path):
@@ -49,3 +49,12 @@ def test_stale_temp_files_of_dead_writers_are_removed(tmp_path):
     removed = remove_stale_temp_files(tmp_path)
     assert removed == [str(stale)]
     assert sorted(os.listdir(tmp_path)) == sorted([live.name, keep.name])
+
+
+def test_iter_jsonl_skips_blank_lines_and_names_bad_ones(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(b'{"a": 1}\n\n   \n{"b": \n[1, "x\xe2\x80\xa8y"]\n\xff\xfe\n')  # U+2028 inside a string is data
+    rows = list(iter_jsonl(path))
+    assert [(n, v) for n, v, p in rows if p is None] == [(1, {"a": 1}), (5, [1, "x\u2028y"])]
+    bad = {n: p for n, v, p in rows if p is not None}
+    assert set(bad) == {4, 6} and bad[4].startswith("invalid JSON") and bad[6].startswith("not valid UTF-8")

@@ -385,7 +385,10 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
     single = {n: p.detach() for n, p in model.named_parameters()}
     start = {n: p.detach() for n, p in TinyLM().named_parameters()}
 
-    assert ranks[0]["native_native_ops"] == {"all_reduce_avg": True, "reduce_scatter_avg": True, "all_gather": True}
+    # which ops gloo has natively depends on the torch version (probed when the optimizer is built): the native
+    # run must use some, the fallback run none
+    assert any(ranks[0]["native_native_ops"].values()), ranks[0]["native_native_ops"]
+    assert not any(ranks[0]["fallback_native_ops"].values())
     for mode in ("native", "fallback"):
         for name, value in single.items():
             assert torch.equal(ranks[0][mode][name], ranks[1][mode][name]), f"{mode}: ranks disagree on {name}"

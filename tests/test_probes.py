@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from tasks.probes import ProbeOutput, check_rule, load_probes, split_assistant_tokens, summarize
+from tasks.probes import ProbeOutput, check_rule, format_compliance, load_probes, split_assistant_tokens, summarize
 
 SPECIALS = ["<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>",
             "<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>"]
@@ -44,11 +44,54 @@ def out(text, tool_calls=()):
     ({"no_tool": True}, out("2"), out("", [("calculator", "1+1")])),
     ({"think_closed_before_answer": True}, out("<think>add</think>4"), out("<think>add 4")),
     ({"think_closed_before_answer": True}, out("just 4"), out("4 <think>x</think> 5")),
+    ({"thinks": True}, out("<think>\nadd\n</think>\n4"), out("<think>\n</think>\n4")),
+    ({"thinks": True}, out("<think>add</think>4"), out("4")),
+    ({"thinks": True}, out("<think>add</think>4"), out("<think>add and never stop")),
+    ({"calls_tool": "web_search"}, out("", [("web_search", '{"tool": "web_search"}')]), out("", [("calculator", "1")])),
+    ({"tool_calls_valid": True}, out("", [("calculator", "1+1")]), out("", [(None, '{"tool": "shel')])),
     ({"max_chars": 5}, out("short"), out("too long")),
 ])
 def test_each_rule_passes_and_fails(rule, passing, failing):
     assert check_rule(rule, passing) is None
     assert check_rule(rule, failing) is not None
+
+
+def test_an_unclosed_think_is_no_answer():
+    # the reasoning ran out of tokens: even a right number inside it is not an answer
+    assert out("<think>the answer is 4 but let me").answer == ""
+    assert check_rule({"contains": "4"}, out("<think>the answer is 4 but let me")) is not None
+
+
+def test_tool_calls_are_named_by_what_they_call():
+    tok = ByteTokenizer()
+    s = tok.encode_special
+
+    def block(code):
+        return [s("<|python_start|>")] + tok.encode(code) + [s("<|python_end|>")]
+    ids = (block('{"tool": "web_search", "arguments": {"query": "Seoul weather"}}') + block("2+3")
+           + block('{"tool": "web_search", "arguments": {') + block('{"tool": "shell", "arguments": {}}'))
+    calls = split_assistant_tokens(ids, tok).tool_calls
+    assert [name for name, _ in calls] == ["web_search", "calculator", None, None]
+    # web_search disabled (a run without --with-tools): its call names no tool the Engine would run
+    assert split_assistant_tokens(ids, tok, tools=("calculator",)).tool_calls[0][0] is None
+
+
+def test_format_compliance_counts():
+    need = {"messages": [{"role": "user", "content": "What's the weather in Seoul?"}]}
+    no_need = {"messages": [{"role": "user", "content": "How do airplanes fly?"}]}
+    results = [
+        (need, out("<think>look</think>Sunny.", [("web_search", "{...}")]), "on", True),
+        (need, out("<think>look and never close", []), "on", True),
+        (no_need, out("<think>explain</think>Wings.", [(None, "{bad")]), "on", True),
+        (no_need, out("Wings.", []), None, True),
+    ]
+    c = format_compliance(results)
+    assert (c["think_closed"]["passed"], c["think_closed"]["total"]) == (2, 3)
+    assert (c["tool_calls_valid"]["passed"], c["tool_calls_valid"]["total"]) == (1, 2)
+    assert (c["search_when_needed"]["passed"], c["search_when_needed"]["total"]) == (1, 2)
+    assert c["no_search_when_not_needed"]["rate"] == 1.0
+    assert format_compliance([(need, out("x"), None, False)])["search_when_needed"] == \
+        {"passed": 0, "total": 0, "rate": None}  # without tools, searching is not measured
 
 
 def test_think_text_is_not_the_answer():
@@ -87,7 +130,23 @@ def test_load_probes_reports_every_bad_line(tmp_path):
 def test_shipped_probe_file_is_valid():
     from scripts.chat_probe import DEFAULT_PROBES
     probes = load_probes(DEFAULT_PROBES)
-    assert {"identity", "chat_format", "arithmetic", "spelling", "markup"} <= {p["category"] for p in probes}
+    assert {"identity", "chat_format", "arithmetic", "spelling", "markup", "think_search", "think_calculator",
+            "think_direct", "dates", "travel", "followup"} <= {p["category"] for p in probes}
+    by_id = {p["id"]: p for p in probes}
+    assert by_id["think-search-seoul"]["think"] == "on" and by_id["think-search-seoul"]["with_tools"]
+    assert {"calls_tool": "web_search"} in by_id["think-search-seoul"]["rules"]
+
+
+@pytest.mark.parametrize("extra, message", [({"think": "maybe"}, "think must be"),
+                                            ({"with_tools": "yes"}, "with_tools must be"),
+                                            ({"tools": ["x"]}, "unknown key")])
+def test_optional_probe_keys_are_checked(tmp_path, extra, message):
+    probe = {"id": "a", "category": "c", "messages": [{"role": "user", "content": "hi"}],
+             "rules": [{"no_tool": True}], **extra}
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps(probe) + "\n")
+    with pytest.raises(ValueError, match=message):
+        load_probes(path)
 
 
 def test_summarize():
@@ -105,12 +164,19 @@ class FakeModel:
 class FakeEngine:
     """Answers every prompt with a fixed text, like a model that always says the same thing."""
     answer = "I am nanochat."
+    think_default = None
 
     def __init__(self, model, tokenizer, **kw):
         self.tokenizer = tokenizer
+        self.calls = []
 
-    def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, **kw):
-        for t in self.tokenizer.encode(self.answer) + [self.tokenizer.encode_special("<|assistant_end|>")]:
+    def think_prefill_tokens(self, think):
+        return []
+
+    def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, think=None, search="off", **kw):
+        self.calls.append((think, search))
+        prefill = {"on": "<think>\nhmm\n</think>\n", "off": "<think>\n</think>\n", None: ""}[think]
+        for t in self.tokenizer.encode(prefill + self.answer) + [self.tokenizer.encode_special("<|assistant_end|>")]:
             yield [t], [1]
 
 
@@ -138,3 +204,26 @@ def test_gate_exit_code_and_log(tmp_path, monkeypatch, min_pass, expected_exit):
     record = json.loads(log.read_text().splitlines()[-1])
     assert record["total"] == 0.5 and record["per_category"] == {"identity": 1.0, "arithmetic": 0.0}
     assert record["failed_ids"] == ["math"] and record["step"] == 7
+
+
+def test_think_modes_tool_probes_and_compliance_in_the_log(tmp_path, monkeypatch):
+    from scripts import chat_probe
+
+    tok = FakeChatTokenizer()
+    engine = FakeEngine(None, tok)
+    monkeypatch.setattr(chat_probe, "load_engine", lambda args: (FakeModel(), tok, {"step": 7}, engine))
+    rows = [{"id": "own-think", "category": "t", "messages": [{"role": "user", "content": "a?"}], "think": "on",
+             "rules": [{"thinks": True}]},
+            {"id": "flag-think", "category": "t", "messages": [{"role": "user", "content": "b?"}],
+             "rules": [{"thinks": True}]},
+            {"id": "needs-search", "category": "s", "with_tools": True,
+             "messages": [{"role": "user", "content": "weather in Seoul today?"}], "rules": [{"calls_tool": "web_search"}]}]
+    probes = tmp_path / "probes.jsonl"
+    probes.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    log = tmp_path / "log.jsonl"
+    assert chat_probe.main(["--probes", str(probes), "--log", str(log), "--think", "off", "--min-pass", "0.5"]) == 0
+    assert engine.calls == [("on", "off"), ("off", "off")]  # the probe's own mode beats --think; no tools probe skipped
+    record = json.loads(log.read_text().splitlines()[-1])
+    assert record["per_category"] == {"t": 0.5} and record["skipped_ids"] == ["needs-search"]
+    assert record["think"] == "off" and record["format_compliance"]["think_closed"]["rate"] == 1.0
+    assert chat_probe.main(["--probes", str(probes), "--log", str(log), "--search", "auto"]) == 2

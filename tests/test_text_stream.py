@@ -37,6 +37,19 @@ def test_think_goes_to_reasoning_and_tags_are_never_shown(byte_tokenizer):
     assert stream.stopped
 
 
+@pytest.mark.parametrize("text, reasoning, answer", [
+    ("<think>\nfirst line\nsecond\n</think>\nThe answer.", "first line\nsecond", "The answer."),
+    ("<think>\n</think>\nThe answer.", "", "The answer."),  # think "off": the empty block shows nothing
+    ("<think>\nstill going\n\n", "still going\n\n", ""),  # never closed: all reasoning, no answer
+])
+def test_the_think_templates_newlines_are_not_part_of_reasoning_or_answer(byte_tokenizer, text, reasoning, answer):
+    """chat_format.think_block writes "<think>\\n...\\n</think>\\n"; streamed byte by byte, the reasoning and the
+    answer are what was written between, and no delta is ever taken back (a held newline comes later if real)."""
+    stream, deltas = stream_all(byte_tokenizer, byte_tokens(byte_tokenizer, text))
+    assert stream.text("reasoning") == reasoning and stream.text("content") == answer
+    assert "".join(d for k, d in deltas if k == "reasoning") == reasoning
+
+
 def test_tool_blocks_are_items_once_closed(byte_tokenizer):
     S = byte_tokenizer.special
     tokens = (byte_tokens(byte_tokenizer, "It is ") + [S["<|python_start|>"]] + byte_tokens(byte_tokenizer, "6*7")

@@ -7,6 +7,10 @@ import pytest
 import tiktoken
 import torch
 
+from nanochat.cli import UserError
+from nanochat.chat_format import (THINK_PREFILL, assistant_content, assistant_parts_from_tokens, split_reasoning,
+                                  think_block, validate_conversation)
+from nanochat.tools import tool_call_json
 from nanochat.tokenizer import (
     SPECIAL_TOKENS, SPLIT_PATTERN, RustBPETokenizer, build_encoding, compute_token_bytes, get_token_bytes,
     get_tokenizer, save_token_bytes,
@@ -326,8 +330,8 @@ def test_tok_train_main_writes_tokenizer_token_bytes_and_report(_isolated_base_d
     assert torch.equal(get_token_bytes(), compute_token_bytes(tok))
     report = (_isolated_base_dir / "report" / "tokenizer-training.md").read_text()
     assert "vocab_size: 320" in report and "train_time" in report
-    with pytest.raises(SystemExit, match="No training text"):
-        main([], batches=iter([]))
+    with pytest.raises(UserError, match="No training text"):
+        main(["--force"], batches=iter([]))
 
 
 def test_tok_eval_table_and_report_offline(tok, _isolated_base_dir, monkeypatch, capsys):
@@ -350,3 +354,76 @@ def test_tok_eval_table_and_report_offline(tok, _isolated_base_dir, monkeypatch,
     assert "vs GPT-2" in out and "+0.0%" in out and "GPT-4 (cl100k_base) not compared" in out
     report = (_isolated_base_dir / "report" / "tokenizer-evaluation.md").read_text()
     assert "| korean |" in report and "not compared" in report
+
+
+# ---------------------------------------------------------------------------------------------------------
+# think -> tool call -> answer turns: render, masks, round trip, and the inference prompt as a trained prefix
+
+def think_tool_conversation():
+    def T(text):
+        return {"type": "text", "text": text}
+    return [
+        {"role": "system", "content": "You are nanochat."},
+        {"role": "user", "content": "What's the weather in Seoul?"},
+        {"role": "assistant", "content": [
+            T(think_block("Weather changes every day, so I should search for it.")),
+            {"type": "python", "text": tool_call_json("web_search", query="What's the weather in Seoul?")},
+            {"type": "python_output", "text": "[1] Weather in Seoul today\nfile:///docs/seoul.md\nSunny, 27°C."},
+            T("It is sunny and 27°C in Seoul.")]},
+        {"role": "user", "content": "And a 17% tip on $45?"},
+        {"role": "assistant", "content": [
+            T(think_block("17% of $45 is 45 * 0.17.")), {"type": "python", "text": "45 * 0.17"},
+            {"type": "python_output", "text": "7.65"}, T("The tip is $7.65.")]},
+        {"role": "user", "content": "How do airplanes fly?"},
+        {"role": "assistant", "content": think_block("This is an explanation, no tool.") + "Wings push air down."},
+        {"role": "user", "content": "Thanks!"},
+        {"role": "assistant", "content": think_block("") + "You're welcome!"},  # think "off": an empty block
+    ]
+
+
+def test_think_tool_turns_render_as_prefixes_of_longer_conversations(tok):
+    messages = think_tool_conversation()
+    assert validate_conversation(messages) == []
+    previous_ids, previous_mask = [], []
+    for k in range(2, len(messages) + 1):  # a system message alone does not render
+        ids, mask = tok.render_conversation(messages[:k], max_tokens=None)
+        assert ids[:len(previous_ids)] == previous_ids and mask[:len(previous_mask)] == previous_mask
+        previous_ids, previous_mask = ids, mask
+
+
+def test_think_tool_turns_mask_outputs_and_user_text_only(tok):
+    ids, mask = tok.render_conversation(think_tool_conversation(), max_tokens=None)
+    trained = tok.decode([t for t, m in zip(ids, mask) if m])
+    untrained = tok.decode([t for t, m in zip(ids, mask) if not m])
+    for text in ("<think>\nWeather changes every day", '{"tool": "web_search"', "It is sunny", "45 * 0.17",
+                 "The tip is $7.65.", "<think>\n</think>\nYou're welcome!"):
+        assert text in trained
+    for text in ("Sunny, 27°C.", "7.65<|output_end|>", "How do airplanes fly?", "You are nanochat."):
+        assert text in untrained and text not in trained
+
+
+def test_think_tool_turns_round_trip_through_the_generated_tokens(tok):
+    messages = think_tool_conversation()
+    ids, _ = tok.render_conversation(messages, max_tokens=None)
+    start, end = tok.encode_special("<|assistant_start|>"), tok.encode_special("<|assistant_end|>")
+    turns = []
+    while start in ids:
+        ids = ids[ids.index(start) + 1:]
+        turns.append(ids[:ids.index(end) + 1])  # what the engine would have generated, <|assistant_end|> included
+    originals = [m["content"] for m in messages if m["role"] == "assistant"]
+    assert [assistant_content(assistant_parts_from_tokens(tok, turn)) for turn in turns] == originals
+
+
+def test_inference_prompt_plus_think_prefill_is_what_training_rendered(tok):
+    """render_for_completion + the Engine's think prefill are exactly the first tokens of the trained turn, so the
+    model continues from a state it saw in training (on: reasoning follows; off: the answer or a call follows)."""
+    messages = think_tool_conversation()
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        content = message["content"]
+        first_text = content if isinstance(content, str) else content[0]["text"]
+        mode = "on" if split_reasoning(first_text)[0] else "off"
+        prompt = tok.render_for_completion(messages[:i]) + tok.encode(THINK_PREFILL[mode])
+        trained, _ = tok.render_conversation(messages[:i + 1], max_tokens=None)
+        assert trained[:len(prompt)] == prompt, (i, mode)

@@ -5,7 +5,9 @@ import operator
 import pytest
 
 from nanochat.engine import use_calculator as engine_use_calculator
-from nanochat.tools import calculator_tool, evaluate_calculator, format_number, get_tool, python_tool, use_calculator
+from nanochat.tools import (TOOL_NAMES, calculator_tool, evaluate_calculator, format_number, get_tool, parse_tool_call,
+                            python_tool, run_tool_call, tool_call_json, use_calculator, web_search_budget)
+from nanochat.web_search import LocalSearchProvider, format_results
 
 
 @pytest.mark.parametrize("expr, expected", [
@@ -83,13 +85,15 @@ def test_format_number():
 
 
 def test_get_tool():
-    assert get_tool("calculator") is calculator_tool
-    assert get_tool("python") is python_tool
+    calculator = get_tool("calculator")
+    assert calculator("12/60") == calculator_tool("12/60") == "0.2"  # nanochat's bare format, unchanged
+    assert calculator("__import__('os')") is None                   # ... refusals still give no output
     assert get_tool(None) is None and get_tool("none") is None
     fn = lambda code: "x"  # noqa: E731
     assert get_tool(fn) is fn
-    with pytest.raises(ValueError, match="unknown tool"):
-        get_tool("shell")
+    for bad in ("shell", ["calculator", "shell"], []):
+        with pytest.raises(ValueError, match="unknown tool"):
+            get_tool(bad)
 
 
 def test_python_tool_prints_last_expression_and_reports_errors():
@@ -99,3 +103,72 @@ def test_python_tool_prints_last_expression_and_reports_errors():
     assert python_tool("1/0").endswith("ZeroDivisionError: division by zero")
     out = python_tool("import os; os.system('true')")
     assert "PermissionError" in out and "not allowed" in out
+
+
+# -----------------------------------------------------------------------------
+# dispatch by name
+
+@pytest.fixture
+def docs(tmp_path):
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "weather_oslo.md").write_text("# Weather in Oslo today\n\nOslo: light rain, 14 degrees.\n")
+    (folder / "price_tea.txt").write_text("Tea price today\n\nGreen tea costs 4 crowns a cup in Oslo cafes.\n")
+    return LocalSearchProvider(str(folder), cache_dir=str(tmp_path / "index"))
+
+
+def test_json_calls_dispatch_by_name(docs):
+    run = get_tool(list(TOOL_NAMES), search_provider=docs, search_k=2, search_max_chars=400)
+    assert run(tool_call_json("calculator", expression="45 * 0.17")) == "7.65"
+    assert run(tool_call_json("python", code="print(6 * 7)")) == "42"
+    # web_search: the provider's results, formatted exactly as format_results does (what training data shows)
+    expected = format_results(docs.search("weather in Oslo", 2), 400)
+    assert run(tool_call_json("web_search", query="weather in Oslo")) == expected
+    assert expected.startswith("[1] Weather in Oslo today")
+    assert run('{"tool": "web_search", "arguments": {"query": "tea", "k": 1}}') == format_results(docs.search("tea", 1), 400)
+    assert run("2 + 3") == "5"  # bare: the calculator, as in nanochat
+    assert run("sum(range(4))") == "6"  # bare and refused by the calculator: python is enabled, so python runs it
+
+
+@pytest.mark.parametrize("code, message", [
+    ('{"tool": "shell", "arguments": {"cmd": "ls"}}', "unknown tool 'shell'"),
+    ('{"tool": "web_search", "arguments": {"query": "x"}', "bad JSON"),
+    ("{not json at all", "bad JSON"),
+    ('{"tool": "calculator"}', 'calculator needs "arguments": {"expression"'),
+    ('{"tool": "web_search", "arguments": {"query": ""}}', "web_search needs"),
+    ('{"tool": "web_search", "arguments": {"query": "x", "k": 500}}', '"k" must be'),
+    ('{"arguments": {"expression": "1"}}', 'needs {"tool"'),
+])
+def test_malformed_calls_are_error_text_not_exceptions(code, message):
+    output = run_tool_call(code, enabled=TOOL_NAMES)
+    assert output.startswith("tool error:") and message in output, output
+    assert parse_tool_call(code).error is not None
+
+
+def test_disabled_tools_and_tool_failures_are_error_text(docs):
+    calculator_only = get_tool("calculator")
+    assert "unknown tool 'web_search' (available: calculator)" in calculator_only(
+        tool_call_json("web_search", query="weather"))
+    assert run_tool_call(tool_call_json("calculator", expression="2 ** 10 ** 10")).startswith("calculator error:")
+    assert "no search provider" in run_tool_call(tool_call_json("web_search", query="x"), search_provider=None)
+
+    class BrokenProvider:
+        def search(self, query, k):
+            raise RuntimeError("disk on fire")
+    output = run_tool_call(tool_call_json("web_search", query="x"), search_provider=BrokenProvider())
+    assert output == "web_search error: RuntimeError: disk on fire"
+    # a bare block with only web_search enabled names no tool it could run
+    assert run_tool_call("1+1", enabled=("web_search",)).startswith("tool error: a bare expression")
+
+
+def test_parse_names_the_tool_of_each_format():
+    assert parse_tool_call("12/60").name == "calculator" and parse_tool_call("12/60").bare
+    assert parse_tool_call("print(1)", enabled=("python",)).name == "python"
+    call = parse_tool_call(tool_call_json("web_search", query="Seoul weather"))
+    assert (call.name, call.argument, call.bare, call.error) == ("web_search", "Seoul weather", False, None)
+    assert tool_call_json("web_search", query="café") == '{"tool": "web_search", "arguments": {"query": "café"}}'
+
+
+def test_web_search_budget_fits_short_contexts():
+    assert web_search_budget(2048) == web_search_budget(8192) == (3, 1500)
+    assert web_search_budget(1024) == (2, 512) and web_search_budget(512) == (1, 256)

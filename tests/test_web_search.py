@@ -284,7 +284,7 @@ def test_local_bad_input_is_a_clear_error(tmp_path):
         LocalSearchProvider(tmp_path / "nope")
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "rows.jsonl").write_text('{"text": "ok"}\n{broken\n')
-    with pytest.raises(SearchError, match=r"rows.jsonl:2: not valid JSON"):
+    with pytest.raises(SearchError, match=r"rows.jsonl:2: invalid JSON"):
         LocalSearchProvider(tmp_path / "bad").search("ok", 1)
     (tmp_path / "bad" / "rows.jsonl").write_text('{"body": "no text field"}\n')
     with pytest.raises(SearchError, match="no 'text' or 'content'"):
@@ -374,6 +374,10 @@ NO_SEARCH = [
     "write a poem about the weather", "tell me a joke", "write a story about a king",
     "write a python function to reverse a string", "how do I sort a list in python", "fix this bug in my code",
     "who was the first president of the United States", "hello", "thanks!", "",
+    # arithmetic and calendar questions that mention prices, "today" or a year (the think/tool data's questions)
+    "A $209 jacket is 50% off. What is the sale price?", "Sam saves $27 a week for 6 weeks. How much is left?",
+    "If today is Friday, what day of the week will it be in 3 days?", "What date is 47 days after 23 June 2027?",
+    "What day of the week is ten days before a Tuesday?", "Who am I chatting with right now?",
 ]
 
 

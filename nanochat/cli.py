@@ -1,0 +1,158 @@
+"""
+What every script's command line shares, without importing torch (importing it takes seconds, so the trainers
+check their flags with this module before they import anything heavy):
+
+- `UserError`: a mistake the user can fix (a flag, a file, the disk; `MissingFileError` for a file not there).
+  `exit_on_user_error(main)` runs an entry point and turns one into a single line on stderr and exit status 2
+  (or the error's own `exit_code`), no traceback;
+- `ArgumentParser`: argparse whose errors are that same one line (argparse's own print the whole usage first);
+- argparse types that check ranges as the flag is parsed: `int_at_least`, `float_at_least`, `float_above`,
+  `fraction`, `window_pattern`, `existing_file`, `existing_dir`, `push_url`;
+- `add_push_arguments`: the trainers' --push-to / --push-wait (nanochat.hub).
+"""
+
+import argparse
+import math
+import os
+import re
+import sys
+
+
+class UserError(ValueError):
+    """Something the user can fix, with a message that says what went wrong and what to do. A ValueError, so code
+    that already catches bad values keeps working."""
+    exit_code = 2
+
+
+class MissingFileError(UserError, FileNotFoundError):
+    """A file the user has to provide or create first (a tokenizer, a checkpoint). Also a FileNotFoundError."""
+
+
+def one_line(text):
+    """A message as one line (multi-line explanations are joined with ' | ')."""
+    return " | ".join(line.strip() for line in str(text).splitlines() if line.strip())
+
+
+def exit_on_user_error(main):
+    """Run `main()`; a UserError ends the process with one line on stderr ('ERROR: ...') and its exit code."""
+    try:
+        return main()
+    except UserError as e:
+        print(f"ERROR: {one_line(e)}", file=sys.stderr, flush=True)
+        sys.exit(e.exit_code)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse.ArgumentParser whose errors are one line on stderr (exit status 2): which flag, what is wrong,
+    and where to look."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+# -----------------------------------------------------------------------------
+# argparse types: each returns the parsed value or raises ArgumentTypeError, which argparse reports with the flag
+
+def _number(text, kind):
+    try:
+        value = kind(text)
+    except ValueError:
+        expected = "an integer" if kind is int else "a number"
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def int_at_least(minimum, off=None, multiple_of=1):
+    """An integer >= minimum (and a multiple of `multiple_of`), or exactly `off` (the flag's 'disabled' or
+    'automatic' value, e.g. -1)."""
+    def parse(text):
+        value = _number(text, int)
+        if value == off:
+            return value
+        if value < minimum or value % multiple_of:
+            want = f"an integer >= {minimum}" + (f" divisible by {multiple_of}" if multiple_of > 1 else "")
+            raise argparse.ArgumentTypeError(f"must be {want}{f' (or {off})' if off is not None else ''}, got {value}")
+        return value
+    parse.__name__ = "integer"
+    return parse
+
+
+def float_at_least(minimum, off=None):
+    """A finite number >= minimum, or exactly `off`."""
+    def parse(text):
+        value = _number(text, float)
+        if value < minimum and value != off:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum:g}{f' (or {off:g})' if off is not None else ''}, "
+                                             f"got {value:g}")
+        return value
+    parse.__name__ = "number"
+    return parse
+
+
+def float_above(bound, off=None):
+    """A finite number > bound, or exactly `off`."""
+    def parse(text):
+        value = _number(text, float)
+        if value <= bound and value != off:
+            raise argparse.ArgumentTypeError(f"must be > {bound:g}{f' (or {off:g})' if off is not None else ''}, "
+                                             f"got {value:g}")
+        return value
+    parse.__name__ = "number"
+    return parse
+
+
+def fraction(text):
+    """A number from 0 to 1."""
+    value = _number(text, float)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value:g}")
+    return value
+
+
+def window_pattern(text):
+    """Attention windows tiled over the layers: a non-empty string of S (short) and L (long)."""
+    if not re.fullmatch(r"[SLsl]+", text):
+        raise argparse.ArgumentTypeError(f"must be a string of S and L such as SSSL or L, got {text!r}")
+    return text
+
+
+def existing_file(text):
+    """A path to a readable file (not a directory)."""
+    if os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text} is a directory; pass a file")
+    if not os.path.isfile(text):
+        raise argparse.ArgumentTypeError(f"{text} does not exist")
+    if not os.access(text, os.R_OK):
+        raise argparse.ArgumentTypeError(f"{text} is not readable")
+    return text
+
+
+def existing_dir(text):
+    """A path to a directory."""
+    if not os.path.isdir(text):
+        what = "a file" if os.path.exists(text) else "missing"
+        raise argparse.ArgumentTypeError(f"{text} is {what}; pass a directory")
+    return text
+
+
+def push_url(text):
+    """--push-to: a URL nanochat.remote can write to (a known protocol whose package is installed)."""
+    # fsspec and huggingface_hub take a few hundred ms to import: only when the flag is given
+    from nanochat.remote import PushError, open_remote  # noqa: E402
+    try:
+        open_remote(text)
+    except PushError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def add_push_arguments(parser):
+    """--push-to URL and --push-wait SECONDS, the same in every trainer (nanochat.hub.CheckpointPusher takes them)."""
+    parser.add_argument("--push-to", type=push_url, default=None, metavar="URL",
+                        help="upload every checkpoint (and the tokenizer) in the background as it is saved: an fsspec "
+                             "URL (file://, s3://, gs://, memory://...) or hf://org/name; restore on another machine "
+                             "with `python -m nanochat.hub pull URL`")
+    parser.add_argument("--push-wait", type=float_at_least(0), default=600, metavar="SECONDS",
+                        help="at exit, wait at most this long for uploads still running, then say what is unpushed")
