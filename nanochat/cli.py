@@ -135,24 +135,3 @@ def existing_dir(text):
         what = "a file" if os.path.exists(text) else "missing"
         raise argparse.ArgumentTypeError(f"{text} is {what}; pass a directory")
     return text
-
-
-def push_url(text):
-    """--push-to: a URL nanochat.remote can write to (a known protocol whose package is installed)."""
-    # fsspec and huggingface_hub take a few hundred ms to import: only when the flag is given
-    from nanochat.remote import PushError, open_remote  # noqa: E402
-    try:
-        open_remote(text)
-    except PushError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    return text
-
-
-def add_push_arguments(parser):
-    """--push-to URL and --push-wait SECONDS, the same in every trainer (nanochat.hub.CheckpointPusher takes them)."""
-    parser.add_argument("--push-to", type=push_url, default=None, metavar="URL",
-                        help="upload every checkpoint (and the tokenizer) in the background as it is saved: an fsspec "
-                             "URL (file://, s3://, gs://, memory://...) or hf://org/name; restore on another machine "
-                             "with `python -m nanochat.hub pull URL`")
-    parser.add_argument("--push-wait", type=float_at_least(0), default=600, metavar="SECONDS",
-                        help="at exit, wait at most this long for uploads still running, then say what is unpushed")

@@ -3,7 +3,7 @@ Checkpoints off the box while training, and back onto a fresh machine.
 
 In a trainer (each rank builds one; only one process per node uploads):
 
-    add_push_arguments(parser)                     # nanochat.cli: --push-to URL (checked as parsed), --push-wait
+    add_push_arguments(parser)                     # nanochat.remote: --push-to URL (checked as parsed), --push-wait
     pusher = CheckpointPusher(args.push_to)        # None: does nothing
     save_checkpoint(checkpoint_dir, step, ...)     # atomic, meta last
     pusher.push(checkpoint_dir, step)              # returns at once: a background thread uploads

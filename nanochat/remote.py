@@ -9,6 +9,7 @@ their flags, before they import torch (a bad URL is refused at once, not after t
   upload (its files appear together); $HF_ENDPOINT (nanochat.download.hf_endpoint) and $HF_TOKEN are honoured.
 """
 
+import argparse
 import os
 import posixpath
 import re
@@ -19,7 +20,7 @@ import fsspec
 import huggingface_hub
 from huggingface_hub.errors import RepositoryNotFoundError
 
-from nanochat.cli import UserError
+from nanochat.cli import UserError, float_at_least
 from nanochat.download import hf_endpoint
 from nanochat.fileio import atomic_open
 
@@ -128,3 +129,25 @@ def open_remote(url):
         raise PushError(f"{protocol}:// needs a package that is not installed ({e}); e.g. pip install s3fs for "
                         f"s3://, gcsfs for gs://") from None
     return FsspecRemote(url)
+
+
+# -----------------------------------------------------------------------------
+# The --push-to / --push-wait flags (every trainer's; nanochat.hub.CheckpointPusher takes them)
+
+def push_url(text):
+    """--push-to: a URL this module can write to (a known protocol whose package is installed)."""
+    try:
+        open_remote(text)
+    except PushError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def add_push_arguments(parser):
+    """--push-to URL and --push-wait SECONDS, the same in every trainer."""
+    parser.add_argument("--push-to", type=push_url, default=None, metavar="URL",
+                        help="upload every checkpoint (and the tokenizer) in the background as it is saved: an fsspec "
+                             "URL (file://, s3://, gs://, memory://...) or hf://org/name; restore on another machine "
+                             "with `python -m nanochat.hub pull URL`")
+    parser.add_argument("--push-wait", type=float_at_least(0), default=600, metavar="SECONDS",
+                        help="at exit, wait at most this long for uploads still running, then say what is unpushed")

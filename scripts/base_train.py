@@ -22,7 +22,8 @@ import os
 import sys
 
 from nanochat.cli import (ArgumentParser, UserError, existing_dir, exit_on_user_error, float_above, float_at_least,
-                          fraction, int_at_least, window_pattern, add_push_arguments)
+                          fraction, int_at_least, window_pattern)
+from nanochat.remote import add_push_arguments
 
 
 # -----------------------------------------------------------------------------

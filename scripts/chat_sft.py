@@ -20,7 +20,8 @@ import os
 import re
 
 from nanochat.cli import (ArgumentParser, UserError, existing_file, exit_on_user_error, float_at_least, fraction,
-                          int_at_least, add_push_arguments)
+                          int_at_least)
+from nanochat.remote import add_push_arguments
 
 # -----------------------------------------------------------------------------
 # CLI: every flag (and data path) is checked as it is parsed, before torch and the rest are imported below
