@@ -161,6 +161,9 @@ def progress_lr_multiplier(progress, warmup_ratio, warmdown_ratio, final_lr_frac
     return (1 - decay) + decay * final_lr_frac
 
 
+MUON_MOMENTUM = 0.95  # Muon's momentum where a stage does not schedule it (RL, DPO): setup_optimizer's value
+
+
 def linear_ramp(step, start, end, ramp_steps):
     """start -> end linearly over ramp_steps, then end (Muon momentum warmup: 0.85 -> 0.95 over 300 in SFT)."""
     frac = min(step / ramp_steps, 1)

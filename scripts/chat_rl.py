@@ -33,13 +33,12 @@ from nanochat.engine import Engine
 from nanochat.optim import optimizer_step, set_schedule
 from nanochat.report import get_report
 from nanochat.rl import group_advantages, pass_at_k, policy_gradient_loss, rollout_rows, sample_seed
-from nanochat.training import ManualGC, StepMeter, progress_lr_multiplier, step_loss_scale
+from nanochat.training import MUON_MOMENTUM, ManualGC, StepMeter, progress_lr_multiplier, step_loss_scale
 from tasks.arithmetic import Arithmetic
 from tasks.gsm8k import GSM8K
 from tasks.spellingbee import SpellingBee
 
 RL_TASKS = ("GSM8K", "Arithmetic", "SpellingBee")
-MUON_MOMENTUM = 0.95  # nanochat's RL leaves Muon's momentum where setup_optimizer puts it
 EVAL_SEED_STEP = -1   # evaluation samples are seeded like a step of their own, the same at every evaluation
 
 

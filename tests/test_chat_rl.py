@@ -1,7 +1,6 @@
 """RL (scripts/chat_rl, nanochat/rl): group-mean advantages, zero gradient from an all-equal group, the policy
 gradient loss against a hand restatement from the logits, rollout masks, the pass@k estimator against brute force,
 and whole runs on a tiny model: resume == uninterrupted (bit-identical), 2 gloo ranks == 1 rank."""
-import dataclasses
 import itertools
 import json
 import os
@@ -11,8 +10,6 @@ import sys
 import pytest
 import torch
 
-from nanochat.checkpoint_manager import save_checkpoint
-from nanochat.gpt import GPTConfig
 from nanochat.rl import group_advantages, pass_at_k, policy_gradient_loss, rollout_rows, sample_seed
 from scripts import chat_rl
 from tasks.common import GeneratedTask
@@ -38,17 +35,11 @@ class VowelTask(GeneratedTask):
 
 
 @pytest.fixture
-def sft(_isolated_base_dir, build_tiny_checkpoint, build_gpt, monkeypatch):
-    """A tiny random GPT saved as chatsft_checkpoints/d3 step 0 (and its tokenizer), and chat_rl on VowelTask.
-    Three layers: with two, the backout layer is the last one, whose scale the final norm removes, so its
-    lambda's gradient is rounding noise that Adam blows up into full steps (no run could reproduce it)."""
+def sft(_isolated_base_dir, build_tiny_checkpoint, monkeypatch):
+    """A tiny random GPT saved as chatsft_checkpoints/d3 step 0 (and its tokenizer), and chat_rl on VowelTask."""
     texts = [" ".join(WORDS[i:] + WORDS[:i]) for i in range(len(WORDS))] * 10
-    checkpoint_dir = os.path.join(_isolated_base_dir, "chatsft_checkpoints", "d3")
-    tokenizer = build_tiny_checkpoint(str(_isolated_base_dir), texts, 300, 64, checkpoint_dir, 0)
-    model = build_gpt(GPTConfig(sequence_len=64, vocab_size=tokenizer.get_vocab_size(), n_layer=3, n_head=2,
-                                n_kv_head=2, n_embd=32, window_pattern="L"))
-    save_checkpoint(checkpoint_dir, 0, model.state_dict(), None,
-                    {"step": 0, "model_config": dataclasses.asdict(model.config)})
+    build_tiny_checkpoint(str(_isolated_base_dir), texts, 300, 64, os.path.join("chatsft_checkpoints", "d3"), 0,
+                          n_layer=3)
     monkeypatch.setattr(chat_rl, "build_tasks", lambda name, size, n: (VowelTask(size), VowelTask(n, split="test")))
     return _isolated_base_dir
 
