@@ -65,26 +65,24 @@ def build_gpt():
 
 @pytest.fixture(scope="session")
 def build_tiny_gpt(build_gpt):
-    """build(sequence_len, vocab_size, seed=0, n_layer=2) -> a random 32-wide GPT (full-context attention). Runs
-    that compare optimizer steps want n_layer=3: with 2 the backout layer is the last one, whose scale the final
-    norm removes, so its lambda's gradient is rounding noise that Adam turns into full-size steps."""
-    def build(sequence_len, vocab_size, seed=0, n_layer=2):
-        return build_gpt(GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=n_layer, n_head=2,
+    """build(sequence_len, vocab_size, seed=0) -> a random 2-layer, 32-wide GPT (full-context attention)."""
+    def build(sequence_len, vocab_size, seed=0):
+        return build_gpt(GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=2, n_head=2,
                                    n_kv_head=2, n_embd=32, window_pattern="L"), seed)
     return build
 
 
 @pytest.fixture(scope="session")
 def build_tiny_checkpoint(build_tiny_gpt):
-    """build(base_dir, texts, vocab_size, sequence_len, checkpoint_dir, step, meta=None, n_layer=2) -> tokenizer: a
-    tokenizer trained on `texts` saved in base_dir/tokenizer (with token_bytes, as tok_train leaves it) and a random
-    tiny GPT saved as the checkpoint base_dir/checkpoint_dir/<step> (meta: model_config and step, plus `meta`)."""
-    def build(base_dir, texts, vocab_size, sequence_len, checkpoint_dir, step, meta=None, n_layer=2):
+    """build(base_dir, texts, vocab_size, sequence_len, checkpoint_dir, step, meta=None) -> tokenizer: a tokenizer
+    trained on `texts` saved in base_dir/tokenizer (with token_bytes, as tok_train leaves it) and a random tiny GPT
+    saved as the checkpoint base_dir/checkpoint_dir/<step> (meta: model_config and step, plus `meta`)."""
+    def build(base_dir, texts, vocab_size, sequence_len, checkpoint_dir, step, meta=None):
         tokenizer = RustBPETokenizer.train_from_iterator(iter(texts), vocab_size=vocab_size)
         tokenizer_dir = os.path.join(base_dir, "tokenizer")
         tokenizer.save(tokenizer_dir)
         save_token_bytes(tokenizer, tokenizer_dir)
-        model = build_tiny_gpt(sequence_len, tokenizer.get_vocab_size(), n_layer=n_layer)
+        model = build_tiny_gpt(sequence_len, tokenizer.get_vocab_size())
         meta = {"step": step, "model_config": dataclasses.asdict(model.config), **(meta or {})}
         save_checkpoint(os.path.join(base_dir, checkpoint_dir), step, model.state_dict(), None, meta)
         return tokenizer

@@ -26,10 +26,9 @@ TRL_NAMES = {"loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
 
 @pytest.fixture
 def sft(_isolated_base_dir, build_tiny_checkpoint):
-    """A tiny random GPT as chatsft_checkpoints/d3 step 0, and a file of the 8 fixed pairs."""
+    """A tiny random GPT as chatsft_checkpoints/d2 step 0, and a file of the 8 fixed pairs."""
     texts = [" ".join(WORDS[i:] + WORDS[:i]) for i in range(len(WORDS))] * 10
-    build_tiny_checkpoint(str(_isolated_base_dir), texts, 300, 64, os.path.join("chatsft_checkpoints", "d3"), 0,
-                          n_layer=3)
+    build_tiny_checkpoint(str(_isolated_base_dir), texts, 300, 64, os.path.join("chatsft_checkpoints", "d2"), 0)
     rows = [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in PAIRS]
     rows[1] = {"prompt": [{"role": "user", "content": PAIRS[1][0]}],  # the conversational form, mixed in
                "chosen": [{"role": "assistant", "content": PAIRS[1][1]}],
@@ -113,6 +112,7 @@ if os.environ["RANK"] == "0":
 """
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_equal_one_rank(sft, tmp_path):
     """--pairs-per-step 4, 2 pairs per forward: one rank x 2 micro-steps or two ranks x 1, the same update."""
     common = tiny_args(sft, "--num-iterations", "3", "--eval-every", "-1")
