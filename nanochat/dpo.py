@@ -171,6 +171,23 @@ def normalize_pair(row):
     return pair
 
 
+def prompt_and_answer(row):
+    """A row of reference answers -> (prompt messages, [assistant message]): a conversation (a list of messages or
+    {"messages": [...]}) whose last message is the assistant's answer, or a pair-style row with "prompt" and
+    "chosen" (a "rejected" there is ignored). Raises ValueError saying what is wrong."""
+    if isinstance(row, dict) and "prompt" in row:
+        pair = normalize_pair({**row, "rejected": row.get("chosen", "")})
+        return pair["prompt"], pair["chosen"]
+    messages = row.get("messages") if isinstance(row, dict) else row
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("expected a conversation (a list of messages or {\"messages\": [...]}) or an object with "
+                         "'prompt' and 'chosen'")
+    if not isinstance(messages[-1], dict) or messages[-1].get("role") != "assistant":
+        raise ValueError("the conversation must end with the assistant's reference answer")
+    pair = normalize_pair({"prompt": messages[:-1], "chosen": messages[-1:], "rejected": messages[-1:]})
+    return pair["prompt"], pair["chosen"]
+
+
 def load_pairs_jsonl(path):
     """Read a JSONL file of preference pairs -> list of normalized pairs (normalize_pair). Every bad row is
     reported as path:LINE: reason, all in one ValueError."""
