@@ -36,6 +36,7 @@ from nanochat.rl import group_advantages, pass_at_k, policy_gradient_loss, rollo
 from nanochat.training import MUON_MOMENTUM, ManualGC, StepMeter, progress_lr_multiplier, step_loss_scale
 from tasks.arithmetic import Arithmetic
 from tasks.gsm8k import GSM8K
+from tasks.hub import TaskDataUnavailable
 from tasks.spellingbee import SpellingBee
 
 RL_TASKS = ("GSM8K", "Arithmetic", "SpellingBee")
@@ -90,7 +91,11 @@ def build_parser():
 def build_tasks(name, train_size, eval_examples):
     """(train task, held-out eval task). The generated tasks' test split never shares a seed with train."""
     if name == "GSM8K":
-        return GSM8K(subset="main", split="train"), GSM8K(subset="main", split="test", stop=eval_examples)
+        try:
+            return GSM8K(subset="main", split="train"), GSM8K(subset="main", split="test", stop=eval_examples)
+        except TaskDataUnavailable as e:
+            raise SystemExit(f"ERROR: GSM8K is unavailable ({str(e).splitlines()[0][:300]}). Pass --task Arithmetic "
+                             f"(offline), or point NANOCHAT_TASK_DATA_GSM8K at a local copy.") from None
     task_class = {"Arithmetic": Arithmetic, "SpellingBee": SpellingBee}[name]
     return task_class(size=train_size, split="train"), task_class(size=eval_examples, split="test")
 
