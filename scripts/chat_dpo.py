@@ -36,7 +36,7 @@ import torch.distributed as dist
 
 from nanochat import training
 from nanochat.checkpoint_manager import build_model, save_checkpoint
-from nanochat.common import compute_cleanup, print0
+from nanochat.common import compute_cleanup, print0, warn_if_cpu_is_busy
 from nanochat.dpo import (LOSS_TYPES, collate_pairs, dpo_loss, dpo_metric_sums, load_pairs_jsonl, mean_dpo_metrics,
                           pair_logps, render_pair)
 from nanochat.optim import optimizer_step, set_schedule
@@ -87,7 +87,8 @@ def build_parser():
     parser.add_argument("--unembedding-lr", type=float, default=None, help="LR of lm_head (default: inherit)")
     parser.add_argument("--matrix-lr", type=float, default=None, help="LR of the Muon matrices (default: inherit)")
     parser.add_argument("--weight-decay", type=float, default=0.0, help="weight decay of the Muon matrices")
-    parser.add_argument("--init-lr-frac", type=float, default=0.1, help="initial LR as a fraction of the base LRs")
+    parser.add_argument("--init-lr-frac", type=float, default=0.02,
+                        help="initial LR as a fraction of the source's LRs (small: DPO nudges a trained model)")
     parser.add_argument("--warmup-ratio", type=float, default=0.0, help="fraction of training for LR warmup")
     parser.add_argument("--warmdown-ratio", type=float, default=1.0,
                         help="fraction of training for the linear LR decay (1.0: from the start, as TRL's default)")
@@ -152,7 +153,7 @@ def resolve_settings(args, world_size):
     source_user_config = start.meta.get("user_config") or {}
     model_seq_len = start.meta["model_config"]["sequence_len"]
     inherited = training.inherit_settings([
-        ("max_seq_len", args.max_seq_len, None, model_seq_len),
+        ("max_seq_len", args.max_seq_len, model_seq_len, model_seq_len),  # the model's context
         ("embedding_lr", args.embedding_lr, source_user_config.get("embedding_lr"), 0.3),
         ("unembedding_lr", args.unembedding_lr, source_user_config.get("unembedding_lr"), 0.004),
         ("matrix_lr", args.matrix_lr, source_user_config.get("matrix_lr"), 0.02),
@@ -174,6 +175,8 @@ class DPORun:
         self.args = args
         self.rt = rt = training.init_runtime(args.device_type)
         self.wandb_run = training.init_wandb(args.run, "nanochat-dpo", vars(args).copy(), rt.master)
+        if rt.device_type == "cpu":
+            warn_if_cpu_is_busy()
         self.s = s = resolve_settings(args, rt.world_size)
         self.model, self.tokenizer, start_meta = build_model(s.start.start_dir, s.start.start_step, rt.device,
                                                              phase="train")

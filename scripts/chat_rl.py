@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from nanochat import training
 from nanochat.checkpoint_manager import build_model, save_checkpoint
-from nanochat.common import compute_cleanup, print0
+from nanochat.common import compute_cleanup, print0, warn_if_cpu_is_busy
 from nanochat.engine import Engine
 from nanochat.optim import optimizer_step, set_schedule
 from nanochat.report import get_report
@@ -142,6 +142,8 @@ class RLRun:
         self.args = args
         self.rt = rt = training.init_runtime(args.device_type)
         self.wandb_run = training.init_wandb(args.run, "nanochat-rl", vars(args).copy(), rt.master)
+        if rt.device_type == "cpu":
+            warn_if_cpu_is_busy()
         self.train_task, self.eval_task = build_tasks(args.task, args.train_size, args.eval_examples)
         self.s = s = resolve_settings(args, rt.world_size, len(self.train_task))
         self.model, self.tokenizer, start_meta = build_model(s.start.start_dir, s.start.start_step, rt.device,
