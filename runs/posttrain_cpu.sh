@@ -75,8 +75,9 @@ stage "DPO" $PY -m scripts.chat_dpo --source sft --train-jsonl "$WORK/dpo_train.
 stage "RL (Arithmetic)" $PY -m scripts.chat_rl --source sft --task Arithmetic --num-iterations "$RL_STEPS" \
     --examples-per-step 4 --num-samples 8 --device-batch-size 8 --max-new-tokens 64 \
     --eval-every "$RL_STEPS" --eval-examples 48 --eval-samples 4 --save-every -1 --run "$WANDB_RUN"
-stage "chat eval rl" $PY -m scripts.chat_eval -i rl -a "SpellingBee|Arithmetic" -x "$EVAL_PROBLEMS" -m 200
-stage "chat eval dpo" $PY -m scripts.chat_eval -i dpo -a "SpellingBee|Arithmetic" -x "$EVAL_PROBLEMS" -m 200
+# -s: this run's checkpoints, not a higher step an earlier, longer run left there
+stage "chat eval rl" $PY -m scripts.chat_eval -i rl -s "$RL_STEPS" -a "SpellingBee|Arithmetic" -x "$EVAL_PROBLEMS" -m 200
+stage "chat eval dpo" $PY -m scripts.chat_eval -i dpo -s "$DPO_STEPS" -a "SpellingBee|Arithmetic" -x "$EVAL_PROBLEMS" -m 200
 
 stage "report generate" $PY -m nanochat.report generate
 
