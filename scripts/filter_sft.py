@@ -121,7 +121,7 @@ def log_report(args, stats):
     get_report().log(section="SFT data filter", data=[
         {"Inputs": ", ".join(args.inputs), "Output": args.output, "Disabled rules": ", ".join(args.disable) or "none",
          "Rows": stats["rows"], "Kept": stats["kept"], "Dropped": stats["dropped"]},
-        "\n".join(table) + "\n",
+        "\n" + "\n".join(table) + "\n",  # a blank line first: markdown starts no table inside a list
     ])
 
 
