@@ -73,17 +73,30 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
     return losses, chosen_rewards, rejected_rewards
 
 
+def dpo_metric_sums(losses, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps):
+    """TRL's logged metrics as sums over the pairs given, plus "pairs": add these up over micro-batches and ranks,
+    then divide by the pairs (mean_dpo_metrics)."""
+    return {
+        "loss": losses.detach().sum().item(),
+        "rewards/chosen": chosen_rewards.sum().item(),
+        "rewards/rejected": rejected_rewards.sum().item(),
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).sum().item(),  # a tie is not a win
+        "rewards/margins": (chosen_rewards - rejected_rewards).sum().item(),
+        "logps/chosen": chosen_logps.detach().sum().item(),
+        "logps/rejected": rejected_logps.detach().sum().item(),
+        "pairs": len(losses),
+    }
+
+
+def mean_dpo_metrics(sums):
+    """dpo_metric_sums (summed over batches) -> TRL's metrics, the means over the pairs."""
+    pairs = max(1, sums["pairs"])
+    return {name: value / pairs for name, value in sums.items() if name != "pairs"}
+
+
 def dpo_metrics(losses, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps):
     """TRL's logged metrics (means over the pairs given) as floats."""
-    return {
-        "loss": losses.mean().item(),
-        "rewards/chosen": chosen_rewards.mean().item(),
-        "rewards/rejected": rejected_rewards.mean().item(),
-        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean().item(),
-        "rewards/margins": (chosen_rewards - rejected_rewards).mean().item(),
-        "logps/chosen": chosen_logps.detach().mean().item(),
-        "logps/rejected": rejected_logps.detach().mean().item(),
-    }
+    return mean_dpo_metrics(dpo_metric_sums(losses, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps))
 
 # -----------------------------------------------------------------------------
 # log-probs. Rows are (inputs, targets) with targets -1 wherever a token is not scored (prompt, tool output,
@@ -157,6 +170,23 @@ def normalize_pair(row):
             raise ValueError(f"prompt + {side}: " + "; ".join(problems))
         pair[side] = completion
     return pair
+
+
+def prompt_and_answer(row):
+    """A row of reference answers -> (prompt messages, [assistant message]): a conversation (a list of messages or
+    {"messages": [...]}) whose last message is the assistant's answer, or a pair-style row with "prompt" and
+    "chosen" (a "rejected" there is ignored). Raises ValueError saying what is wrong."""
+    if isinstance(row, dict) and "prompt" in row:
+        pair = normalize_pair({**row, "rejected": row.get("chosen", "")})
+        return pair["prompt"], pair["chosen"]
+    messages = row.get("messages") if isinstance(row, dict) else row
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("expected a conversation (a list of messages or {\"messages\": [...]}) or an object with "
+                         "'prompt' and 'chosen'")
+    if not isinstance(messages[-1], dict) or messages[-1].get("role") != "assistant":
+        raise ValueError("the conversation must end with the assistant's reference answer")
+    pair = normalize_pair({"prompt": messages[:-1], "chosen": messages[-1:], "rejected": messages[-1:]})
+    return pair["prompt"], pair["chosen"]
 
 
 def load_pairs_jsonl(path):

@@ -49,6 +49,8 @@ SECTION_ORDER = [
     "chat-evaluation-sft",
     "chat-rl",
     "chat-evaluation-rl",
+    "sft-data-filter",
+    "dpo-pairs",
     "chat-dpo",
     "chat-evaluation-dpo",
 ]

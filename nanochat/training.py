@@ -6,8 +6,9 @@ What every trainer (base_train, chat_sft, and the RL and DPO stages built on the
   (a step's loss as the mean over every trained token of all micro-batches and ranks), `check_memory_fits`
   (refuses a model or batch that cannot fit, with the numbers, before anything is allocated);
 - schedules: by step (pretraining) or by progress through the run (fine-tuning), Muon momentum and weight decay;
-- fine-tuning from a checkpoint: `find_checkpoint`, `read_checkpoint_meta`, `inherit_settings` (flags left
-  unset take the source's values), `warm_start_optimizer`, `scale_learning_rates`;
+- fine-tuning from a checkpoint: `find_checkpoint`, `resolve_start` (the source, or the run's own checkpoint when
+  resuming, and where to save), `read_checkpoint_meta`, `inherit_settings` (flags left unset take the source's
+  values), `warm_start_optimizer`, `scale_learning_rates`;
 - speed: `compile_with_fallback`, `ManualGC` (no collector pauses), `StepMeter` (the step line with loss, tok/s,
   MFU, training time and ETA);
 - saving: `checkpoint_meta` (the meta fields nanochat's loaders read, and the tokenizer's fingerprint),
@@ -205,6 +206,9 @@ def progress_lr_multiplier(progress, warmup_ratio, warmdown_ratio, final_lr_frac
     return (1 - decay) + decay * final_lr_frac
 
 
+MUON_MOMENTUM = 0.95  # Muon's momentum where a stage does not schedule it (RL, DPO): setup_optimizer's value
+
+
 def linear_ramp(step, start, end, ramp_steps):
     """start -> end linearly over ramp_steps, then end (Muon momentum warmup: 0.85 -> 0.95 over 300 in SFT)."""
     frac = min(step / ramp_steps, 1)
@@ -238,6 +242,49 @@ def find_checkpoint(kind, tag=None, step=None):
     tag = tag or find_largest_model(root)
     directory = os.path.join(root, tag)
     return directory, tag, find_last_step(directory) if step is None else step
+
+
+@dataclass(frozen=True)
+class StartPoint:
+    """Where a fine-tuning run's weights come from and where its checkpoints go. Fresh: from the source
+    checkpoint; resuming: from the run's own checkpoint at resume_step (meta is the start checkpoint's)."""
+    source_tag: str
+    source_step: int
+    source_dir: str
+    start_dir: str
+    start_step: int
+    output_dir: str
+    step_offset: int  # checkpoint numbers = this run's steps + step_offset (fine-tuning into the source's dir)
+    resume_step: int  # -1: a fresh run
+    meta: dict
+
+    @property
+    def resuming(self):
+        return self.resume_step >= 0
+
+
+def resolve_start(source, model_tag, model_step, output_kind, output_tag, resume_from_step):
+    """The StartPoint of a run that fine-tunes a `source` checkpoint (base|mid|sft|rl|dpo) into output_kind's
+    checkpoints under output_tag (default: the source's tag), or resumes from its own step resume_from_step
+    (>= 0). Reads only the start checkpoint's meta. Saving into the source's own directory numbers the run's
+    steps after the source's, so nothing is overwritten."""
+    source_dir, source_tag, source_step = find_checkpoint(source, model_tag, model_step)
+    output_dir = os.path.join(checkpoints_root(output_kind), output_tag or source_tag)
+    resuming = resume_from_step >= 0
+    start_dir, start_step = (output_dir, resume_from_step) if resuming else (source_dir, source_step)
+    print0(f"{'Resuming' if resuming else 'Starting'} from {start_dir} step {start_step}")
+    meta = read_checkpoint_meta(start_dir, start_step)
+    if resuming:
+        step_offset = meta["loop_state"]["step_offset"]
+    else:
+        step_offset = source_step if os.path.abspath(output_dir) == os.path.abspath(source_dir) else 0
+        if step_offset:
+            print0(f"NOTE: saving into the source's own directory: this run's checkpoints are numbered from step {step_offset}")
+        elif os.path.isdir(output_dir) and available_steps(output_dir):
+            print0(f"NOTE: {output_dir} already holds checkpoints at steps {available_steps(output_dir)}; "
+                   f"same-numbered ones will be replaced")
+    return StartPoint(source_tag, source_step, source_dir, start_dir, start_step, output_dir, step_offset,
+                      resume_from_step, meta)
 
 
 def read_checkpoint_meta(checkpoint_dir, step):

@@ -150,8 +150,7 @@ import torch.distributed as dist
 
 from nanochat.chat_dataloader import ConversationPacker
 from nanochat.chat_eval import ALL_TASKS, evaluate_chat_tasks
-from nanochat.checkpoint_manager import (available_steps, build_model, check_can_save, estimate_checkpoint_bytes,
-                                         save_checkpoint)
+from nanochat.checkpoint_manager import build_model, check_can_save, estimate_checkpoint_bytes, save_checkpoint
 from nanochat.common import compute_cleanup, get_base_dir, print0
 from nanochat.hub import CheckpointPusher
 from nanochat.loss_eval import evaluate_bpb
@@ -159,7 +158,7 @@ from nanochat.optim import optimizer_step, set_schedule
 from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes
 from nanochat import training
-from nanochat.training import (ManualGC, StepMeter, compute_grad_accum_steps, find_checkpoint, linear_ramp,
+from nanochat.training import (ManualGC, StepMeter, compute_grad_accum_steps, linear_ramp,
                                progress_lr_multiplier, step_loss_scale)
 from tasks.arithmetic import Arithmetic
 from tasks.common import TaskMixture
@@ -303,28 +302,15 @@ def inherit_from(args, meta):
 
 def resolve_settings(args, world_size):
     """Settings from the flags and the start checkpoint's meta (read before any weights are loaded)."""
-    source_dir, source_tag, source_step = find_checkpoint(args.source, args.model_tag, args.model_step)
-    checkpoints = "mid_checkpoints" if args.preset == "midtrain" else "chatsft_checkpoints"
-    output_dir = os.path.join(get_base_dir(), checkpoints, args.output_tag or source_tag)
-    resuming = args.resume_from_step >= 0
-    start_dir, start_step = (output_dir, args.resume_from_step) if resuming else (source_dir, source_step)
-    print0(f"{'Resuming' if resuming else 'Starting'} from {start_dir} step {start_step}")
-    meta = training.read_checkpoint_meta(start_dir, start_step)
-    if resuming:
-        step_offset = meta["loop_state"]["step_offset"]
-    else:  # fine-tuning an SFT model into its own directory: number this run's steps after the source's
-        step_offset = source_step if os.path.abspath(output_dir) == os.path.abspath(source_dir) else 0
-        if step_offset:
-            print0(f"NOTE: saving into the source's own directory: this run's checkpoints are numbered from step {step_offset}")
-        elif os.path.isdir(output_dir) and available_steps(output_dir):
-            print0(f"NOTE: {output_dir} already holds checkpoints at steps {available_steps(output_dir)}; "
-                   f"same-numbered ones will be replaced")
-    inherited = inherit_from(args, meta)
+    start = training.resolve_start(args.source, args.model_tag, args.model_step,
+                                   "mid" if args.preset == "midtrain" else "sft", args.output_tag, args.resume_from_step)
+    inherited = inherit_from(args, start.meta)
     grad_accum_steps = compute_grad_accum_steps(inherited["total_batch_size"], inherited["device_batch_size"],
                                                 inherited["max_seq_len"], world_size)
-    return Settings(source_tag=source_tag, source_step=source_step, start_dir=start_dir, start_step=start_step,
-                    output_dir=output_dir, step_offset=step_offset, resume_step=args.resume_from_step,
-                    grad_accum_steps=grad_accum_steps, user_config={**vars(args), **inherited},
+    return Settings(source_tag=start.source_tag, source_step=start.source_step, start_dir=start.start_dir,
+                    start_step=start.start_step, output_dir=start.output_dir, step_offset=start.step_offset,
+                    resume_step=start.resume_step, grad_accum_steps=grad_accum_steps,
+                    user_config={**vars(args), **inherited},
                     report_section="Midtraining" if args.preset == "midtrain" else "Chat SFT", **inherited)
 
 

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from nanochat.chat_format import parse_conversation_line
 from nanochat.fileio import atomic_open
+from nanochat.report import get_report
 from nanochat.sft_filter import RULE_NAMES, build_rules, first_matching_rule, load_extra_rules
 
 MAX_ERRORS_SHOWN = 20
@@ -113,6 +114,17 @@ def print_table(stats):
         print(f"disabled: {', '.join(stats['disabled'])}")
 
 
+def log_report(args, stats):
+    """The drop table as the report's "SFT data filter" section."""
+    table = ["| rule | dropped | % of rows |", "|---|---:|---:|"]
+    table += [f"| {name} | {entry['count']:,} | {entry['percent']:.2f} |" for name, entry in stats["rules"].items()]
+    get_report().log(section="SFT data filter", data=[
+        {"Inputs": ", ".join(args.inputs), "Output": args.output, "Disabled rules": ", ".join(args.disable) or "none",
+         "Rows": stats["rows"], "Kept": stats["kept"], "Dropped": stats["dropped"]},
+        "\n" + "\n".join(table) + "\n",  # a blank line first: markdown starts no table inside a list
+    ])
+
+
 def check_paths(args):
     """A user error as one line, or None."""
     for path in args.inputs:
@@ -152,6 +164,7 @@ def main(argv=None):
         return 2
     stats = summary(rows, counts, args.disable)
     print_table(stats)
+    log_report(args, stats)
     print(json.dumps(stats))
     return 0
 

@@ -13,7 +13,7 @@ Preview: python -m tasks.arithmetic
 """
 
 
-from tasks.common import GeneratedTask
+from tasks.common import GeneratedTask, same_number
 
 TEST_RANDOM_SEED_OFFSET = GeneratedTask.TEST_SEED_OFFSET
 
@@ -26,13 +26,6 @@ def extract_answer(completion):
     if not tail:
         return None
     return tail[0].replace(",", "").rstrip(".")
-
-
-def _same_number(a, b):
-    try:
-        return abs(float(a) - float(b)) < 1e-6
-    except (TypeError, ValueError):
-        return False
 
 
 # (question template, answer text before the tool call, answer text after it); {a}, {b} are the operands
@@ -118,7 +111,7 @@ class Arithmetic(GeneratedTask):
         """1 if the completion's '#### N' equals the reference number (compared as numbers: 21 == 21.0)."""
         assert isinstance(assistant_response, str), "Arithmetic grades plain-string completions"
         reference = extract_answer(conversation["messages"][-1]["content"][-1]["text"])
-        return int(_same_number(extract_answer(assistant_response), reference))
+        return int(same_number(extract_answer(assistant_response), reference))
 
 
 if __name__ == "__main__":

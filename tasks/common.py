@@ -10,6 +10,8 @@ Every Task is also a lightweight slicing view (start/stop/step) over its underly
 
 import random
 import logging
+import re
+from decimal import Decimal, InvalidOperation
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +69,31 @@ class Task:
     def reward(self, conversation, completion):
         """RL reward; by default just the 0/1 evaluation outcome."""
         return float(self.evaluate(conversation, completion))
+
+
+# -----------------------------------------------------------------------------
+# Numeric answers: "#### N" at the end of a GSM8K-style solution
+
+HASH_ANSWER_RE = re.compile(r"#### (\-?[0-9\.\,]+)")
+
+
+def extract_answer(completion):
+    """The number after the first '#### ' with commas removed (GSM8K's official normalization), or None."""
+    match = HASH_ANSWER_RE.search(completion)
+    if match:
+        return match.group(1).strip().replace(",", "")
+    return None
+
+
+def same_number(predicted, reference):
+    """Whether two answer strings are the same number: '1,234' == '1234', '18.0' == '18', '5.' == '5' (nanochat
+    compares the strings, so a model that writes 18.0 for 18 was marked wrong). Decimal, not float: exact for
+    any number of digits. Anything that is not a finite number (None, '', '1.2.3') is never equal."""
+    try:
+        a, b = (Decimal(str(x).replace(",", "")) for x in (predicted, reference))
+    except InvalidOperation:
+        return False
+    return a.is_finite() and b.is_finite() and a == b
 
 
 class GeneratedTask(Task):

@@ -13,19 +13,10 @@ Local data: NANOCHAT_TASK_DATA_GSM8K or data_path= (e.g. a folder with train.jso
 
 import re
 
-from tasks.common import Task
+from tasks.common import Task, extract_answer, same_number
 from tasks.hub import load_task_rows
 
-ANSWER_RE = re.compile(r"#### (\-?[0-9\.\,]+)")
 TOOL_CALL_RE = re.compile(r"(<<[^>]+>>)")
-
-
-def extract_answer(completion):
-    """The number after '#### ' with commas removed (the official GSM8K normalization), or None."""
-    match = ANSWER_RE.search(completion)
-    if match:
-        return match.group(1).strip().replace(",", "")
-    return None
 
 
 def answer_to_parts(answer):
@@ -68,11 +59,11 @@ class GSM8K(Task):
         return {"messages": messages}
 
     def evaluate(self, conversation, assistant_response):
-        """1 if the completion's #### number equals the reference's, else 0."""
+        """1 if the completion's #### number equals the reference's as a number (1,234 == 1234, 18.0 == 18)."""
         assert isinstance(assistant_response, str), "GSM8K grades plain-string completions"
         assistant_message = conversation["messages"][-1]
         assert assistant_message["role"] == "assistant", "last message must be the assistant's"
         assert isinstance(assistant_message["content"], list), "GSM8K reference answers are lists of parts"
         ref_num = extract_answer(assistant_message["content"][-1]["text"])  # the last text part holds '#### N'
         pred_num = extract_answer(assistant_response)
-        return int(pred_num == ref_num)
+        return int(same_number(pred_num, ref_num))

@@ -25,22 +25,12 @@ from nanochat.common import get_base_dir
 from nanochat.dataset import parquets_iter_batched
 from nanochat.download import download_file
 from nanochat.fileio import atomic_write_text
-from tasks.common import GeneratedTask
+from tasks.common import GeneratedTask, extract_answer, same_number
 
 LETTERS = string.ascii_lowercase
 WORD_LIST_URL = "https://raw.githubusercontent.com/dwyl/english-words/refs/heads/master/words_alpha.txt"
 TEST_RANDOM_SEED_OFFSET = GeneratedTask.TEST_SEED_OFFSET
 OFFLINE_WORD_RE = re.compile(r"[A-Za-z]+")
-
-ANSWER_RE = re.compile(r"#### (\-?[0-9\.\,]+)")  # same as GSM8K
-
-
-def extract_answer(completion):
-    match = ANSWER_RE.search(completion)
-    if match:
-        return match.group(1).strip().replace(",", "")
-    return None
-
 
 # User message templates (data augmentation), English plus a few other languages
 USER_MSG_TEMPLATES = [
@@ -217,14 +207,14 @@ class SpellingBee(GeneratedTask):
         return {"messages": messages}
 
     def evaluate(self, conversation, assistant_response):
-        """1 if the completion's #### number equals the true count, else 0."""
+        """1 if the completion's #### number equals the true count (as a number: 3.0 == 3), else 0."""
         assert isinstance(assistant_response, str), "SpellingBee grades plain-string completions"
         assistant_message = conversation["messages"][-1]
         assert assistant_message["role"] == "assistant", "last message must be the assistant's"
         assert isinstance(assistant_message["content"], list), "SpellingBee reference answers are lists of parts"
         ref_num = extract_answer(assistant_message["content"][-1]["text"])
         pred_num = extract_answer(assistant_response)
-        return int(pred_num == ref_num)
+        return int(same_number(pred_num, ref_num))
 
 
 class SimpleSpelling(GeneratedTask):

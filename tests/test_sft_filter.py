@@ -153,6 +153,8 @@ def test_script_keeps_rows_byte_for_byte_and_tags_dropped_rows(tmp_path, capsys)
     assert stats["rules"]["too_short"] == {"count": 1, "percent": 25.0}
     assert sum(entry["count"] for entry in stats["rules"].values()) == stats["dropped"]
     assert "html_tags" in out and "25.00" in out  # the human table precedes the JSON line
+    section = open(os.path.join(os.environ["NANOCHAT_BASE_DIR"], "report", "sft-data-filter.md")).read()
+    assert "| html_tags | 1 | 25.00 |" in section and "- Kept: 2" in section
 
 
 def test_refiltering_a_rejected_file_replaces_the_reason(tmp_path, capsys):

@@ -124,6 +124,35 @@ def test_gsm8k_from_local_file_in_reference_order_and_graded(tmp_path):
         GSM8K("main", "test", data_path=str(tmp_path / "gsm8k"))
 
 
+def test_numeric_answers_compare_as_numbers(tmp_path):
+    """'#### 1,234' is 1234 and '18.0' is 18 for every task graded by '#### N' (nanochat compares strings)."""
+    from tasks.arithmetic import Arithmetic
+    from tasks.common import same_number
+    from tasks.gsm8k import GSM8K
+    from tasks.spellingbee import SpellingBee
+    for a, b, equal in [("1,234", "1234", True), ("18.0", "18", True), ("5.", "5", True), ("-3", "-3.00", True),
+                        ("12345678901234567890", "12345678901234567891", False), ("18", "18.5", False),
+                        (None, "1", False), ("", "", False), ("1.2.3", "1.2.3", False), ("1", None, False)]:
+        assert same_number(a, b) is equal, (a, b)
+    rows = [{"question": "How many?", "answer": "It is <<1000+234=1234>>1234.\n#### 1,234"},
+            {"question": "How much?", "answer": "#### 18"}]
+    gsm8k = GSM8K("main", "train", data_path=write_jsonl(tmp_path / "gsm8k" / "train.jsonl", rows))
+    by_question = {gsm8k[i]["messages"][0]["content"]: gsm8k[i] for i in range(2)}
+    for question, right, wrong in [("How many?", ["#### 1234", "#### 1,234.0"], ["#### 1243", "1234"]),
+                                   ("How much?", ["#### 18.0", "#### 18."], ["#### 18.01", "#### 180"])]:
+        conv = by_question[question]
+        assert all(gsm8k.evaluate(conv, r) == 1 for r in right) and all(gsm8k.evaluate(conv, w) == 0 for w in wrong)
+    arithmetic = Arithmetic(size=3, split="test")
+    conv = arithmetic[0]
+    answer = conv["messages"][1]["content"][-1]["text"].rsplit("#### ", 1)[1]
+    assert arithmetic.reward(conv, f"#### {answer}.0") == 1.0 and arithmetic.reward(conv, f"#### {answer}1") == 0.0
+    words_file = tmp_path / "words.txt"
+    words_file.write_text("strawberry\n")
+    bee = SpellingBee(size=1, split="train", words_file=str(words_file))
+    count = bee[0]["messages"][1]["content"][-1]["text"].rsplit("#### ", 1)[1]
+    assert bee.evaluate(bee[0], f"#### {count}.0") == 1 and bee.evaluate(bee[0], f"#### {count}.5") == 0
+
+
 def test_env_var_overrides(tmp_path, monkeypatch):
     from tasks.gsm8k import GSM8K
     rows = [{"question": "q", "answer": "#### 1"}] * 3
