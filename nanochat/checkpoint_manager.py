@@ -403,7 +403,10 @@ def build_model_from_data(model_data, meta_data, device):
 
 def build_model(checkpoint_dir, step, device, phase):
     """Returns (model, tokenizer, meta): the uncompiled model in train/eval mode, the tokenizer from
-    $NANOCHAT_BASE_DIR/tokenizer, and the checkpoint's meta dict."""
+    $NANOCHAT_BASE_DIR/tokenizer, and the checkpoint's meta dict. An exported Hugging Face folder (step ignored)
+    brings its own tokenizer (see load_exported_model)."""
+    if os.path.isfile(os.path.join(checkpoint_dir, "config.json")):
+        return load_exported_model(checkpoint_dir, device, phase)
     if phase not in ("train", "eval"):
         raise ValueError(f"phase must be 'train' or 'eval', got {phase!r}")
     device = torch.device(device)

@@ -21,6 +21,7 @@ Errors the user can fix are `UserError`s (nanochat.cli): the scripts print them 
 import gc
 import math
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -30,13 +31,14 @@ import torch
 import torch.distributed as dist
 
 from nanochat import chunked_loss
-from nanochat.checkpoint_manager import (CheckpointNotFoundError, available_steps, checkpoints_root,
+from nanochat.checkpoint_manager import (CHECKPOINT_DIRS, CheckpointNotFoundError, available_steps, checkpoints_root,
                                          find_largest_model, find_last_step, gib, load_checkpoint, meta_path,
                                          read_meta)
 from nanochat.cli import UserError
-from nanochat.common import (COMPUTE_DTYPE, DummyWandb, autodetect_device_type, compute_init, get_peak_flops,
+from nanochat.common import (COMPUTE_DTYPE, DummyWandb, autodetect_device_type, compute_init, get_base_dir, get_peak_flops,
                              print0)
-from nanochat.tokenizer import get_tokenizer
+from nanochat.hf import load as hf_load
+from nanochat.tokenizer import TOKENIZER_FILENAME, get_tokenizer, save_token_bytes
 
 try:
     import resource  # peak RSS; Unix only
@@ -264,11 +266,15 @@ class StartPoint:
 
 
 def resolve_start(source, model_tag, model_step, output_kind, output_tag, resume_from_step):
-    """The StartPoint of a run that fine-tunes a `source` checkpoint (base|mid|sft|rl|dpo) into output_kind's
-    checkpoints under output_tag (default: the source's tag), or resumes from its own step resume_from_step
-    (>= 0). Reads only the start checkpoint's meta. Saving into the source's own directory numbers the run's
-    steps after the source's, so nothing is overwritten."""
-    source_dir, source_tag, source_step = find_checkpoint(source, model_tag, model_step)
+    """The StartPoint of a run that fine-tunes a `source` checkpoint (base|mid|sft|rl|dpo, or a published model:
+    an exported Hugging Face folder or hub repo id) into output_kind's checkpoints under output_tag (default: the
+    source's tag), or resumes from its own step resume_from_step (>= 0). Reads only the start checkpoint's meta.
+    Saving into the source's own directory numbers the run's steps after the source's, so nothing is
+    overwritten."""
+    if source in CHECKPOINT_DIRS:
+        source_dir, source_tag, source_step = find_checkpoint(source, model_tag, model_step)
+    else:
+        source_dir, source_tag, source_step = adopt_published_model(source, model_tag, model_step)
     output_dir = os.path.join(checkpoints_root(output_kind), output_tag or source_tag)
     resuming = resume_from_step >= 0
     start_dir, start_step = (output_dir, resume_from_step) if resuming else (source_dir, source_step)
@@ -287,8 +293,36 @@ def resolve_start(source, model_tag, model_step, output_kind, output_tag, resume
                       resume_from_step, meta)
 
 
+def adopt_published_model(source, model_tag, model_step):
+    """(folder, tag, 0) for fine-tuning an exported folder or hub repo. Checkpoints trained from it must load with
+    its tokenizer, so that tokenizer becomes $NANOCHAT_BASE_DIR's (written there when the base dir has none;
+    a different one there is refused: start from a fresh NANOCHAT_BASE_DIR)."""
+    if model_tag is not None or model_step is not None:
+        raise UserError(f"--source {source} is one published model: --model-tag / --model-step pick checkpoints "
+                        f"under $NANOCHAT_BASE_DIR only")
+    try:
+        folder = hf_load.resolve_folder(source)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        raise UserError(str(e)) from None
+    tokenizer = hf_load.read_folder_tokenizer(folder)
+    tokenizer_dir = os.path.join(get_base_dir(), "tokenizer")
+    if os.path.exists(os.path.join(tokenizer_dir, TOKENIZER_FILENAME)):
+        if get_tokenizer().fingerprint() != tokenizer.fingerprint():
+            raise UserError(f"{tokenizer_dir} holds another tokenizer than {source}'s: checkpoints fine-tuned from it "
+                            f"would not load with either. Use a fresh NANOCHAT_BASE_DIR for this model.")
+    else:
+        tokenizer.save(tokenizer_dir)
+        save_token_bytes(tokenizer, tokenizer_dir)
+        print0(f"Installed {source}'s tokenizer in {tokenizer_dir}")
+    tag = re.sub(r"[^\w.-]+", "_", os.path.basename(os.path.normpath(source.removeprefix("hf://")))) or "published"
+    return folder, tag, 0
+
+
 def read_checkpoint_meta(checkpoint_dir, step):
-    """A checkpoint's meta dict, without loading its weights (to resolve a run's settings before building it)."""
+    """A checkpoint's meta dict, without loading its weights (to resolve a run's settings before building it).
+    For an exported folder, its nanochat_meta.json (step ignored)."""
+    if os.path.isfile(os.path.join(checkpoint_dir, "config.json")):
+        return hf_load.read_folder_meta(checkpoint_dir)
     path = meta_path(checkpoint_dir, step)
     if not os.path.exists(path):
         steps = available_steps(checkpoint_dir) if os.path.isdir(checkpoint_dir) else "none, the directory does not exist"

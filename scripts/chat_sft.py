@@ -64,8 +64,9 @@ def build_parser():
                         help="sft: the reference SFT; midtrain: nanochat's older midtraining stage (its mixture, "
                              "LRs and schedule, loss on all tokens, output to mid_checkpoints/)")
     # model loading
-    parser.add_argument("--source", type=str, default="base", choices=["base", "mid", "sft", "rl", "dpo"],
-                        help="which checkpoints to start from")
+    parser.add_argument("--source", type=str, default="base",
+                        help="which checkpoints to start from: base|mid|sft|rl|dpo,"
+                             " or a published model: an exported Hugging Face folder or a hub repo id (org/name)")
     parser.add_argument("--model-tag", type=str, default=None, help="model tag to load from (default: largest d<N>)")
     parser.add_argument("--model-step", type=int_at_least(0), default=None, help="model step to load from (default: last)")
     parser.add_argument("--output-tag", type=str, default=None, help="tag to save under (default: the source's tag)")

@@ -40,8 +40,9 @@ def fail(message):
 
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument("-i", "--source", default="sft", choices=["base", "mid", "sft", "rl", "dpo"],
-                        help="which checkpoints to load")
+    parser.add_argument("-i", "--source", default="sft",
+                        help="which checkpoints to load: base|mid|sft|rl|dpo,"
+                             " or a published model: an exported Hugging Face folder or a hub repo id (org/name)")
     parser.add_argument("-g", "--model-tag", default=None, help="model tag (default: the largest d<N>)")
     parser.add_argument("-s", "--step", type=int, default=None, help="step (default: the last one)")
     parser.add_argument("-n", "--num-gpus", type=int, default=1, help="model replicas, one per GPU (CPU: 1)")

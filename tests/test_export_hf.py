@@ -20,12 +20,13 @@ from huggingface_hub import ModelCard
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from nanochat.checkpoint_manager import load_model, save_checkpoint
+from nanochat.cli import UserError
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.hf.export import export_model
 from nanochat.hf.native import UnmappableError
 from nanochat.report import Report
-from nanochat.tokenizer import RustBPETokenizer
-from scripts import chat_cli, export_hf
+from nanochat.tokenizer import RustBPETokenizer, get_tokenizer
+from scripts import chat_cli, chat_sft, export_hf
 
 # 4 layers: value embeddings on 1 and 3, backout after 2; "SL" with a 4-token short window, sequences of 24 tokens;
 # 4 query heads on 2 kv heads; the 400-token vocab is padded to 448
@@ -378,3 +379,34 @@ def test_import_refuses_what_does_not_map(tmp_path, tokenizer, monkeypatch):
         json.dump({**config, "model_type": "llama"}, f)
     with pytest.raises(UnmappableError, match="llama"):
         load_model(out, "cpu", "eval")
+
+
+def test_chat_sft_fine_tunes_a_published_model(full_export, tokenizer, tmp_path, monkeypatch):
+    """--source <exported folder> in a fresh base dir: the folder's tokenizer is installed there, SFT starts from
+    its weights (a fresh optimizer: the folder has none), and the result loads as an ordinary SFT checkpoint. A
+    base dir holding another tokenizer is refused."""
+    model, out = full_export
+    base = tmp_path / "fresh"
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base))
+    rows = [[{"role": "user", "content": f"hello sky {i}"}, {"role": "assistant", "content": "the big red sun"}]
+            for i in range(6)]
+    data = tmp_path / "mine.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["--device-type", "cpu", "--source", out, "--custom-only", "--extra-train-jsonl", str(data),
+            "--max-seq-len", "32", "--device-batch-size", "2", "--total-batch-size", "64", "--eval-tokens", "64",
+            "--chatcore-every", "-1", "--num-iterations", "2", "--output-tag", "mine",
+            "--embedding-lr", "1e-5", "--unembedding-lr", "1e-5", "--matrix-lr", "1e-5"]  # small steps: see below
+    result = chat_sft.main(args)
+    assert result["step"] == 2
+    assert get_tokenizer().fingerprint() == tokenizer.fingerprint()
+    tuned, _, meta = load_model("sft", "cpu", "eval", model_tag="mine")
+    published, trained = model.state_dict(), tuned.state_dict()
+    matrices = [name for name, t in published.items() if t.dim() == 2 and name != "smear_gate.weight"]  # (a scalar LR)
+    for name in matrices:  # the LRs of every matrix were tiny: each is still the published one, nearly
+        torch.testing.assert_close(trained[name], published[name], atol=1e-3, rtol=0, msg=name)
+    assert any(not torch.equal(trained[name], published[name]) for name in matrices)  # and it did train
+    other = RustBPETokenizer.train_from_iterator(iter(["a different corpus entirely"] * 20), vocab_size=300)
+    other.save(str(tmp_path / "other" / "tokenizer"))
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "other"))
+    with pytest.raises(UserError, match="another tokenizer"):
+        chat_sft.main(args)

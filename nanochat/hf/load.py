@@ -46,10 +46,26 @@ def resolve_folder(source):
                            f"name, HF_ENDPOINT and HF_TOKEN (gated or private repos), or pass a local folder.") from e
 
 
-def read_folder(folder):
-    """(state dict in our names, meta with model_config and the folder's config as hf_config, tokenizer)."""
+def read_folder_meta(folder):
+    """The folder's meta (nanochat_meta.json when there is one) and config.json as hf_config, without reading the
+    weights: what a trainer inherits its settings from."""
     with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
         config = json.load(f)
+    meta = {}
+    if os.path.exists(os.path.join(folder, META_FILENAME)):
+        with open(os.path.join(folder, META_FILENAME), encoding="utf-8") as f:
+            meta = json.load(f)
+    return {**meta, "hf_config": config, "hf_folder": folder}
+
+
+def read_folder_tokenizer(folder):
+    return RustBPETokenizer(encoding_from_tokenizer_json(os.path.join(folder, "tokenizer.json")), "<|bos|>")
+
+
+def read_folder(folder):
+    """(state dict in our names, meta with model_config and the folder's config as hf_config, tokenizer)."""
+    meta = read_folder_meta(folder)
+    config = meta["hf_config"]
     state = _read_weights(folder)
     model_type = config.get("model_type")
     if model_type == MODEL_TYPE:
@@ -60,13 +76,8 @@ def read_folder(folder):
     else:
         raise native.UnmappableError(f"{folder} is not a nanochat model", [
             f"model_type {model_type!r} (expected {MODEL_TYPE!r} or {native.MODEL_TYPE!r})"])
-    meta = {}
-    if os.path.exists(os.path.join(folder, META_FILENAME)):
-        with open(os.path.join(folder, META_FILENAME), encoding="utf-8") as f:
-            meta = json.load(f)
-    meta.update(model_config=model_config, hf_config=config, hf_folder=folder)
-    tokenizer = RustBPETokenizer(encoding_from_tokenizer_json(os.path.join(folder, "tokenizer.json")), "<|bos|>")
-    return state, meta, tokenizer
+    meta["model_config"] = model_config
+    return state, meta, read_folder_tokenizer(folder)
 
 
 def _read_weights(folder):
