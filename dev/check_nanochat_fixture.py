@@ -6,7 +6,7 @@ reference_logits.pt = {"ids": [...], "logits": FloatTensor[1, T, V]} computed by
 We rebuild GPTConfig from meta's model_config, load the state dict strictly, run the ids and print the
 max abs difference (expect ~1e-5). Run with NANOCHAT_DTYPE=float32:
 
-    NANOCHAT_DTYPE=float32 python -m scripts.check_nanochat_fixture --ckpt-dir /tmp/nanochat_ckpt
+    NANOCHAT_DTYPE=float32 python -m dev.check_nanochat_fixture --ckpt-dir /tmp/nanochat_ckpt
 """
 
 import argparse
