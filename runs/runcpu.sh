@@ -38,7 +38,8 @@ if ! $PY -c "import torch" 2>/dev/null; then
     echo "[runcpu] installing torch (CPU)"
     $PY -m pip install -q torch==2.13.0
 fi
-if ! $PY -c "import nanochat.report, tiktoken, rustbpe, pyarrow, matplotlib, psutil, filelock, requests, tqdm, regex, yaml, jinja2" 2>/dev/null; then
+# a .venv from an older checkout may lack newer dependencies: reinstall unless every one of them imports
+if ! $PY -c "import nanochat.report, tiktoken, rustbpe, pyarrow, matplotlib, psutil, filelock, requests, tqdm, regex, yaml, jinja2, bm25s, Stemmer, safetensors, tokenizers, huggingface_hub, fsspec, fastapi, uvicorn, pydantic" 2>/dev/null; then
     echo "[runcpu] installing nanochat (pip install -e .)"
     $PY -m pip install -q -e .
 fi
