@@ -166,13 +166,16 @@ def build_random_gpt(build_gpt):
 
 # Tiny real tokenizers
 
-TINY_WORDS = "the cat sat on a mat and then it ran far away from home to see the big red sun in the sky".split()
+@pytest.fixture(scope="session")
+def tiny_words():
+    """The words of the tiny docs (a list: take a copy to change it)."""
+    return "the cat sat on a mat and then it ran far away from home to see the big red sun in the sky".split()
 
 
 @pytest.fixture(scope="session")
-def tiny_docs():
-    """docs(n, seed, words=TINY_WORDS) -> n documents of 5 to 60 words drawn from `words`."""
-    def docs(n, seed, words=TINY_WORDS):
+def tiny_docs(tiny_words):
+    """docs(n, seed, words=tiny_words) -> n documents of 5 to 60 words drawn from `words`."""
+    def docs(n, seed, words=tiny_words):
         rng = random.Random(seed)
         return [" ".join(rng.choice(words) for _ in range(rng.randint(5, 60))) for _ in range(n)]
     return docs
@@ -185,6 +188,14 @@ def tiny_tokenizer(tiny_docs):
 
 
 @pytest.fixture(scope="session")
+def tiny_chat_tokenizer():
+    """A 300-token BPE tokenizer of one chat-like line with numbers and multi-byte characters (é, ï, 東京, 🙂), for
+    the chat front ends (shared: never save or change it in place)."""
+    texts = ["hello there, how are you? I am fine. numbers 1 2 3 + 4 = 7. café naïve 東京 🙂"] * 30
+    return RustBPETokenizer.train_from_iterator(iter(texts), 300)
+
+
+@pytest.fixture(scope="session")
 def save_tokenizer():
     """save(tokenizer, base_dir) -> base_dir/tokenizer holding the tokenizer and its token_bytes, as tok_train
     leaves them."""
@@ -194,6 +205,13 @@ def save_tokenizer():
         save_token_bytes(tokenizer, tokenizer_dir)
         return tokenizer_dir
     return save
+
+
+@pytest.fixture
+def base(_isolated_base_dir, tiny_tokenizer, save_tokenizer):
+    """This test's NANOCHAT_BASE_DIR (a str) holding tiny_tokenizer as tok_train leaves it: where a run starts."""
+    save_tokenizer(tiny_tokenizer, _isolated_base_dir)
+    return str(_isolated_base_dir)
 
 
 @pytest.fixture(scope="session")
@@ -223,15 +241,13 @@ def save_model_checkpoint():
 
 @pytest.fixture(scope="session")
 def build_tiny_checkpoint(build_tiny_gpt, save_tokenizer, save_model_checkpoint):
-    """build(base_dir, texts, vocab_size, sequence_len, checkpoint_dir, step, meta=None) -> tokenizer: a tokenizer
-    trained on `texts` saved in base_dir/tokenizer (save_tokenizer) and a tiny GPT (build_tiny_gpt) saved as the
-    checkpoint base_dir/checkpoint_dir/<step> (save_model_checkpoint)."""
-    def build(base_dir, texts, vocab_size, sequence_len, checkpoint_dir, step, meta=None):
-        tokenizer = RustBPETokenizer.train_from_iterator(iter(texts), vocab_size=vocab_size)
+    """build(base_dir, tokenizer, sequence_len, checkpoint_dir, step, meta=None): a run as the trainers leave it in
+    base_dir: the tokenizer (save_tokenizer) and a tiny GPT over it (build_tiny_gpt) as the checkpoint
+    base_dir/checkpoint_dir/<step> (save_model_checkpoint)."""
+    def build(base_dir, tokenizer, sequence_len, checkpoint_dir, step, meta=None):
         save_tokenizer(tokenizer, base_dir)
         model = build_tiny_gpt(sequence_len, tokenizer.get_vocab_size())
         save_model_checkpoint(os.path.join(base_dir, checkpoint_dir), step, model, meta)
-        return tokenizer
     return build
 
 
