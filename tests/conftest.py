@@ -56,6 +56,7 @@ def _isolated_base_dir(tmp_path, monkeypatch):
 from nanochat.checkpoint_manager import save_checkpoint  # noqa: E402
 from nanochat.gpt import GPT, GPTConfig  # noqa: E402
 from nanochat.tokenizer import RustBPETokenizer, save_token_bytes  # noqa: E402
+from nanochat.web_search import LocalSearchProvider  # noqa: E402
 
 
 # A byte-level stand-in tokenizer for inference tests (engine, batching, decoding, streaming, data loading)
@@ -251,14 +252,26 @@ def build_tiny_checkpoint(build_tiny_gpt, save_tokenizer, save_model_checkpoint)
     return build
 
 
+@pytest.fixture
+def search_docs(tmp_path):
+    """A LocalSearchProvider over three short documents: Oslo's weather today, its mayor, the price of tea."""
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "weather_oslo.md").write_text("# Weather in Oslo today\n\nOslo: light rain, 14 degrees.\n")
+    (folder / "mayor_oslo.md").write_text("# Mayor of Oslo: Ingrid Berg\n\nIngrid Berg has been mayor since 2023.\n")
+    (folder / "price_tea.txt").write_text("Tea price today\n\nGreen tea costs 4 crowns a cup.\n")
+    return LocalSearchProvider(str(folder), cache_dir=str(tmp_path / "index"))
+
+
 # -----------------------------------------------------------------------------
 # A local HTTP file server (hub downloads are tested against it; nothing here reaches the network)
 
 class FileServer:
-    """Serves `files` (path -> bytes, or a JSON-able value served as JSON). `faults` (path -> list) scripts the answers to successive GETs of a path:
-    an int status (e.g. 500), "truncate" (Content-Length of the full answer, then half the body and hang up),
-    "ok". Once a path's script is used up, it is served normally. Range requests are honoured when
-    support_range is set. Every request is logged as (path, Range header or None, dest existed at that moment)."""
+    """Serves `files` (path -> bytes, or a JSON-able value served as JSON). `faults` (path -> list) scripts the
+    answers to successive GETs of a path: an int status (e.g. 500), "truncate" (Content-Length of the full answer,
+    then half the body and hang up), "ok". Once a path's script is used up, it is served normally. Range requests
+    are honoured when support_range is set. Every request is logged as (path, Range header or None, dest existed at
+    that moment)."""
 
     def __init__(self, files, faults=None, support_range=True, watch=None, delay=0.0):
         self.files, self.faults = files, {k: list(v) for k, v in (faults or {}).items()}

@@ -15,7 +15,7 @@ import torch
 from nanochat.chat_format import THINK_PREFILL
 from nanochat.engine import Engine, KVCache, fit_conversation_to_context, sample_next_token
 from nanochat.tools import calculator_tool, tool_call_json, web_search_budget
-from nanochat.web_search import LocalSearchProvider, format_results
+from nanochat.web_search import format_results
 
 
 @dataclass
@@ -444,19 +444,10 @@ def call_tokens(tok, code):
     return [tok.encode_special("<|python_start|>"), *tok.encode(code), tok.encode_special("<|python_end|>")]
 
 
-@pytest.fixture
-def docs(tmp_path):
-    folder = tmp_path / "docs"
-    folder.mkdir()
-    (folder / "weather_oslo.md").write_text("# Weather in Oslo today\n\nOslo: light rain, 14 degrees.\n")
-    (folder / "mayor_oslo.md").write_text("# Mayor of Oslo: Ingrid Berg\n\nIngrid Berg has been mayor since 2023.\n")
-    (folder / "price_tea.txt").write_text("Tea price today\n\nGreen tea costs 4 crowns a cup.\n")
-    return LocalSearchProvider(str(folder), cache_dir=str(tmp_path / "index"))
-
-
-def search_output(tok, docs, query):
+def search_output(tok, provider, query):
+    """The forced output of a web_search for `query`: the provider's results as the Engine formats them."""
     k, max_chars = web_search_budget(SEARCH_SEQ_LEN)
-    return output_tokens(tok, format_results(docs.search(query, k), max_chars))
+    return output_tokens(tok, format_results(provider.search(query, k), max_chars))
 
 
 @pytest.mark.parametrize("think, engine_default", [("on", None), ("off", None), (None, "on"), (None, "off")])
@@ -489,10 +480,10 @@ def test_think_toggle_prefills_forced_tokens(byte_tokenizer, prompt, mock_model,
      "tool error: unknown tool 'shell' (available: calculator, web_search)"),
     ('{"tool": "web_search", "arguments": {"query": ', None),               # bad JSON
 ])
-def test_engine_dispatches_tool_calls_by_name(byte_tokenizer, prompt, docs, code, expected_output):
+def test_engine_dispatches_tool_calls_by_name(byte_tokenizer, prompt, search_docs, code, expected_output):
     tok, S = byte_tokenizer, byte_tokenizer.special
     if expected_output is None and "query\": \"weather" in code:
-        forced = search_output(tok, docs, "weather in Oslo")
+        forced = search_output(tok, search_docs, "weather in Oslo")
         assert tok.decode(forced).startswith("[1] Weather in Oslo today")
     elif expected_output is None:
         with pytest.raises(json.JSONDecodeError) as error:  # what the JSON parser says is what the model reads
@@ -503,17 +494,17 @@ def test_engine_dispatches_tool_calls_by_name(byte_tokenizer, prompt, docs, code
         forced = output_tokens(tok, expected_output)
     script = call_tokens(tok, code) + [ord("?")] * len(forced) + tok.encode(" done") + [S["<|assistant_end|>"]]
     generated, masks, _ = run_scripted(tok, prompt, script, engine_kwargs={
-        "tools": ["calculator", "web_search"], "search_provider": docs})
+        "tools": ["calculator", "web_search"], "search_provider": search_docs})
     call = call_tokens(tok, code)
     assert generated == call + forced + tok.encode(" done")
     assert masks == [1] * len(call) + [0] * len(forced) + [1] * 5  # the tool's output is forced, never sampled
 
 
-def test_tools_are_chosen_per_call(byte_tokenizer, prompt, mock_model, docs):
+def test_tools_are_chosen_per_call(byte_tokenizer, prompt, mock_model, search_docs):
     tok = byte_tokenizer
     code = tool_call_json("web_search", query="tea price")
     engine = Engine(mock_model(scripts=[call_tokens(tok, code) + [ord("?")] * 300], sequence_len=512), tok,
-                    search_provider=docs)  # the Engine's default tools: the calculator only
+                    search_provider=search_docs)  # the Engine's default tools: the calculator only
 
     def tool_output(**kwargs):
         result, masks = engine.generate_batch(prompt, max_tokens=len(call_tokens(tok, code)) + 90, temperature=0.0,
@@ -533,80 +524,80 @@ def injected(byte_tokenizer):
     return call_tokens(byte_tokenizer, tool_call_json("web_search", query=WEATHER))
 
 
-def test_auto_search_is_injected_after_think_closes(byte_tokenizer, injected, docs):
+def test_auto_search_is_injected_after_think_closes(byte_tokenizer, injected, search_docs):
     """think on: the model reasons, closes the block, and starts answering; the Engine replaces that first answer
     token by its web_search call, the results follow, then the model answers."""
     tok, S = byte_tokenizer, byte_tokenizer.special
     prompt = chat_prompt(tok, WEATHER)
     prefill, think = tok.encode(THINK_PREFILL["on"]), tok.encode("weather changes, look it up.\n</think>\n")
-    output = search_output(tok, docs, WEATHER)
+    output = search_output(tok, search_docs, WEATHER)
     script = ([ord("?")] * len(prefill) + think + tok.encode("X") + [ord("?")] * (len(injected) + len(output) - 1)
               + tok.encode("Rain.") + [S["<|assistant_end|>"]])
-    generated, masks, _ = run_scripted(tok, prompt, script, engine_kwargs={"search_provider": docs}, think="on",
+    generated, masks, _ = run_scripted(tok, prompt, script, engine_kwargs={"search_provider": search_docs}, think="on",
                                        search="auto")
     assert generated == prefill + think + injected + output + tok.encode("Rain.")
     assert masks == [0] * len(prefill) + [1] * len(think) + [0] * (len(injected) + len(output)) + [1] * 5
     # "off" mode: the same question and no search
-    plain, _, _ = run_scripted(tok, prompt, script, engine_kwargs={"search_provider": docs}, think="on")
+    plain, _, _ = run_scripted(tok, prompt, script, engine_kwargs={"search_provider": search_docs}, think="on")
     assert S["<|python_start|>"] not in plain
 
 
-def test_auto_search_with_think_off_comes_first(byte_tokenizer, injected, docs):
+def test_auto_search_with_think_off_comes_first(byte_tokenizer, injected, search_docs):
     tok, S = byte_tokenizer, byte_tokenizer.special
     prompt = chat_prompt(tok, WEATHER)
-    prefill, output = tok.encode(THINK_PREFILL["off"]), search_output(tok, docs, WEATHER)
+    prefill, output = tok.encode(THINK_PREFILL["off"]), search_output(tok, search_docs, WEATHER)
     script = [ord("?")] * (len(prefill) + len(injected) + len(output)) + tok.encode("Rain.") + [S["<|assistant_end|>"]]
-    generated, _, _ = run_scripted(tok, prompt, script, engine_kwargs={"search_provider": docs}, think="off",
+    generated, _, _ = run_scripted(tok, prompt, script, engine_kwargs={"search_provider": search_docs}, think="off",
                                    search="auto")
     assert generated == prefill + injected + output + tok.encode("Rain.")
 
 
-def test_the_model_searching_itself_is_not_searched_again(byte_tokenizer, docs):
+def test_the_model_searching_itself_is_not_searched_again(byte_tokenizer, search_docs):
     tok, S = byte_tokenizer, byte_tokenizer.special
     prompt = chat_prompt(tok, WEATHER)
     own = call_tokens(tok, tool_call_json("web_search", query="Oslo weather"))
-    output = search_output(tok, docs, "Oslo weather")
+    output = search_output(tok, search_docs, "Oslo weather")
     script = own + [ord("?")] * len(output) + tok.encode("Rain.") + [S["<|assistant_end|>"]]
-    generated, _, _ = run_scripted(tok, prompt, script, engine_kwargs={"search_provider": docs}, search="force")
+    generated, _, _ = run_scripted(tok, prompt, script, engine_kwargs={"search_provider": search_docs}, search="force")
     assert generated == own + output + tok.encode("Rain.")
 
 
-def test_search_owed_after_another_tool_comes_after_its_output(byte_tokenizer, injected, docs):
+def test_search_owed_after_another_tool_comes_after_its_output(byte_tokenizer, injected, search_docs):
     tok, S = byte_tokenizer, byte_tokenizer.special
     prompt = chat_prompt(tok, WEATHER)
-    calc, calc_out, output = call_tokens(tok, "2+2"), output_tokens(tok, "4"), search_output(tok, docs, WEATHER)
+    calc, calc_out, output = call_tokens(tok, "2+2"), output_tokens(tok, "4"), search_output(tok, search_docs, WEATHER)
     script = (calc + [ord("?")] * (len(calc_out) + len(injected) + len(output)) + tok.encode("Rain.")
               + [S["<|assistant_end|>"]])
-    generated, _, _ = run_scripted(tok, prompt, script, engine_kwargs={"search_provider": docs}, search="auto")
+    generated, _, _ = run_scripted(tok, prompt, script, engine_kwargs={"search_provider": search_docs}, search="auto")
     assert generated == calc + calc_out + injected + output + tok.encode("Rain.")
 
 
-def test_a_model_that_opens_think_itself_searches_after_it(byte_tokenizer, injected, docs):
+def test_a_model_that_opens_think_itself_searches_after_it(byte_tokenizer, injected, search_docs):
     tok, S = byte_tokenizer, byte_tokenizer.special
     prompt = chat_prompt(tok, WEATHER)
-    think, output = tok.encode("<think>\nlook it up\n</think>\n"), search_output(tok, docs, WEATHER)
+    think, output = tok.encode("<think>\nlook it up\n</think>\n"), search_output(tok, search_docs, WEATHER)
     script = think + [ord("?")] * (len(injected) + len(output)) + tok.encode("Rain.") + [S["<|assistant_end|>"]]
-    generated, _, _ = run_scripted(tok, prompt, script, engine_kwargs={"search_provider": docs}, search="auto")
+    generated, _, _ = run_scripted(tok, prompt, script, engine_kwargs={"search_provider": search_docs}, search="auto")
     assert generated == think + injected + output + tok.encode("Rain.")
 
 
-def test_auto_asks_the_classifier_force_does_not(byte_tokenizer, docs):
+def test_auto_asks_the_classifier_force_does_not(byte_tokenizer, search_docs):
     tok, S = byte_tokenizer, byte_tokenizer.special
     question = "How do airplanes fly?"
     prompt = chat_prompt(tok, question)
     answer = tok.encode("Wings.") + [S["<|assistant_end|>"]]
-    generated, _, _ = run_scripted(tok, prompt, answer, engine_kwargs={"search_provider": docs}, search="auto")
+    generated, _, _ = run_scripted(tok, prompt, answer, engine_kwargs={"search_provider": search_docs}, search="auto")
     assert generated == tok.encode("Wings.")
     forced = call_tokens(tok, tool_call_json("web_search", query=question))
-    generated, _, _ = run_scripted(tok, prompt, answer + [ord("?")] * 300, engine_kwargs={"search_provider": docs},
-                                   search="force")
+    generated, _, _ = run_scripted(tok, prompt, answer + [ord("?")] * 300,
+                                   engine_kwargs={"search_provider": search_docs}, search="force")
     assert generated[:len(forced)] == forced and S["<|output_start|>"] in generated
 
 
-def test_follow_up_search_resolves_the_pronoun(byte_tokenizer, docs):
+def test_follow_up_search_resolves_the_pronoun(byte_tokenizer, search_docs):
     tok, S = byte_tokenizer, byte_tokenizer.special
     prompt = chat_prompt(tok, "Who is the mayor of Oslo?", "Ingrid Berg.", "Tell me more about her.")
-    generated, _, _ = run_scripted(tok, prompt, [ord("?")] * 300, engine_kwargs={"search_provider": docs},
+    generated, _, _ = run_scripted(tok, prompt, [ord("?")] * 300, engine_kwargs={"search_provider": search_docs},
                                    search="auto", max_tokens=150)
     call = tok.decode(generated[1:generated.index(S["<|python_end|>"])])
     assert call == tool_call_json("web_search", query="Tell me more about the mayor of Oslo.")
