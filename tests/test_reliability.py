@@ -1,8 +1,8 @@
 """When things go wrong (README): bad flags fail at once with one line and exit 2, before torch loads; a run that
 cannot save fails before step 0, and a save that fails on a full disk keeps the last good checkpoint; a diverged
 run stops without saving NaN weights; a checkpoint loaded with another tokenizer is refused; damaged files are
-named and --resume-from-step last skips them; killed saves leave nothing that outlives the next save and never
-un-publish a finished step; Ctrl-C while an answer streams keeps the chat.
+named and --resume-from-step last skips them; a killed save keeps the last good checkpoint, leaves nothing that
+outlives the next save and never un-publishes a finished step; Ctrl-C while an answer streams keeps the chat.
 
 Read-only and full disks are real ones (a bind mount and a small tmpfs in a user + mount namespace); without
 `unshare` those two tests are skipped."""
@@ -384,25 +384,25 @@ def test_resume_last_skips_a_damaged_checkpoint(base, caplog):
 
 
 # -----------------------------------------------------------------------------
-# 7. killed saves: their temp files go at the next save; re-saving a step never un-publishes it while it writes
+# 7. killed saves: the last good step stays, their temp files go at the next save, a re-save never un-publishes
 
-def test_killed_re_save_keeps_the_step_and_the_next_save_cleans_up(tmp_path):
-    """Re-saving step 5 (what --resume-from-step last does on a finished run), killed while the weights are
-    written: step 5 stays the last checkpoint, whole; the killed writer's temp file goes at the next save."""
+def save_then_kill_midway(tmp_path, ckpt, saved, killed):
+    """In a child process, save each (step, value) of `saved` to ckpt (weights: 3 x value), then save `killed`
+    (step, value) with a torch.save that writes a few bytes and hangs: SIGKILL the child there and return it."""
     marker = tmp_path / "writing"
-    ckpt = tmp_path / "ckpt"
     script = textwrap.dedent(f"""
         import time, torch
         from nanochat import checkpoint_manager as cm
         d = {str(ckpt)!r}
-        cm.save_checkpoint(d, 3, {{"w": torch.ones(3)}}, {{"s": torch.zeros(2)}}, {{"step": 3}})
-        cm.save_checkpoint(d, 5, {{"w": torch.full((3,), 5.0)}}, {{"s": torch.zeros(2)}}, {{"step": 5}})
+        for step, value in {saved!r}:
+            cm.save_checkpoint(d, step, {{"w": torch.full((3,), value)}}, {{"s": torch.zeros(2)}}, {{"step": step}})
         def slow_save(obj, f, *a, **k):
             f.write(b"partial bytes"); f.flush()
             open({str(marker)!r}, "w").close()
             time.sleep(60)
         torch.save = slow_save
-        cm.save_checkpoint(d, 5, {{"w": torch.full((3,), 5.0)}}, {{"s": torch.zeros(2)}}, {{"step": 5}})
+        step, value = {killed!r}
+        cm.save_checkpoint(d, step, {{"w": torch.full((3,), value)}}, {{"s": torch.zeros(2)}}, {{"step": step}})
     """)
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env=subprocess_env())
     deadline = time.time() + 120
@@ -412,6 +412,23 @@ def test_killed_re_save_keeps_the_step_and_the_next_save_cleans_up(tmp_path):
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    return proc
+
+
+def test_killed_save_keeps_last_good_checkpoint(tmp_path):
+    """A process killed (SIGKILL) in the middle of writing step 6 leaves step 3 as the latest checkpoint."""
+    save_then_kill_midway(tmp_path, tmp_path, saved=[(3, 1.0)], killed=(6, 2.0))
+    assert cm.find_last_step(str(tmp_path)) == 3
+    assert not os.path.exists(tmp_path / "model_000006.pt")
+    m, o, meta = cm.load_checkpoint(str(tmp_path), 3, "cpu", load_optimizer=True)
+    assert torch.equal(m["w"], torch.ones(3)) and meta == {"step": 3}
+
+
+def test_killed_re_save_keeps_the_step_and_the_next_save_cleans_up(tmp_path):
+    """Re-saving step 5 (what --resume-from-step last does on a finished run), killed while the weights are
+    written: step 5 stays the last checkpoint, whole; the killed writer's temp file goes at the next save."""
+    ckpt = tmp_path / "ckpt"
+    proc = save_then_kill_midway(tmp_path, ckpt, saved=[(3, 1.0), (5, 5.0)], killed=(5, 5.0))
     assert cm.find_last_step(str(ckpt)) == 5
     model, _, meta = cm.load_checkpoint(str(ckpt), 5, "cpu", load_optimizer=True)
     assert torch.equal(model["w"], torch.full((3,), 5.0)) and meta == {"step": 5}
