@@ -1,4 +1,13 @@
-"""Tests are hermetic: every test gets its own NANOCHAT_BASE_DIR and a fixed fp32 compute dtype."""
+"""Tests are hermetic: every test gets its own NANOCHAT_BASE_DIR and a fixed fp32 compute dtype.
+
+This file is the one home of what tests build (tests never import from each other):
+- byte_tokenizer, random_prompt: a byte-level stand-in tokenizer (no training) for inference tests;
+- build_gpt, build_tiny_gpt, build_random_gpt: tiny GPTs, as init leaves them or with every parameter random;
+- tiny_words, tiny_docs, tiny_tokenizer, tiny_chat_tokenizer, save_tokenizer, write_tiny_corpus: real BPE
+  tokenizers and tiny data;
+- base, save_model_checkpoint, build_tiny_checkpoint: base dirs and checkpoints as the trainers leave them;
+- search_docs: a local search provider; file_server: a local HTTP server (hub downloads are tested against it).
+"""
 import atexit
 import dataclasses
 import json
@@ -49,9 +58,8 @@ def _isolated_base_dir(tmp_path, monkeypatch):
 
 
 # -----------------------------------------------------------------------------
-# The one home of the tiny GPTs, tokenizers and checkpoints every test builds (tests never import from each other).
-# nanochat is imported here, below the environment set-up at the top (the compute dtype is fixed when
-# nanochat.common is first imported).
+# What tests build. nanochat is imported here, below the environment set-up at the top (the compute dtype is fixed
+# when nanochat.common is first imported).
 
 from nanochat.checkpoint_manager import save_checkpoint  # noqa: E402
 from nanochat.gpt import GPT, GPTConfig  # noqa: E402
@@ -66,7 +74,8 @@ SPECIAL_NAMES = ["<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start
 
 
 class ByteTokenizer:
-    """Bytes are ids 0..255, the 9 special tokens follow (256..264); no chat rendering. decode drops specials."""
+    """Bytes are ids 0..255, the 9 special tokens follow (256..264); RustBPETokenizer's methods that inference and
+    data loading call, no chat rendering. decode drops the special tokens."""
 
     def __init__(self):
         self.special = {name: 256 + i for i, name in enumerate(SPECIAL_NAMES)}
@@ -252,6 +261,8 @@ def build_tiny_checkpoint(build_tiny_gpt, save_tokenizer, save_model_checkpoint)
     return build
 
 
+# A local search provider
+
 @pytest.fixture
 def search_docs(tmp_path):
     """A LocalSearchProvider over three short documents: Oslo's weather today, its mayor, the price of tea."""
@@ -264,7 +275,7 @@ def search_docs(tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# A local HTTP file server (hub downloads are tested against it; nothing here reaches the network)
+# A local HTTP file server (nothing in the tests reaches the network)
 
 class FileServer:
     """Serves `files` (path -> bytes, or a JSON-able value served as JSON). `faults` (path -> list) scripts the
