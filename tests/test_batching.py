@@ -5,7 +5,6 @@ import torch
 
 from nanochat.cpu_decode import CPUDecoder
 from nanochat.kv_cache import KVCache, RaggedKVCache
-from nanochat.web_search import LocalSearchProvider
 
 
 def prefill_alone(model, tokens, seq_len):
@@ -226,14 +225,11 @@ def chat_prompt(tokenizer, text):
                                      dict(think="off", search="force")],
                          ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
 def test_think_and_search_requests_equal_the_engine_alone(build_random_gpt, byte_tokenizer, scheduler_for,
-                                                          tmp_path, options):
+                                                          search_docs, options):
     """Per request, as Engine.generate: the think prefill is emitted first (forced) and the forced web_search
     runs where the answer begins; batched greedy output, forced tokens included, equals the Engine alone."""
-    docs = tmp_path / "docs"
-    docs.mkdir()
-    (docs / "weather.md").write_text("# Weather in Oslo\nToday in Oslo: rain, 7 degrees.\n")
     engine = Engine(build_random_gpt(seed=6, sequence_len=256), byte_tokenizer, tools=None,
-                    search_provider=LocalSearchProvider(str(docs)))
+                    search_provider=search_docs)
     stop = {byte_tokenizer.encode_special("<|assistant_end|>"), byte_tokenizer.get_bos_token_id()}
     prompts = [chat_prompt(byte_tokenizer, q) for q in ("weather in Oslo today?", "hi")]
     solo = []
