@@ -5,12 +5,9 @@ import dataclasses
 import json
 import math
 import os
-import random
 import subprocess
 import sys
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -19,53 +16,19 @@ from nanochat.dataloader import tokenizing_distributed_data_loader_bos_bestfit
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.samples import SAMPLE_PROMPTS
 from nanochat.scaling import build_meta_model, model_config_for_depth, ntk_rope_base, plan_training
-from nanochat.tokenizer import RustBPETokenizer, get_token_bytes, save_token_bytes
+from nanochat.tokenizer import get_token_bytes
 from scripts import base_eval
 from scripts import base_train as bt
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VOCAB_SIZE = 300
 TINY = ["--depth", "2", "--aspect-ratio", "32", "--head-dim", "32", "--max-seq-len", "32", "--window-pattern", "L",
         "--device-batch-size", "2", "--total-batch-size", "128", "--core-metric-every", "-1", "--sample-every", "-1",
         "--eval-every", "-1", "--warmup-steps", "2", "--compile", "0"]
-WORDS = "the cat sat on a mat and then it ran far away from home to see the big red sun in the sky".split()
-
-
-def make_docs(n, seed):
-    rng = random.Random(seed)
-    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 60))) for _ in range(n)]
-
-
-@pytest.fixture(scope="module")
-def tiny_tokenizer():
-    return RustBPETokenizer.train_from_iterator(iter(make_docs(300, 0)), VOCAB_SIZE)
-
-
-def write_tokenizer(base_dir, tokenizer):
-    """The tokenizer and token_bytes in base_dir/tokenizer, like tok_train leaves them."""
-    tok_dir = os.path.join(base_dir, "tokenizer")
-    tokenizer.save(tok_dir)
-    save_token_bytes(tokenizer, tok_dir)
-
-
-def write_corpus(d):
-    """A tiny corpus as parquet shards (text column, several row groups); the last shard is val."""
-    os.makedirs(d, exist_ok=True)
-    for i in range(3):
-        table = pa.table({"text": make_docs(60, seed=100 + i)})
-        pq.write_table(table, os.path.join(d, f"shard_{i:05d}.parquet"), row_group_size=20)
-    return str(d)
 
 
 @pytest.fixture
-def base(_isolated_base_dir, tiny_tokenizer):
-    write_tokenizer(_isolated_base_dir, tiny_tokenizer)
-    return str(_isolated_base_dir)
-
-
-@pytest.fixture
-def text_dir(tmp_path):
-    return write_corpus(tmp_path / "corpus")
+def text_dir(tmp_path, write_tiny_corpus):
+    return write_tiny_corpus(tmp_path / "corpus")
 
 
 def load_weights(ckpt_dir, step):

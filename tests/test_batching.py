@@ -5,7 +5,6 @@ import torch
 
 from nanochat.cpu_decode import CPUDecoder
 from nanochat.kv_cache import KVCache, RaggedKVCache
-from nanochat.web_search import LocalSearchProvider
 
 
 def prefill_alone(model, tokens, seq_len):
@@ -26,10 +25,10 @@ def solo_continuation(model, tokens, steps, seq_len):
 
 
 @pytest.mark.parametrize("use_decoder", [False, True], ids=["model", "cpu_decoder"])
-def test_ragged_rows_decode_like_each_row_alone(tiny_gpt_factory, use_decoder):
+def test_ragged_rows_decode_like_each_row_alone(build_random_gpt, use_decoder):
     """Three prompts of different lengths (past the window of 8) decode together; each row's logits equal its
     solo decode, also after rows are swapped (as the scheduler compacts them) and a row leaves the batch."""
-    model = tiny_gpt_factory(seed=1)
+    model = build_random_gpt(seed=1)
     seq_len = 64
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, 256, (n,), generator=gen).tolist() for n in (3, 17, 30)]
@@ -111,10 +110,10 @@ def scheduler_for(request):
 
 
 @pytest.mark.parametrize("chunk", [4, 256])
-def test_concurrent_greedy_answers_equal_solo_answers(tiny_gpt_factory, byte_tokenizer, scheduler_for, chunk):
+def test_concurrent_greedy_answers_equal_solo_answers(build_random_gpt, byte_tokenizer, scheduler_for, chunk):
     """Prompts of different lengths arrive together (more than max_batch: some wait); each greedy answer equals
     Engine.generate_batch on that prompt alone. Chunked prefill (4 tokens) interleaves with decoding."""
-    model = tiny_gpt_factory(seed=2)
+    model = build_random_gpt(seed=2)
     engine = Engine(model, byte_tokenizer, tools=None)
     gen = torch.Generator().manual_seed(1)
     prompts = [[256] + torch.randint(0, 256, (n,), generator=gen).tolist() for n in (2, 9, 25, 14, 40)]
@@ -131,8 +130,8 @@ def test_concurrent_greedy_answers_equal_solo_answers(tiny_gpt_factory, byte_tok
     assert sum(s is not None for s in scheduler.slots) == 0 and scheduler.cache.active == 0
 
 
-def test_seeded_sampling_does_not_depend_on_the_batch(tiny_gpt_factory, byte_tokenizer, scheduler_for):
-    engine = Engine(tiny_gpt_factory(seed=3), byte_tokenizer, tools=None)
+def test_seeded_sampling_does_not_depend_on_the_batch(build_random_gpt, byte_tokenizer, scheduler_for):
+    engine = Engine(build_random_gpt(seed=3), byte_tokenizer, tools=None)
     scheduler = scheduler_for(engine, max_batch=8)
     prompt = [256, 10, 20, 30]
     kwargs = dict(prompt=prompt, max_tokens=15, temperature=1.0, top_k=50, seed=7, num_samples=2, use_tools=False)
@@ -163,12 +162,12 @@ class ScriptedTransitions:
         return logits
 
 
-def test_a_slow_tool_parks_its_row_and_the_others_go_on(tiny_gpt_factory, byte_tokenizer, scheduler_for):
+def test_a_slow_tool_parks_its_row_and_the_others_go_on(build_random_gpt, byte_tokenizer, scheduler_for):
     """Row A calls a tool that blocks until released; row B decodes to its end meanwhile. A's answer (with the
     forced output) then equals the Engine's answer with an instant tool."""
     S = byte_tokenizer.special
     trigger = 200
-    model = ScriptedTransitions(tiny_gpt_factory(seed=4), {
+    model = ScriptedTransitions(build_random_gpt(seed=4), {
         trigger: S["<|python_start|>"], S["<|python_start|>"]: ord("7"), ord("7"): S["<|python_end|>"],
         S["<|output_end|>"]: S["<|assistant_end|>"]})
     release = threading.Event()
@@ -193,8 +192,8 @@ def test_a_slow_tool_parks_its_row_and_the_others_go_on(tiny_gpt_factory, byte_t
     assert tokens[0][:-1] == expected and reasons[0] == "stop"
 
 
-def test_cancel_frees_rows_and_a_full_queue_refuses(tiny_gpt_factory, byte_tokenizer, scheduler_for):
-    engine = Engine(tiny_gpt_factory(seed=5, sequence_len=256), byte_tokenizer, tools=None)
+def test_cancel_frees_rows_and_a_full_queue_refuses(build_random_gpt, byte_tokenizer, scheduler_for):
+    engine = Engine(build_random_gpt(seed=5, sequence_len=256), byte_tokenizer, tools=None)
     scheduler = scheduler_for(engine, max_batch=2, max_waiting=1)
     long = dict(prompt=[256, 1, 2], max_tokens=250, temperature=1.0, use_tools=False)
     running, deadline = [], time.monotonic() + 120  # generous: a busy 2-core machine stalls the scheduler thread
@@ -225,15 +224,12 @@ def chat_prompt(tokenizer, text):
 @pytest.mark.parametrize("options", [dict(think="on"), dict(think="off"), dict(search="force"),
                                      dict(think="off", search="force")],
                          ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
-def test_think_and_search_requests_equal_the_engine_alone(tiny_gpt_factory, byte_tokenizer, scheduler_for,
-                                                          tmp_path, options):
+def test_think_and_search_requests_equal_the_engine_alone(build_random_gpt, byte_tokenizer, scheduler_for,
+                                                          search_docs, options):
     """Per request, as Engine.generate: the think prefill is emitted first (forced) and the forced web_search
     runs where the answer begins; batched greedy output, forced tokens included, equals the Engine alone."""
-    docs = tmp_path / "docs"
-    docs.mkdir()
-    (docs / "weather.md").write_text("# Weather in Oslo\nToday in Oslo: rain, 7 degrees.\n")
-    engine = Engine(tiny_gpt_factory(seed=6, sequence_len=256), byte_tokenizer, tools=None,
-                    search_provider=LocalSearchProvider(str(docs)))
+    engine = Engine(build_random_gpt(seed=6, sequence_len=256), byte_tokenizer, tools=None,
+                    search_provider=search_docs)
     stop = {byte_tokenizer.encode_special("<|assistant_end|>"), byte_tokenizer.get_bos_token_id()}
     prompts = [chat_prompt(byte_tokenizer, q) for q in ("weather in Oslo today?", "hi")]
     solo = []

@@ -16,8 +16,13 @@ import sys
 import pytest
 import torch
 
-from tests.test_base_train import REPO, TINY, load_weights, write_corpus, write_tokenizer
-from tests.test_base_train import tiny_tokenizer  # noqa: F401  (a fixture)
+from nanochat.checkpoint_manager import load_checkpoint
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# a d2 run 64 wide on 32-token rows, 128-token steps, no evals or samples on the way, uncompiled
+TINY = ["--depth", "2", "--aspect-ratio", "32", "--head-dim", "32", "--max-seq-len", "32", "--window-pattern", "L",
+        "--device-batch-size", "2", "--total-batch-size", "128", "--core-metric-every", "-1", "--sample-every", "-1",
+        "--warmup-steps", "2", "--compile", "0"]
 
 DRIVER = """
 import json, sys
@@ -61,13 +66,13 @@ def run_driver(work, dtype, mode, arg):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, tiny_tokenizer):
+def runs(tmp_path_factory, tiny_tokenizer, save_tokenizer, write_tiny_corpus):
     """The same 30-step tiny run on text in fp32 and in bf16, and the fp32 checkpoint probed in both dtypes."""
     work = str(tmp_path_factory.mktemp("bf16"))
-    write_tokenizer(os.path.join(work, "base"), tiny_tokenizer)
+    save_tokenizer(tiny_tokenizer, os.path.join(work, "base"))
     with open(os.path.join(work, "driver.py"), "w") as f:
         f.write(DRIVER)
-    args = TINY + ["--data-dir", write_corpus(os.path.join(work, "corpus")), "--num-iterations", "30",
+    args = TINY + ["--data-dir", write_tiny_corpus(os.path.join(work, "corpus")), "--num-iterations", "30",
                    "--eval-every", "30", "--eval-tokens", "512"]
     return {"train_fp32": run_driver(work, "float32", "train", json.dumps(args + ["--model-tag", "f32"])),
             "train_bf16": run_driver(work, "bfloat16", "train", json.dumps(args + ["--model-tag", "b16"])),
@@ -83,7 +88,7 @@ def test_bf16_training_learns_like_fp32(runs):
     assert bf16["losses"][29] < bf16["losses"][0] - 0.3
     # measured: fp32 3.626, bf16 with fp32 tables 3.629 (+0.1 %), bf16 with bf16 embedding tables 3.663 (+1 %)
     assert bf16["val_bpb"] == pytest.approx(fp32["val_bpb"], rel=4e-3)
-    weights = load_weights(bf16["checkpoint_dir"], 30)
+    weights, _, _ = load_checkpoint(bf16["checkpoint_dir"], 30, "cpu")
     low_precision = [k for k, v in weights.items() if v.is_floating_point() and v.dtype != torch.float32]
     assert low_precision == [], f"master weights must stay fp32, got lower precision for {low_precision}"
 

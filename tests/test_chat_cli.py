@@ -2,38 +2,20 @@
 conversation far longer than the model's context never crashes it (every prompt + answer fits)."""
 import io
 import os
-import dataclasses
 
 import pytest
-import torch
 
 from scripts import chat_cli
 
 SEQ_LEN = 48
 
 
-
 @pytest.fixture
-def tiny_sft(_isolated_base_dir):
-    """A tokenizer and a random 2-layer model (context 48 tokens) saved as an SFT checkpoint."""
-    from nanochat.tokenizer import RustBPETokenizer, save_token_bytes
-    from nanochat.gpt import GPT, GPTConfig
-    from nanochat.checkpoint_manager import save_checkpoint
-    base = str(_isolated_base_dir)
-    texts = ["hello there, how are you? I am fine. numbers 1 2 3 + 4 = 7. café naïve 東京"] * 30
-    tok = RustBPETokenizer.train_from_iterator(iter(texts), vocab_size=290)
-    tok.save(os.path.join(base, "tokenizer"))
-    save_token_bytes(tok, os.path.join(base, "tokenizer"))
-    config = GPTConfig(sequence_len=SEQ_LEN, vocab_size=tok.get_vocab_size(), n_layer=2, n_head=2, n_kv_head=2,
-                       n_embd=32, window_pattern="L")
-    torch.manual_seed(0)
-    with torch.device("meta"):
-        model = GPT(config)
-    model.to_empty(device="cpu")
-    model.init_weights()
-    save_checkpoint(os.path.join(base, "chatsft_checkpoints", "d2"), 5, model.state_dict(), None,
-                    {"step": 5, "model_config": dataclasses.asdict(config)})
-    return tok
+def tiny_sft(_isolated_base_dir, tiny_chat_tokenizer, build_tiny_checkpoint):
+    """A tokenizer and a 2-layer model (context 48 tokens) saved as an SFT checkpoint."""
+    sft_dir = os.path.join("chatsft_checkpoints", "d2")
+    build_tiny_checkpoint(str(_isolated_base_dir), tiny_chat_tokenizer, SEQ_LEN, sft_dir, 5)
+    return tiny_chat_tokenizer
 
 
 def _run(argv, inputs=()):

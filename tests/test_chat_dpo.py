@@ -13,11 +13,11 @@ import torch
 
 from nanochat.checkpoint_manager import load_model
 from nanochat.cli import exit_on_user_error
+from nanochat.tokenizer import RustBPETokenizer
 from nanochat.training import NonFiniteLossError
 from scripts import chat_cli, chat_dpo
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WORDS = "the cat sat on a mat and then it ran far away from home to see the big red sun in the sky".split()
 PAIRS = [("the cat", "sat on a mat", "ran far away"), ("the big red", "sun in the sky", "cat sat"),
          ("it ran", "far away from home", "the mat"), ("to see", "the sun", "a cat and a mat"),
          ("a mat", "and then it ran", "sky sky sky"), ("the sun", "in the big sky", "on a cat"),
@@ -27,10 +27,12 @@ TRL_NAMES = {"loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
 
 
 @pytest.fixture
-def sft(_isolated_base_dir, build_tiny_checkpoint):
+def sft(_isolated_base_dir, build_tiny_checkpoint, tiny_words):
     """A tiny random GPT as chatsft_checkpoints/d2 step 0, and a file of the 8 fixed pairs."""
-    texts = [" ".join(WORDS[i:] + WORDS[:i]) for i in range(len(WORDS))] * 10
-    build_tiny_checkpoint(str(_isolated_base_dir), texts, 300, 64, os.path.join("chatsft_checkpoints", "d2"), 0)
+    # a tokenizer of the pairs' own words, so a few steps can separate chosen from rejected
+    texts = [" ".join(tiny_words[i:] + tiny_words[:i]) for i in range(len(tiny_words))] * 10
+    tokenizer = RustBPETokenizer.train_from_iterator(iter(texts), 300)
+    build_tiny_checkpoint(str(_isolated_base_dir), tokenizer, 64, os.path.join("chatsft_checkpoints", "d2"), 0)
     rows = [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in PAIRS]
     rows[1] = {"prompt": [{"role": "user", "content": PAIRS[1][0]}],  # the conversational form, mixed in
                "chosen": [{"role": "assistant", "content": PAIRS[1][1]}],

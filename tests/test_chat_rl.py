@@ -35,10 +35,9 @@ class VowelTask(GeneratedTask):
 
 
 @pytest.fixture
-def sft(_isolated_base_dir, build_tiny_checkpoint, monkeypatch):
+def sft(_isolated_base_dir, build_tiny_checkpoint, tiny_tokenizer, monkeypatch):
     """A tiny random GPT saved as chatsft_checkpoints/d2 step 0 (and its tokenizer), and chat_rl on VowelTask."""
-    texts = [" ".join(WORDS[i:] + WORDS[:i]) for i in range(len(WORDS))] * 10
-    build_tiny_checkpoint(str(_isolated_base_dir), texts, 300, 64, os.path.join("chatsft_checkpoints", "d2"), 0)
+    build_tiny_checkpoint(str(_isolated_base_dir), tiny_tokenizer, 64, os.path.join("chatsft_checkpoints", "d2"), 0)
     monkeypatch.setattr(chat_rl, "build_tasks", lambda name, size, n: (VowelTask(size), VowelTask(n, split="test")))
     return _isolated_base_dir
 

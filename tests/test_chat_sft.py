@@ -25,15 +25,13 @@ T = 32  # SFT row length used throughout
 
 
 @pytest.fixture(scope="module")
-def tiny_base_template(tmp_path_factory, build_tiny_checkpoint):
+def tiny_base_template(tmp_path_factory, tiny_chat_tokenizer, build_tiny_checkpoint):
     """Tokenizer + a 2-layer GPT saved as base_checkpoints/d2 step 0, the way base_train saves one."""
     path = tmp_path_factory.mktemp("tiny_base")
     old = os.environ.get("NANOCHAT_BASE_DIR")
     os.environ["NANOCHAT_BASE_DIR"] = str(path)
     try:
-        texts = ["The quick brown fox jumps over the lazy dog. What is your name? My name is nanochat.",
-                 "Numbers: 12 + 34 = 46, 7 * 8 = 56. Spell the word: cat -> c,a,t."] * 40
-        build_tiny_checkpoint(str(path), texts, 300, 64, os.path.join("base_checkpoints", "d2"), 0, meta={
+        build_tiny_checkpoint(str(path), tiny_chat_tokenizer, 64, os.path.join("base_checkpoints", "d2"), 0, meta={
             "max_seq_len": 64, "device_batch_size": 4, "total_batch_size": 256,
             "user_config": {"embedding_lr": 0.3, "unembedding_lr": 0.004, "matrix_lr": 0.02}})
     finally:

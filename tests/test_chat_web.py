@@ -3,7 +3,6 @@
 own forward, every error class as the client's exception after one attempt, concurrent greedy answers equal to
 solo answers, a disconnect freeing its row, malformed bodies answered 4xx with the server alive afterwards."""
 import concurrent.futures
-import dataclasses
 import json
 import os
 import socket
@@ -21,6 +20,7 @@ uvicorn = pytest.importorskip("uvicorn")
 
 from nanochat.batching import ReplicaPool, Scheduler  # noqa: E402
 from nanochat.engine import Engine  # noqa: E402
+from nanochat.gpt import GPTConfig  # noqa: E402
 from nanochat.web_server import create_app  # noqa: E402
 
 SEQ_LEN = 96
@@ -35,26 +35,19 @@ def free_port():
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    from nanochat.tokenizer import RustBPETokenizer
-    texts = ["hello there, how are you? I am fine. numbers 1 2 3 + 4 = 7. café naïve 東京 🙂"] * 30
-    return RustBPETokenizer.train_from_iterator(iter(texts), vocab_size=300)
+def tokenizer(tiny_chat_tokenizer):
+    return tiny_chat_tokenizer
 
 
-def tiny_model(tokenizer, seed=0):
-    from nanochat.gpt import GPT, GPTConfig
-    config = GPTConfig(sequence_len=SEQ_LEN, vocab_size=tokenizer.get_vocab_size(), n_layer=2, n_head=4,
-                       n_kv_head=2, n_embd=32, window_pattern="SL", short_window=16)
-    torch.manual_seed(seed)
-    with torch.device("meta"):
-        model = GPT(config)
-    model.to_empty(device="cpu")
-    model.init_weights()
-    with torch.no_grad():  # init zeroes the output projections: randomise so replies vary with the prompt
-        for name, p in model.named_parameters():
-            if p.dim() >= 2 and "wte" not in name:
-                p.copy_(torch.randn(p.shape) * p.size(1) ** -0.5)
-    return model.eval()
+@pytest.fixture(scope="module")
+def tiny_model(build_gpt, tokenizer):
+    """make() -> a 2-layer GPT with a 16-token window in a 96-token context, every parameter random (init zeroes
+    the output projections: replies would not vary with the prompt)."""
+    def make():
+        config = GPTConfig(sequence_len=SEQ_LEN, vocab_size=tokenizer.get_vocab_size(), n_layer=2, n_head=4,
+                           n_kv_head=2, n_embd=32, window_pattern="SL", short_window=16)
+        return build_gpt(config, randomize=True)
+    return make
 
 
 class LiveServer:
@@ -76,8 +69,7 @@ class LiveServer:
         self.pool.stop()
 
 
-def start_server(tokenizer, max_batch=4, max_waiting=64, api_key=KEY, tools=None):
-    model = tiny_model(tokenizer)
+def start_server(model, tokenizer, max_batch=4, max_waiting=64, api_key=KEY, tools=None):
     pool = ReplicaPool([Scheduler(Engine(model, tokenizer, tools=tools), max_batch=max_batch,
                                   max_waiting=max_waiting, prefill_chunk=16)])
     pool.start()
@@ -87,8 +79,8 @@ def start_server(tokenizer, max_batch=4, max_waiting=64, api_key=KEY, tools=None
 
 
 @pytest.fixture(scope="module")
-def live(tokenizer):
-    server, model = start_server(tokenizer)
+def live(tiny_model, tokenizer):
+    server, model = start_server(tiny_model(), tokenizer)
     server.model, server.tokenizer = model, tokenizer
     yield server
     server.stop()
@@ -292,8 +284,8 @@ def test_malformed_bodies_are_4xx_and_the_server_lives(live, client):
     assert requests.get(live.url + "/nope").status_code == 404
 
 
-def test_queue_full_is_429(tokenizer):
-    server, _ = start_server(tokenizer, max_batch=1, max_waiting=1, api_key=None)
+def test_queue_full_is_429(tiny_model, tokenizer):
+    server, _ = start_server(tiny_model(), tokenizer, max_batch=1, max_waiting=1, api_key=None)
     cache = server.pool.schedulers[0].cache
     advance = cache.advance
     cache.advance = lambda n: (time.sleep(0.05), advance(n))  # slow steps: the first stream outlives the test
@@ -344,13 +336,11 @@ def test_nanochat_stream_endpoint(live):
 # -----------------------------------------------------------------------------
 # the script itself
 
-def test_chat_web_script_serves_a_checkpoint(tokenizer, _isolated_base_dir):
-    from nanochat.checkpoint_manager import save_checkpoint
+def test_chat_web_script_serves_a_checkpoint(tokenizer, tiny_model, save_tokenizer, save_model_checkpoint,
+                                             _isolated_base_dir):
     base = str(_isolated_base_dir)
-    tokenizer.save(os.path.join(base, "tokenizer"))
-    model = tiny_model(tokenizer)
-    save_checkpoint(os.path.join(base, "chatsft_checkpoints", "d2"), 1, model.state_dict(), None,
-                    {"step": 1, "model_config": dataclasses.asdict(model.config)})
+    save_tokenizer(tokenizer, base)
+    save_model_checkpoint(os.path.join(base, "chatsft_checkpoints", "d2"), 1, tiny_model())
     port = free_port()
     env = {**os.environ, "NANOCHAT_BASE_DIR": base}
     process = subprocess.Popen([sys.executable, "-m", "scripts.chat_web", "--device-type", "cpu", "--host",

@@ -6,7 +6,6 @@ import torch.nn.functional as F
 from nanochat import chunked_loss
 from nanochat.chunked_loss import softcapped_cross_entropy
 from nanochat.gpt import SOFTCAP
-from tests.test_engine import tiny_gpt
 
 
 def full_logits_loss(x, weight, targets, reduction):
@@ -81,9 +80,9 @@ def test_unreduced_loss_with_autograd_is_refused():
         softcapped_cross_entropy(x, weight, targets, SOFTCAP, "none")
 
 
-def test_model_loss_and_gradients_match_the_full_logits_path():
+def test_model_loss_and_gradients_match_the_full_logits_path(build_random_gpt):
     """GPT.forward's CPU training loss (chunked) == cross-entropy over its own full logits, weights' grads too."""
-    model = tiny_gpt(seed=1, sequence_len=32, vocab_size=70).train()  # vocab padded to 128; every weight random
+    model = build_random_gpt(seed=1, sequence_len=32, vocab_size=70).train()  # vocab padded to 128; every weight random
     gen = torch.Generator().manual_seed(1)
     idx = torch.randint(0, 70, (3, 32), generator=gen)
     targets = torch.randint(0, 70, (3, 32), generator=gen)

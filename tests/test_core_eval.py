@@ -1,18 +1,23 @@
 """
 CORE scoring against hand computation: a character-level tokenizer and a bigram "model" whose logits we
-control, so every expected cross-entropy / greedy prediction is recomputed here with plain math.
+control, so every expected cross-entropy / greedy prediction is recomputed here with plain math. The fast path
+against the plain one on a tiny random GPT; CORE of a fixed model identical on 1 and 2 gloo ranks.
 """
-import json
+import io
 import math
+import os
 import random
+import socket
+import zipfile
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from nanochat import core_eval as ce
 from nanochat import download
 from nanochat.gpt import GPT
-from tests import test_engine as engine_tests
 
 # -----------------------------------------------------------------------------
 # Toy tokenizer and model
@@ -324,37 +329,19 @@ def test_existing_bundle_in_base_dir_is_used_without_download(tmp_path, monkeypa
     assert ce.ensure_eval_bundle() == str(_isolated_base_dir / "eval_bundle")
 
 
-def test_eval_bundle_download_and_unzip(tmp_path, monkeypatch, _isolated_base_dir, write_eval_bundle):
-    import io
-    import threading
-    import zipfile
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+def test_eval_bundle_download_and_unzip(tmp_path, monkeypatch, _isolated_base_dir, file_server, write_eval_bundle):
     write_eval_bundle(tmp_path / "src" / "eval_bundle")
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as zf:  # the real zip holds a top-level eval_bundle/ folder
         for path in sorted((tmp_path / "src").rglob("*")):
             if path.is_file():
                 zf.write(path, path.relative_to(tmp_path / "src").as_posix())
-    payload = buf.getvalue()
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self):
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    monkeypatch.setenv("NANOCHAT_EVAL_BUNDLE_URL", f"http://127.0.0.1:{server.server_address[1]}/eval_bundle.zip")
+    server = file_server({"/eval_bundle.zip": buf.getvalue()})
+    monkeypatch.setenv("NANOCHAT_EVAL_BUNDLE_URL", f"{server.url}/eval_bundle.zip")
     try:
         bundle = ce.ensure_eval_bundle()
     finally:
-        server.shutdown()
-        server.server_close()
+        server.close()
     assert bundle == str(_isolated_base_dir / "eval_bundle")
     assert (_isolated_base_dir / "eval_bundle" / "eval_data" / "sub" / "schema.jsonl").exists()
     out = ce.evaluate_core(BigramModel(random_table(8)), TOK, "cpu", tasks=["toy_lm"])
@@ -381,12 +368,8 @@ def test_too_few_items_for_the_fewshot_count_is_a_clear_error():
 # -----------------------------------------------------------------------------
 # The fast path (logits only where scored, shared option prefix through a KV cache) against the plain
 # full-logits path, on a tiny random GPT: same per-option mean losses, same decisions
-
-
-def tiny_gpt(seed=0):
-    """GQA and a short sliding window on alternate layers (the KV-cache chunk then attends through a window mask),
-    every parameter random (init_weights zeroes output projections, which hides bugs)."""
-    return engine_tests.tiny_gpt(seed, vocab_size=VOCAB)
+# (build_random_gpt's model: GQA and a short sliding window on alternate layers, so the KV-cache chunk attends
+# through a window mask; every parameter random, as init_weights zeroes output projections, which hides bugs)
 
 
 @pytest.fixture
@@ -431,9 +414,9 @@ MC_DATA = [{"query": f"Question {i}: which word fits {'xyz'[i % 3]}?", "choices"
 # the last item's first choice is a token prefix of the second: its span is empty, its loss NaN (as in nanochat)
 
 
-def test_fast_path_matches_plain_multiple_choice(path_spy):
+def test_fast_path_matches_plain_multiple_choice(path_spy, build_random_gpt):
     meta = {"task_type": "multiple_choice", "num_fewshot": 2, "continuation_delimiter": "\nAnswer:"}
-    decisions = assert_fast_equals_plain(tiny_gpt(1), MC_DATA, meta)
+    decisions = assert_fast_equals_plain(build_random_gpt(1, vocab_size=VOCAB), MC_DATA, meta)
     assert path_spy["shared"] > 0  # the few-shot examples + question went through the model once per item
     assert len(set(decisions)) == 2  # the data exercises both outcomes
 
@@ -442,9 +425,9 @@ SCHEMA_DATA = [{"context_options": [f"Sam{i} put the cup on the table", f"Sam{i}
                 "continuation": f"because it was {'light' if i % 2 else 'heavy'}.", "gold": i % 2} for i in range(6)]
 
 
-def test_fast_path_matches_plain_schema(path_spy):
+def test_fast_path_matches_plain_schema(path_spy, build_random_gpt):
     meta = {"task_type": "schema", "num_fewshot": 1, "continuation_delimiter": " "}
-    model = tiny_gpt(2)
+    model = build_random_gpt(2, vocab_size=VOCAB)
     decisions = assert_fast_equals_plain(model, SCHEMA_DATA, meta)
     assert path_spy["shared"] > 0  # the few-shot example and "Sam<i> put the " are shared
     assert len(set(decisions)) == 2
@@ -467,8 +450,8 @@ def _greedy_text(model, prompt, n):
     return "".join(CHARS[i - 1] for i in ids[-n:])
 
 
-def test_fast_path_matches_plain_language_modeling(path_spy):
-    model = tiny_gpt(3)
+def test_fast_path_matches_plain_language_modeling(path_spy, build_random_gpt):
+    model = build_random_gpt(3, vocab_size=VOCAB)
     # empty delimiter: the whole continuation is then the model's to predict after the (trimmed) context
     meta = {"task_type": "language_modeling", "num_fewshot": 2, "continuation_delimiter": ""}
     data = [{"context": f"Item {i} says ", "continuation": f"v{i}"} for i in range(6)]
@@ -497,10 +480,10 @@ def test_fast_path_matches_plain_language_modeling(path_spy):
     assert min(path_spy["logits_from"]) > 0  # LM: the lm_head never ran over the context
 
 
-def test_fast_path_matches_plain_when_truncated(path_spy):
+def test_fast_path_matches_plain_when_truncated(path_spy, build_random_gpt):
     """A model that declares max_seq_len gets each row cut from the left on its own (nanochat's rule): rows of
     equal length still share a (shorter) prefix, rows of different lengths share less or nothing."""
-    model = tiny_gpt(4)
+    model = build_random_gpt(4, vocab_size=VOCAB)
     model.max_seq_len = 40
     mc = {"task_type": "multiple_choice", "num_fewshot": 2, "continuation_delimiter": "\nAnswer:"}
     tokens, _, _ = ce.prepare_example(0, TOK, MC_DATA, mc)
@@ -513,9 +496,9 @@ def test_fast_path_matches_plain_when_truncated(path_spy):
     assert_fast_equals_plain(model, [{"context": f"Item {i} says ", "continuation": f"v{i}"} for i in range(5)], lm)
 
 
-def test_fast_and_plain_core_agree_on_a_toy_bundle(tmp_path, write_eval_bundle):
+def test_fast_and_plain_core_agree_on_a_toy_bundle(tmp_path, build_random_gpt, write_eval_bundle):
     write_eval_bundle(tmp_path / "bundle")
-    model = tiny_gpt(5)
+    model = build_random_gpt(5, vocab_size=VOCAB)
     fast = ce.evaluate_core(model, TOK, "cpu", bundle_dir=str(tmp_path / "bundle"))
     plain = ce.evaluate_core(model, TOK, "cpu", bundle_dir=str(tmp_path / "bundle"), plain=True)
     assert fast == plain
@@ -535,3 +518,39 @@ def test_logits_from_fallback_for_models_without_it():
     assert ce.score_example(0, tail, TOK, data, "cpu", meta)[1] == \
         pytest.approx(ce.score_example(0, plain, TOK, data, "cpu", meta)[1], abs=1e-6)
     assert tail.calls == [((3, len(ids_of("pet: dog!"))), 5)]  # scored tokens start at 6, predicted from 5
+
+
+# -----------------------------------------------------------------------------
+# 1 rank == 2 gloo ranks (a real process group)
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank, world, port, bundle, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        out = ce.evaluate_core(BigramModel(random_table(7)), TOK, "cpu", bundle_dir=bundle)
+        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_core_equal_on_one_and_two_ranks(tmp_path, write_eval_bundle):
+    """CORE of a fixed model is deterministic and identical on 1 and 2 ranks."""
+    bundle = tmp_path / "bundle"
+    write_eval_bundle(bundle)
+    single = ce.evaluate_core(BigramModel(random_table(7)), TOK, "cpu", bundle_dir=str(bundle))
+    again = ce.evaluate_core(BigramModel(random_table(7)), TOK, "cpu", bundle_dir=str(bundle))
+    assert single == again  # deterministic
+    mp.start_processes(_rank_main, args=(2, _free_port(), str(bundle), str(tmp_path)), nprocs=2,
+                       start_method="spawn", join=True)
+    for rank in range(2):
+        out = torch.load(tmp_path / f"rank{rank}.pt")
+        assert out["results"] == pytest.approx(single["results"], abs=1e-12)
+        assert out["core_metric"] == pytest.approx(single["core_metric"], abs=1e-12)

@@ -6,7 +6,6 @@ import torch
 from nanochat.cpu_decode import CPUDecoder
 from nanochat.engine import Engine
 from nanochat.kv_cache import KVCache
-from tests.test_engine import TOK, random_prompt, tiny_gpt
 
 
 def decode(model, prompt, steps, step_fn):
@@ -18,10 +17,10 @@ def decode(model, prompt, steps, step_fn):
     return torch.cat(logits, dim=1), kv
 
 
-def test_decoder_step_equals_the_model_forward():
+def test_decoder_step_equals_the_model_forward(build_random_gpt):
     """Logits and the K/V written, step after step (windows shorter than the cache, GQA, value embeddings, smear,
-    backout all on: every parameter of tiny_gpt is random)."""
-    model = tiny_gpt(seed=3)
+    backout all on: every parameter of build_random_gpt's model is random)."""
+    model = build_random_gpt(seed=3)
     prompt = torch.randint(0, 256, (2, 5), generator=torch.Generator().manual_seed(4))
     steps = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(5))  # runs past the window of 8
     decoder = CPUDecoder(model)
@@ -34,8 +33,8 @@ def test_decoder_step_equals_the_model_forward():
     assert fast.abs().max() > 1.0  # a random model gives non-trivial logits: the comparison has teeth
 
 
-def test_decoder_needs_a_prefilled_cache():
-    model = tiny_gpt()
+def test_decoder_needs_a_prefilled_cache(build_random_gpt):
+    model = build_random_gpt()
     with pytest.raises(ValueError, match="prefill"):
         CPUDecoder(model).step(torch.zeros(1, 1, dtype=torch.long), KVCache.for_model(model, 1, 4))
 
@@ -45,18 +44,18 @@ def greedy(engine, prompt, n=12):
     return results[0]
 
 
-def naive_greedy(model, prompt, n=12):
+def naive_greedy(model, tokenizer, prompt, n=12):
     out = list(model.generate(prompt, max_tokens=n, temperature=0.0))
-    stop = {TOK.encode_special("<|assistant_end|>"), TOK.get_bos_token_id()}
+    stop = {tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id()}
     return prompt + out[:next((i for i, t in enumerate(out) if t in stop), len(out))]
 
 
 @pytest.mark.parametrize("announce", [True, False], ids=["weights_changed", "forgotten-call"])
-def test_engine_follows_in_place_weight_changes(announce):
+def test_engine_follows_in_place_weight_changes(build_random_gpt, byte_tokenizer, random_prompt, announce):
     """After in-place updates the Engine decodes with the new weights: told so by weights_changed(), or, when the
     caller forgot, by the sampled check at the next generate."""
-    model = tiny_gpt(seed=1)
-    engine = Engine(model, TOK, tools=None)
+    model = build_random_gpt(seed=1)
+    engine = Engine(model, byte_tokenizer, tools=None)
     prompt = random_prompt(6, seed=2)
     before = greedy(engine, prompt)
     with torch.no_grad():
@@ -66,19 +65,19 @@ def test_engine_follows_in_place_weight_changes(announce):
         engine.weights_changed()
     after = greedy(engine, prompt)
     assert after != before
-    assert after == naive_greedy(model, prompt)
+    assert after == naive_greedy(model, byte_tokenizer, prompt)
 
 
-def test_engine_follows_replaced_parameters_and_optimizer_steps():
+def test_engine_follows_replaced_parameters_and_optimizer_steps(build_random_gpt, byte_tokenizer, random_prompt):
     """load_state_dict(assign=True) replaces the parameters; an optimizer step writes them in place (AdamW through
     torch's fused CPU kernel, which bumps no version counter): both must reach the decoder."""
-    model = tiny_gpt(seed=1).train()
-    engine = Engine(model, TOK, tools=None)
+    model = build_random_gpt(seed=1).train()
+    engine = Engine(model, byte_tokenizer, tools=None)
     prompt = random_prompt(6, seed=3)
     greedy(engine, prompt)
-    model.load_state_dict(tiny_gpt(seed=7).state_dict(), assign=True)
+    model.load_state_dict(build_random_gpt(seed=7).state_dict(), assign=True)
     model.eval()
-    assert greedy(engine, prompt) == naive_greedy(model, prompt)
+    assert greedy(engine, prompt) == naive_greedy(model, byte_tokenizer, prompt)
 
     optimizer = model.setup_optimizer(unembedding_lr=0.5, embedding_lr=0.5, matrix_lr=0.5, scalar_lr=0.5)
     x = torch.tensor([random_prompt(16, seed=4)])
@@ -86,13 +85,13 @@ def test_engine_follows_replaced_parameters_and_optimizer_steps():
     model(x, x).backward()
     optimizer.step()
     model.eval()
-    assert greedy(engine, prompt) == naive_greedy(model, prompt)
+    assert greedy(engine, prompt) == naive_greedy(model, byte_tokenizer, prompt)
 
 
-def test_int8_decode_stays_close_to_exact_and_is_opt_in():
+def test_int8_decode_stays_close_to_exact_and_is_opt_in(build_random_gpt, byte_tokenizer, random_prompt):
     """quantize="int8" decodes with int8 weights: logits move a little (they must move: the int8 path really ran)
     but stay within a few percent of their range; bad settings are clear errors."""
-    model = tiny_gpt()
+    model = build_random_gpt()
     prompt = torch.tensor([random_prompt(10, seed=2)])
     steps = torch.tensor([random_prompt(21, seed=3)[1:]])
     exact, _ = decode(model, prompt, steps, CPUDecoder(model).step)
@@ -103,11 +102,11 @@ def test_int8_decode_stays_close_to_exact_and_is_opt_in():
     agree = (int8.argmax(-1) == exact.argmax(-1)).float().mean()  # top choices mostly survive quantization
     assert agree >= 0.8
 
-    engine = Engine(model, TOK, tools=None, quantize="int8")
+    engine = Engine(model, byte_tokenizer, tools=None, quantize="int8")
     results, _ = engine.generate_batch(random_prompt(10, seed=1), num_samples=2, max_tokens=12, temperature=0.0)
     assert all(len(row) > 10 for row in results)
     first = engine._decoder
     engine.generate_batch(random_prompt(10, seed=1), max_tokens=4, temperature=0.0)
     assert engine._decoder is first  # quantized once while the weights stay the same
     with pytest.raises(ValueError, match="quantize"):
-        Engine(model, TOK, quantize="int4")
+        Engine(model, byte_tokenizer, quantize="int4")

@@ -12,20 +12,8 @@ import nanochat.dataloader as dataloader_module
 from nanochat.dataloader import (tokenizing_distributed_data_loader_with_state_bos_bestfit as loader_with_state,
                                  tokenizing_distributed_data_loader_bos_bestfit)
 
-BOS = 256
 B, T = 3, 32
 SMALL = dict(buffer_size=8, tokenizer_batch_size=4, tokenizer_threads=1)
-
-
-class ByteTokenizer:
-    """Stand-in for the BPE tokenizer: one token per UTF-8 byte, BOS = 256 (never a byte, so it marks doc starts)."""
-
-    def get_bos_token_id(self):
-        return BOS
-
-    def encode(self, texts, prepend=None, num_threads=None):
-        prefix = [] if prepend is None else [prepend]
-        return [prefix + list(t.encode("utf-8")) for t in texts]
 
 
 @pytest.fixture
@@ -54,10 +42,9 @@ def read_stream(data_dir, rank, world_size, batch_size, epochs):
                     yield docs[i:i + batch_size]
 
 
-def reference_batches(data_dir, num_batches, rank=0, world_size=1, buffer_size=8, batch_size=4):
+def reference_batches(tok, data_dir, num_batches, rank=0, world_size=1, buffer_size=8, batch_size=4):
     """A plain re-statement of nanochat's best-fit packing (list buffer, linear scans)."""
     stream = read_stream(data_dir, rank, world_size, batch_size, epochs=100)
-    tok = ByteTokenizer()
     buffer, batches = [], []
     for _ in range(num_batches):
         rows = []
@@ -65,7 +52,7 @@ def reference_batches(data_dir, num_batches, rank=0, world_size=1, buffer_size=8
             row = []
             while len(row) < T + 1:
                 while len(buffer) < buffer_size:
-                    buffer.extend(tok.encode(next(stream), prepend=BOS))
+                    buffer.extend(tok.encode(next(stream), prepend=tok.get_bos_token_id()))
                 space = T + 1 - len(row)
                 fitting = [i for i, d in enumerate(buffer) if len(d) <= space]
                 if fitting:  # largest that fits; earliest among equals
@@ -91,16 +78,17 @@ def fake_dist(monkeypatch, rank, world_size):
     monkeypatch.setattr(dataloader_module, "get_dist_info", lambda: (world_size > 1, rank, rank, world_size))
 
 
-def test_rows_are_bos_aligned_full_and_made_of_real_documents(data_dir):
+def test_rows_are_bos_aligned_full_and_made_of_real_documents(data_dir, byte_tokenizer):
+    bos = byte_tokenizer.get_bos_token_id()
     all_docs = [d.encode() for name in sorted(os.listdir(data_dir))
                 for d in pq.read_table(os.path.join(data_dir, name)).column("text").to_pylist()]
-    for x, y, _ in take(loader_with_state(ByteTokenizer(), B, T, "train", device="cpu", data_dir=data_dir, **SMALL), 40):
+    for x, y, _ in take(loader_with_state(byte_tokenizer, B, T, "train", device="cpu", data_dir=data_dir, **SMALL), 40):
         assert x.shape == y.shape == (B, T) and x.dtype == y.dtype == torch.int64
         assert torch.equal(x[:, 1:], y[:, :-1])  # targets are inputs shifted by one
         rows = torch.cat([x, y[:, -1:]], dim=1)
         for row in rows.tolist():
-            assert row[0] == BOS
-            starts = [i for i, t in enumerate(row) if t == BOS] + [len(row)]
+            assert row[0] == bos
+            starts = [i for i, t in enumerate(row) if t == bos] + [len(row)]
             segments = [bytes(row[a + 1:b]) for a, b in zip(starts, starts[1:])]
             for k, seg in enumerate(segments):
                 if k < len(segments) - 1:
@@ -110,18 +98,18 @@ def test_rows_are_bos_aligned_full_and_made_of_real_documents(data_dir):
 
 
 @pytest.mark.parametrize("rank,world_size", [(0, 1), (1, 2)])
-def test_packing_matches_a_plain_restatement_of_best_fit(data_dir, monkeypatch, rank, world_size):
+def test_packing_matches_a_plain_restatement_of_best_fit(data_dir, monkeypatch, rank, world_size, byte_tokenizer):
     fake_dist(monkeypatch, rank, world_size)
-    got = take(loader_with_state(ByteTokenizer(), B, T, "train", device="cpu", data_dir=data_dir, **SMALL), 60)
-    want = reference_batches(data_dir, 60, rank, world_size)
+    got = take(loader_with_state(byte_tokenizer, B, T, "train", device="cpu", data_dir=data_dir, **SMALL), 60)
+    want = reference_batches(byte_tokenizer, data_dir, 60, rank, world_size)
     for (x, y, _), rows in zip(got, want):
         assert torch.equal(x, rows[:, :-1]) and torch.equal(y, rows[:, 1:])
     assert got[-1][2]["epoch"] >= 2  # the run wrapped around the data at least once
 
 
-def test_resume_yields_exactly_the_uninterrupted_batches(data_dir):
+def test_resume_yields_exactly_the_uninterrupted_batches(data_dir, byte_tokenizer):
     def make(state=None):
-        return loader_with_state(ByteTokenizer(), B, T, "train", device="cpu", data_dir=data_dir,
+        return loader_with_state(byte_tokenizer, B, T, "train", device="cpu", data_dir=data_dir,
                                  resume_state_dict=state, **SMALL)
 
     full = take(make(), 70)
@@ -139,8 +127,8 @@ def test_resume_yields_exactly_the_uninterrupted_batches(data_dir):
     assert crossed_file and crossed_epoch  # resumed windows spanned a file boundary and an epoch wrap
 
 
-def test_nanochat_style_state_resumes_approximately_at_the_next_row_group(data_dir, capsys):
-    loader = loader_with_state(ByteTokenizer(), B, T, "train", device="cpu", data_dir=data_dir,
+def test_nanochat_style_state_resumes_approximately_at_the_next_row_group(data_dir, capsys, byte_tokenizer):
+    loader = loader_with_state(byte_tokenizer, B, T, "train", device="cpu", data_dir=data_dir,
                                resume_state_dict={"pq_idx": 1, "rg_idx": 1, "epoch": 3}, **SMALL)
     _, _, state = next(loader)
     assert "approximately" in capsys.readouterr().out
@@ -148,19 +136,19 @@ def test_nanochat_style_state_resumes_approximately_at_the_next_row_group(data_d
     assert all((pq_idx, rg_idx) >= (1, 2) for pq_idx, rg_idx, _ in state["buffer"])
 
 
-def test_state_of_another_rank_falls_back_to_approximate(data_dir, monkeypatch, capsys):
-    state = take(loader_with_state(ByteTokenizer(), B, T, "train", device="cpu", data_dir=data_dir, **SMALL), 5)[-1][2]
+def test_state_of_another_rank_falls_back_to_approximate(data_dir, monkeypatch, capsys, byte_tokenizer):
+    state = take(loader_with_state(byte_tokenizer, B, T, "train", device="cpu", data_dir=data_dir, **SMALL), 5)[-1][2]
     fake_dist(monkeypatch, 1, 2)
-    _, _, resumed = next(loader_with_state(ByteTokenizer(), B, T, "train", device="cpu", data_dir=data_dir,
+    _, _, resumed = next(loader_with_state(byte_tokenizer, B, T, "train", device="cpu", data_dir=data_dir,
                                            resume_state_dict=state, **SMALL))
     assert "saved by rank 0 of 1, this is rank 1 of 2" in capsys.readouterr().out
     assert all(rg_idx % 2 == 1 for _, rg_idx, _ in resumed["buffer"])
 
 
-def test_each_rank_picks_its_own_state_from_a_list_of_all_ranks_states(data_dir, monkeypatch):
+def test_each_rank_picks_its_own_state_from_a_list_of_all_ranks_states(data_dir, monkeypatch, byte_tokenizer):
     def run(rank, n, state=None):
         fake_dist(monkeypatch, rank, 2)
-        return take(loader_with_state(ByteTokenizer(), B, T, "train", device="cpu", data_dir=data_dir,
+        return take(loader_with_state(byte_tokenizer, B, T, "train", device="cpu", data_dir=data_dir,
                                       resume_state_dict=state, **SMALL), n)
 
     full = [run(rank, 12) for rank in range(2)]
@@ -170,7 +158,7 @@ def test_each_rank_picks_its_own_state_from_a_list_of_all_ranks_states(data_dir,
         assert all(torch.equal(a[0], b[0]) for a, b in zip(full[rank][6:], resumed))
 
 
-def test_ranks_read_disjoint_row_groups_covering_the_split(data_dir, monkeypatch):
+def test_ranks_read_disjoint_row_groups_covering_the_split(data_dir, monkeypatch, byte_tokenizer):
     real_read = dataloader_module.read_row_group
     seen = {}
     for rank in range(2):
@@ -182,7 +170,7 @@ def test_ranks_read_disjoint_row_groups_covering_the_split(data_dir, monkeypatch
 
         monkeypatch.setattr(dataloader_module, "read_row_group", recording_read)
         fake_dist(monkeypatch, rank, 2)
-        loader = loader_with_state(ByteTokenizer(), B, T, "train", device="cpu", data_dir=data_dir, **SMALL)
+        loader = loader_with_state(byte_tokenizer, B, T, "train", device="cpu", data_dir=data_dir, **SMALL)
         while next(loader)[2]["epoch"] == 1:
             pass
         seen[rank] = reads[:reads.index(reads[0], 1)]  # one pass, up to where it starts over
@@ -193,29 +181,30 @@ def test_ranks_read_disjoint_row_groups_covering_the_split(data_dir, monkeypatch
     assert all(rg % 2 == rank for rank in range(2) for _, rg in seen[rank])
 
 
-def test_too_many_ranks_for_the_val_split_is_a_clear_error(data_dir, monkeypatch):
+def test_too_many_ranks_for_the_val_split_is_a_clear_error(data_dir, monkeypatch, byte_tokenizer):
     fake_dist(monkeypatch, 3, 4)  # the val file has 2 row groups
     with pytest.raises(ValueError, match="fewer than the 4 ranks"):
-        next(tokenizing_distributed_data_loader_bos_bestfit(ByteTokenizer(), B, T, "val", device="cpu",
+        next(tokenizing_distributed_data_loader_bos_bestfit(byte_tokenizer, B, T, "val", device="cpu",
                                                             data_dir=data_dir))
 
 
-def test_jsonl_folder_feeds_the_loader(tmp_path):
+def test_jsonl_folder_feeds_the_loader(tmp_path, byte_tokenizer):
+    bos = byte_tokenizer.get_bos_token_id()
     root = tmp_path / "j"
     os.makedirs(root)
     for name in ("a.jsonl", "b.jsonl"):
         (root / name).write_text("".join(json.dumps({"text": f"{name} document {i}"}) + "\n" for i in range(50)))
-    x, y = next(tokenizing_distributed_data_loader_bos_bestfit(ByteTokenizer(), 2, 16, "val", device="cpu",
+    x, y = next(tokenizing_distributed_data_loader_bos_bestfit(byte_tokenizer, 2, 16, "val", device="cpu",
                                                                data_dir=str(root), buffer_size=4))
-    assert (x[:, 0] == BOS).all() and b"b.jsonl" in bytes(t for t in x[0].tolist() if t != BOS)
+    assert (x[:, 0] == bos).all() and b"b.jsonl" in bytes(t for t in x[0].tolist() if t != bos)
 
 
 @pytest.mark.cuda
-def test_cuda_batches_equal_cpu_batches_and_stay_valid_for_one_more_batch(data_dir):
+def test_cuda_batches_equal_cpu_batches_and_stay_valid_for_one_more_batch(data_dir, byte_tokenizer):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    cpu = take(loader_with_state(ByteTokenizer(), B, T, "train", device="cpu", data_dir=data_dir, **SMALL), 20)
-    gpu = loader_with_state(ByteTokenizer(), B, T, "train", device="cuda", data_dir=data_dir, **SMALL)
+    cpu = take(loader_with_state(byte_tokenizer, B, T, "train", device="cpu", data_dir=data_dir, **SMALL), 20)
+    gpu = loader_with_state(byte_tokenizer, B, T, "train", device="cuda", data_dir=data_dir, **SMALL)
     previous = None
     for x_cpu, y_cpu, _ in cpu:
         x, y, _ = next(gpu)

@@ -14,7 +14,6 @@ from nanochat import dataset
 from nanochat.dataset import parquets_iter_batched, list_parquet_files, split_parts
 from nanochat.offline_corpus import (build_offline_corpus, split_source, split_text, api_doc_entries, DOC_CHARS,
                                      VAL_ROW_GROUP_DOCS)
-from test_download import FileServer
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -41,15 +40,15 @@ def run_cli(monkeypatch, capsys, *argv):
 # -----------------------------------------------------------------------------
 # Downloading ClimbMix shards
 
-def test_cli_downloads_n_shards_plus_val_through_hf_endpoint(tmp_path, _isolated_base_dir):
+def test_cli_downloads_n_shards_plus_val_through_hf_endpoint(tmp_path, _isolated_base_dir, file_server):
     prefix = "/datasets/karpathy/climbmix-400b-shuffle/resolve/main/"
     files = {}
     for index in (0, 1, 6542):
         local = tmp_path / f"src{index}.parquet"
         write_parquet(str(local), [f"doc {index}-{i} " * 50 for i in range(300)], row_group_size=100)
         files[prefix + dataset.index_to_filename(index)] = local.read_bytes()
-    server = FileServer(files, faults={prefix + "shard_00001.parquet": [500],
-                                       prefix + "shard_06542.parquet": ["truncate"]})
+    server = file_server(files, faults={prefix + "shard_00001.parquet": [500],
+                                        prefix + "shard_06542.parquet": ["truncate"]})
     env = {**os.environ, "HF_ENDPOINT": server.url, "NANOCHAT_DOWNLOAD_BACKOFF": "0.001",
            "NANOCHAT_BASE_DIR": str(_isolated_base_dir)}
     try:

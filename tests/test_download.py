@@ -1,9 +1,7 @@
 """nanochat.download against a local HTTP server with injected faults (500s, truncated bodies, no Range support)."""
 import os
 import socket
-import threading
 import multiprocessing
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -11,87 +9,14 @@ from nanochat.download import download_file, hf_dataset_url, DownloadError
 from nanochat import download
 
 
-class FileServer:
-    """Serves `files` (path -> bytes). `faults` (path -> list) scripts the answers to successive GETs of a path:
-    an int status (e.g. 500), "truncate" (Content-Length of the full answer, then half the body and hang up),
-    "ok". Once a path's script is used up, it is served normally. Range requests are honoured when
-    support_range is set. Every request is logged as (path, Range header or None, dest existed at that moment)."""
-
-    def __init__(self, files, faults=None, support_range=True, watch=None, delay=0.0):
-        self.files, self.faults = files, {k: list(v) for k, v in (faults or {}).items()}
-        self.support_range, self.watch, self.delay = support_range, watch, delay
-        self.log = []
-        self.lock = threading.Lock()
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
-            def do_HEAD(self):
-                self.send_response(200)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def do_GET(self):
-                with server.lock:
-                    script = server.faults.get(self.path)
-                    action = script.pop(0) if script else "ok"
-                    server.log.append((self.path, self.headers.get("Range"),
-                                       server.watch is not None and os.path.exists(server.watch)))
-                if self.path not in server.files:
-                    action = 404
-                if isinstance(action, int):
-                    self.send_response(action)
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
-                    return
-                body = server.files[self.path]
-                start = 0
-                rng = self.headers.get("Range")
-                if rng and server.support_range:
-                    start = int(rng.split("=")[1].split("-")[0])
-                    self.send_response(206)
-                    self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
-                else:
-                    self.send_response(200)
-                part = body[start:]
-                self.send_header("Content-Length", str(len(part)))
-                self.end_headers()
-                if server.delay:
-                    import time
-                    time.sleep(server.delay)
-                if action == "truncate":
-                    self.wfile.write(part[:len(part) // 2])
-                    self.wfile.flush()
-                    self.close_connection = True
-                    self.connection.shutdown(socket.SHUT_RDWR)
-                    return
-                self.wfile.write(part)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-        self.thread.start()
-
-    def gets(self, path):
-        return [entry for entry in self.log if entry[0] == path]
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 @pytest.fixture
 def payload():
     return os.urandom(3 * 1024 * 1024 + 123)  # a bit over 3 chunks of 1 MB
 
 
-def test_retries_500s_then_resumes_a_truncated_transfer(tmp_path, payload):
+def test_retries_500s_then_resumes_a_truncated_transfer(tmp_path, payload, file_server):
     dest = tmp_path / "out" / "shard.bin"
-    server = FileServer({"/f": payload}, faults={"/f": [500, 503, "truncate"]}, watch=str(dest))
+    server = file_server({"/f": payload}, faults={"/f": [500, 503, "truncate"]}, watch=str(dest))
     try:
         assert download_file(server.url + "/f", str(dest), backoff=0.001) == str(dest)
     finally:
@@ -106,9 +31,9 @@ def test_retries_500s_then_resumes_a_truncated_transfer(tmp_path, payload):
     assert 0 < resumed_at <= len(payload) // 2
 
 
-def test_restarts_when_the_server_ignores_range(tmp_path, payload):
+def test_restarts_when_the_server_ignores_range(tmp_path, payload, file_server):
     dest = tmp_path / "shard.bin"
-    server = FileServer({"/f": payload}, faults={"/f": ["truncate", "truncate"]}, support_range=False, watch=str(dest))
+    server = file_server({"/f": payload}, faults={"/f": ["truncate", "truncate"]}, support_range=False, watch=str(dest))
     try:
         download_file(server.url + "/f", str(dest), backoff=0.001, progress=False)
     finally:
@@ -117,9 +42,9 @@ def test_restarts_when_the_server_ignores_range(tmp_path, payload):
     assert len(server.gets("/f")) == 3 and not any(e for _, _, e in server.gets("/f"))
 
 
-def test_gives_up_without_leaving_anything_at_dest_then_resumes_next_time(tmp_path, payload):
+def test_gives_up_without_leaving_anything_at_dest_then_resumes_next_time(tmp_path, payload, file_server):
     dest = tmp_path / "shard.bin"
-    server = FileServer({"/f": payload}, faults={"/f": ["truncate", 500, 500]})
+    server = file_server({"/f": payload}, faults={"/f": ["truncate", 500, 500]})
     try:
         with pytest.raises(DownloadError, match="after 3 attempts"):
             download_file(server.url + "/f", str(dest), retries=3, backoff=0.001)
@@ -134,7 +59,7 @@ def test_gives_up_without_leaving_anything_at_dest_then_resumes_next_time(tmp_pa
     assert not os.path.exists(str(dest) + ".tmp")
 
 
-def test_expected_size_and_verify_failures_are_retried(tmp_path):
+def test_expected_size_and_verify_failures_are_retried(tmp_path, file_server):
     dest = tmp_path / "x.bin"
     calls = []
 
@@ -143,7 +68,7 @@ def test_expected_size_and_verify_failures_are_retried(tmp_path):
         if len(calls) == 1:
             raise ValueError("bad magic")
 
-    server = FileServer({"/x": b"abcdef"})
+    server = file_server({"/x": b"abcdef"})
     try:
         download_file(server.url + "/x", str(dest), backoff=0.001, verify=verify)
         with pytest.raises(DownloadError, match="expected 7"):
@@ -154,8 +79,8 @@ def test_expected_size_and_verify_failures_are_retried(tmp_path):
     assert not (tmp_path / "y.bin").exists()
 
 
-def test_http_404_is_not_retried(tmp_path):
-    server = FileServer({})
+def test_http_404_is_not_retried(tmp_path, file_server):
+    server = file_server({})
     try:
         with pytest.raises(DownloadError, match="HTTP 404"):
             download_file(server.url + "/missing", str(tmp_path / "m"), backoff=0.001)
@@ -191,9 +116,9 @@ def _download_in_child(url, dest, queue):
         queue.put(repr(e))
 
 
-def test_concurrent_processes_download_once(tmp_path, payload):
+def test_concurrent_processes_download_once(tmp_path, payload, file_server):
     dest = str(tmp_path / "shared.bin")
-    server = FileServer({"/s": payload}, delay=0.3)  # slow enough that all processes ask while it is in flight
+    server = file_server({"/s": payload}, delay=0.3)  # slow enough that all processes ask while it is in flight
     ctx = multiprocessing.get_context("fork")
     queue = ctx.Queue()
     procs = [ctx.Process(target=_download_in_child, args=(server.url + "/s", dest, queue)) for _ in range(3)]

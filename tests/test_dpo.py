@@ -5,7 +5,6 @@ tiny GPT that make every margin positive."""
 import copy
 import json
 import math
-import random
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ import torch
 from nanochat.common import COMPUTE_DTYPE
 from nanochat.dpo import (build_pair_batch, dpo_loss, dpo_metrics, load_pairs_jsonl, model_token_logps,
                           normalize_pair, pair_logps, sequence_logps, token_logps_from_logits)
-from nanochat.gpt import GPT, GPTConfig
+from nanochat.gpt import GPTConfig
 
 # -----------------------------------------------------------------------------
 # TRL's formulas, restated on plain floats (TRL's DPOTrainer; label smoothing on sigmoid as in TRL <= 0.28, ipo on
@@ -145,20 +144,21 @@ def test_sequence_logps_ignore_prompt_and_padding_logits():
     assert torch.equal(sequence_logps(token_logps, targets)[0], before)
 
 
-def tiny_gpt(vocab_size, seed=0, sequence_len=64):
-    config = GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=2, n_head=2, n_kv_head=2, n_embd=64,
-                       window_pattern="L")
-    torch.manual_seed(seed)
-    with torch.device("meta"):
-        model = GPT(config)
-    model.to_empty(device="cpu")
-    model.init_weights()
-    with torch.no_grad():  # init_weights zeroes the output layer: give the logits something to say
-        model.lm_head.weight.normal_(0, 0.5)
-    return model
+@pytest.fixture
+def tiny_gpt(build_gpt):
+    """make(vocab_size, seed=0) -> a 2-layer GPT as init leaves it but for a random output layer (init's is near
+    zero: the logits would have nothing to say), ready to train."""
+    def make(vocab_size, seed=0):
+        config = GPTConfig(sequence_len=64, vocab_size=vocab_size, n_layer=2, n_head=2, n_kv_head=2, n_embd=64,
+                           window_pattern="L")
+        model = build_gpt(config, seed)
+        with torch.no_grad():
+            model.lm_head.weight.normal_(0, 0.5)
+        return model
+    return make
 
 
-def test_model_token_logps_match_the_logits_path_with_and_without_autograd():
+def test_model_token_logps_match_the_logits_path_with_and_without_autograd(tiny_gpt):
     model = tiny_gpt(vocab_size=50)
     targets = masked_targets(4, T=9, V=50)
     inputs = torch.randint(0, 50, (3, 9), generator=torch.Generator().manual_seed(5))
@@ -228,15 +228,9 @@ def test_bad_pair_rows_fail_with_path_and_line(tmp_path):
 # pair batches and training
 
 
-WORDS = "the cat sat on a mat and then it ran far away from home to see the big red sun in the sky".split()
-
-
 @pytest.fixture(scope="module")
-def tokenizer():
-    from nanochat.tokenizer import RustBPETokenizer
-    rng = random.Random(0)
-    docs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 40))) for _ in range(300)]
-    return RustBPETokenizer.train_from_iterator(iter(docs), 300)
+def tokenizer(tiny_tokenizer):
+    return tiny_tokenizer
 
 
 def pair(prompt, chosen, rejected):
@@ -247,7 +241,7 @@ def scored(tokenizer, targets_row):
     return tokenizer.decode([t for t in targets_row.tolist() if t != -1])
 
 
-def test_pair_batch_is_chosen_then_rejected_scoring_only_completions(tokenizer):
+def test_pair_batch_is_chosen_then_rejected_scoring_only_completions(tokenizer, tiny_gpt):
     pairs = [pair("the cat", "sat on a mat", "ran far away from home"), pair("a big red sun", "in the sky", "the")]
     multi_turn = normalize_pair({"prompt": [{"role": "user", "content": "the cat"},
                                             {"role": "assistant", "content": "sat on a mat"},
@@ -275,9 +269,9 @@ def test_pair_batch_is_chosen_then_rejected_scoring_only_completions(tokenizer):
     assert (inputs[4, (targets[4] != -1).nonzero().max() + 1:] == bos).all()
 
 
-def test_truncation_keeps_the_prompt_and_drops_pairs_whose_prompt_fills_the_context(tokenizer):
+def test_truncation_keeps_the_prompt_and_drops_pairs_whose_prompt_fills_the_context(tokenizer, tiny_words):
     short_prompt = pair("the cat", "sat on a mat and then it ran far away from home to see the sun", "ran")
-    long_prompt = pair(" ".join(WORDS * 3), "sat", "ran")
+    long_prompt = pair(" ".join(tiny_words * 3), "sat", "ran")
     prompt_len = len(tokenizer.render_for_completion(short_prompt["prompt"]))
     max_seq_len = prompt_len + 3
     inputs, targets, stats = build_pair_batch(tokenizer, [short_prompt, long_prompt], max_seq_len=max_seq_len)
@@ -297,7 +291,7 @@ def test_truncation_keeps_the_prompt_and_drops_pairs_whose_prompt_fills_the_cont
 
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge"])
-def test_a_few_adam_steps_make_every_margin_positive(tokenizer, loss_type):
+def test_a_few_adam_steps_make_every_margin_positive(tokenizer, tiny_gpt, loss_type):
     pairs = [pair("the cat", "sat on a mat", "ran far away"), pair("the big red", "sun in the sky", "cat sat"),
              pair("it ran", "far away from home", "the mat"), pair("to see", "the sun", "a cat and a mat")]
     inputs, targets, _ = build_pair_batch(tokenizer, pairs, max_seq_len=64)

@@ -3,6 +3,7 @@ Engine tests. Two kinds of model:
 - mocks (uniform or scripted logits) for sampling, tool-use, stopping and length rules;
 - a tiny real GPT with every parameter randomised (so attention, smear, value embeddings and backout all
   matter), checked against naive full-recompute generation.
+Both speak conftest's byte tokenizer (bytes are ids 0..255, the special tokens follow).
 """
 
 import json
@@ -14,49 +15,13 @@ import torch
 from nanochat.chat_format import THINK_PREFILL
 from nanochat.engine import Engine, KVCache, fit_conversation_to_context, sample_next_token
 from nanochat.tools import calculator_tool, tool_call_json, web_search_budget
-from nanochat.web_search import LocalSearchProvider, format_results
-
-SPECIALS = ["<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>",
-            "<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>"]
-
-
-class ByteTokenizer:
-    """Bytes are ids 0..255, the 9 specials follow (256..264)."""
-
-    def __init__(self):
-        self.special = {name: 256 + i for i, name in enumerate(SPECIALS)}
-
-    def encode_special(self, name):
-        return self.special[name]
-
-    def get_bos_token_id(self):
-        return self.special["<|bos|>"]
-
-    def get_vocab_size(self):
-        return 256 + len(SPECIALS)
-
-    def encode(self, text, prepend=None, append=None):
-        ids = list(text.encode("utf-8"))
-        if prepend is not None:
-            ids = [prepend if isinstance(prepend, int) else self.special[prepend]] + ids
-        if append is not None:
-            ids = ids + [append if isinstance(append, int) else self.special[append]]
-        return ids
-
-    def decode(self, ids):
-        return bytes(t for t in ids if t < 256).decode("utf-8", errors="replace")
-
-
-TOK = ByteTokenizer()
-S = TOK.special
-VOCAB = TOK.get_vocab_size()
-PROMPT = [S["<|bos|>"], *TOK.encode("Hello")]
+from nanochat.web_search import format_results
 
 
 @dataclass
 class MockConfig:
-    sequence_len: int = 64
-    vocab_size: int = VOCAB
+    sequence_len: int
+    vocab_size: int
     n_layer: int = 2
     n_head: int = 2
     n_kv_head: int = 2
@@ -67,8 +32,8 @@ class MockModel:
     """Uniform logits (every token equally likely), or scripted: row b emits scripts[b][t] as its t-th
     generated token (a scripted position that a tool forces is simply skipped by the engine)."""
 
-    def __init__(self, scripts=None, sequence_len=64, prompt_len=len(PROMPT)):
-        self.config = MockConfig(sequence_len=sequence_len)
+    def __init__(self, vocab_size, scripts=None, sequence_len=64, prompt_len=0):
+        self.config = MockConfig(sequence_len=sequence_len, vocab_size=vocab_size)
         self.scripts = scripts
         self.prompt_len = prompt_len
         self.calls = []  # (batch, T) of every forward
@@ -83,7 +48,7 @@ class MockModel:
         self.threads.append(torch.get_num_threads())
         pos = kv_cache.get_pos()
         kv_cache.advance(T)
-        logits = torch.zeros(B, T, VOCAB)
+        logits = torch.zeros(B, T, self.config.vocab_size)
         if self.scripts is not None:
             generated = pos + T - self.prompt_len  # index of the token the last position predicts
             for b in range(B):
@@ -92,24 +57,39 @@ class MockModel:
         return logits
 
 
+@pytest.fixture(scope="module")
+def prompt(byte_tokenizer):
+    """The prompt of the mock-model tests: <|bos|>Hello."""
+    return byte_tokenizer.encode("Hello", prepend="<|bos|>")
+
+
+@pytest.fixture(scope="module")
+def mock_model(byte_tokenizer, prompt):
+    """make(scripts=None, sequence_len=64, prompt_len=len(prompt)) -> a MockModel over the byte tokenizer's ids."""
+    def make(scripts=None, sequence_len=64, prompt_len=len(prompt)):
+        return MockModel(byte_tokenizer.get_vocab_size(), scripts, sequence_len, prompt_len)
+    return make
+
+
 # -----------------------------------------------------------------------------
-# sampling
+# sampling (logits over the byte tokenizer's vocabulary)
 
 def test_kv_cache_is_reexported():
     from nanochat.kv_cache import KVCache as Original
     assert KVCache is Original
 
 
-def test_sample_temperature_zero_is_argmax():
-    logits = torch.randn(5, VOCAB, generator=torch.Generator().manual_seed(0))
+def test_sample_temperature_zero_is_argmax(byte_tokenizer):
+    logits = torch.randn(5, byte_tokenizer.get_vocab_size(), generator=torch.Generator().manual_seed(0))
     for seed in (1, 2):
         out = sample_next_token(logits, torch.Generator().manual_seed(seed), temperature=0.0)
         assert out.shape == (5, 1)
         assert torch.equal(out[:, 0], logits.argmax(dim=-1))
 
 
-def test_top_k_restricts_support():
-    logits = torch.randn(1, VOCAB, generator=torch.Generator().manual_seed(0)).expand(4000, -1)
+def test_top_k_restricts_support(byte_tokenizer):
+    vocab_size = byte_tokenizer.get_vocab_size()
+    logits = torch.randn(1, vocab_size, generator=torch.Generator().manual_seed(0)).expand(4000, -1)
     allowed = set(torch.topk(logits[0], 5).indices.tolist())
     out = sample_next_token(logits, torch.Generator().manual_seed(0), temperature=1.5, top_k=5)
     seen = set(out[:, 0].tolist())
@@ -146,9 +126,9 @@ def test_sampling_matches_the_softmax_distribution():
         torch.testing.assert_close(freq, torch.softmax(logits / temperature, dim=-1), atol=0.01, rtol=0)
 
 
-def test_zero_probability_tokens_are_never_sampled():
+def test_zero_probability_tokens_are_never_sampled(byte_tokenizer):
     # at a low temperature most of the vocabulary underflows to probability exactly 0
-    logits = torch.linspace(-15, 15, VOCAB).flip(0).unsqueeze(0).expand(5000, -1)
+    logits = torch.linspace(-15, 15, byte_tokenizer.get_vocab_size()).flip(0).unsqueeze(0).expand(5000, -1)
     draws = sample_next_token(logits, torch.Generator().manual_seed(0), temperature=0.05)[:, 0]
     probs = torch.softmax(logits[0] / 0.05, dim=-1)
     assert (probs[draws] > 0).all() and (probs == 0).any()
@@ -157,161 +137,168 @@ def test_zero_probability_tokens_are_never_sampled():
 # -----------------------------------------------------------------------------
 # engine with mock models
 
-def first_columns(engine, **kw):
-    return [column for column, _ in engine.generate(PROMPT, **kw)]
+def first_columns(engine, prompt, **kw):
+    return [column for column, _ in engine.generate(prompt, **kw)]
 
 
-def test_multi_sample_first_tokens_are_independent():
-    engine = Engine(MockModel(), TOK)
-    first = first_columns(engine, num_samples=16, max_tokens=1, temperature=1.0)[0]
+def test_multi_sample_first_tokens_are_independent(byte_tokenizer, prompt, mock_model):
+    engine = Engine(mock_model(), byte_tokenizer)
+    first = first_columns(engine, prompt, num_samples=16, max_tokens=1, temperature=1.0)[0]
     assert len(first) == 16 and len(set(first)) > 1  # identical would be (1/265)^15
 
 
-def test_prefill_runs_once_at_batch_one():
-    model = MockModel()
-    Engine(model, TOK).generate_batch(PROMPT, num_samples=4, max_tokens=3, temperature=0.0)
-    assert model.calls[0] == (1, len(PROMPT))
+def test_prefill_runs_once_at_batch_one(byte_tokenizer, prompt, mock_model):
+    model = mock_model()
+    Engine(model, byte_tokenizer).generate_batch(prompt, num_samples=4, max_tokens=3, temperature=0.0)
+    assert model.calls[0] == (1, len(prompt))
     assert all(call == (4, 1) for call in model.calls[1:]) and len(model.calls) == 3
 
 
-def test_decode_threads_apply_to_decode_steps_only():
-    model = MockModel()
+def test_decode_threads_apply_to_decode_steps_only(byte_tokenizer, prompt, mock_model):
+    model = mock_model()
     torch.set_num_threads(2)  # conftest's fixture resets it for the next test
     try:
-        seen_by_consumer = [torch.get_num_threads() for _ in Engine(model, TOK, decode_threads=1).generate(
-            PROMPT, max_tokens=4)]
+        seen_by_consumer = [torch.get_num_threads() for _ in Engine(model, byte_tokenizer, decode_threads=1).generate(
+            prompt, max_tokens=4)]
         assert seen_by_consumer == [2] * 4
         assert model.threads == [2, 1, 1, 1]  # prefill keeps the process setting
         model.threads.clear()
-        list(Engine(model, TOK, decode_threads=None).generate(PROMPT, max_tokens=3))
+        list(Engine(model, byte_tokenizer, decode_threads=None).generate(prompt, max_tokens=3))
         assert model.threads == [2, 2, 2]
     finally:
         torch.set_num_threads(1)
 
 
-def test_same_seed_same_output_and_seeds_differ():
-    engine = Engine(MockModel(), TOK)
+def test_same_seed_same_output_and_seeds_differ(byte_tokenizer, prompt, mock_model):
+    engine = Engine(mock_model(), byte_tokenizer)
     outputs = set()
     for seed in (1, 42, 123, 999, 1000):
-        r1, _ = engine.generate_batch(PROMPT, num_samples=2, max_tokens=8, seed=seed)
-        r2, _ = engine.generate_batch(PROMPT, num_samples=2, max_tokens=8, seed=seed)
+        r1, _ = engine.generate_batch(prompt, num_samples=2, max_tokens=8, seed=seed)
+        r2, _ = engine.generate_batch(prompt, num_samples=2, max_tokens=8, seed=seed)
         assert r1 == r2
         outputs.add(tuple(r1[0]))
     assert len(outputs) > 1
 
 
-def test_temperature_zero_ignores_seed():
-    engine = Engine(MockModel(scripts=[TOK.encode("deterministic")]), TOK)
-    results = {tuple(engine.generate_batch(PROMPT, temperature=0.0, max_tokens=8, seed=s)[0][0]) for s in (1, 2, 3)}
+def test_temperature_zero_ignores_seed(byte_tokenizer, prompt, mock_model):
+    engine = Engine(mock_model(scripts=[byte_tokenizer.encode("deterministic")]), byte_tokenizer)
+    results = {tuple(engine.generate_batch(prompt, temperature=0.0, max_tokens=8, seed=s)[0][0]) for s in (1, 2, 3)}
     assert len(results) == 1
-    assert list(results.pop()) == PROMPT + TOK.encode("determin")
+    assert list(results.pop()) == prompt + byte_tokenizer.encode("determin")
 
 
 @pytest.mark.parametrize("max_tokens", [1, 4, 16])
-def test_max_tokens_and_num_samples(max_tokens):
-    engine = Engine(MockModel(scripts=[[ord("a")]]), TOK)
-    results, masks = engine.generate_batch(PROMPT, num_samples=3, max_tokens=max_tokens, temperature=0.0)
+def test_max_tokens_and_num_samples(byte_tokenizer, prompt, mock_model, max_tokens):
+    engine = Engine(mock_model(scripts=[[ord("a")]]), byte_tokenizer)
+    results, masks = engine.generate_batch(prompt, num_samples=3, max_tokens=max_tokens, temperature=0.0)
     assert len(results) == 3
-    assert all(len(r) == len(PROMPT) + max_tokens for r in results)
-    assert all(m == [0] * len(PROMPT) + [1] * max_tokens for m in masks)
+    assert all(len(r) == len(prompt) + max_tokens for r in results)
+    assert all(m == [0] * len(prompt) + [1] * max_tokens for m in masks)
 
 
-def test_generation_never_exceeds_sequence_len():
-    model = MockModel(scripts=[[ord("a")]], sequence_len=20)
-    engine = Engine(model, TOK)
-    results, _ = engine.generate_batch(PROMPT, num_samples=2, max_tokens=1000, temperature=0.0)
+def test_generation_never_exceeds_sequence_len(byte_tokenizer, prompt, mock_model):
+    S = byte_tokenizer.special
+    model = mock_model(scripts=[[ord("a")]], sequence_len=20)
+    engine = Engine(model, byte_tokenizer)
+    results, _ = engine.generate_batch(prompt, num_samples=2, max_tokens=1000, temperature=0.0)
     assert all(len(r) == 20 for r in results)  # capped to the context, not an error
-    results, _ = engine.generate_batch(PROMPT, max_tokens=None, temperature=0.0)
+    results, _ = engine.generate_batch(prompt, max_tokens=None, temperature=0.0)
     assert len(results[0]) == 20
-    assert engine.max_new_tokens(len(PROMPT), None) == 20 - len(PROMPT)
+    assert engine.max_new_tokens(len(prompt), None) == 20 - len(prompt)
     with pytest.raises(ValueError, match="context"):
         next(engine.generate([S["<|bos|>"]] + [ord("x")] * 19, max_tokens=5))
 
 
-def test_rows_stop_on_assistant_end_and_bos():
-    scripts = [TOK.encode("hi") + [S["<|assistant_end|>"]],
-               TOK.encode("hello") + [S["<|bos|>"]],
-               TOK.encode("h") + [S["<|assistant_end|>"]]]  # the first token comes from the shared prompt
-    model = MockModel(scripts=scripts)
-    engine = Engine(model, TOK)
-    columns = first_columns(engine, num_samples=3, max_tokens=50, temperature=0.0)
+def test_rows_stop_on_assistant_end_and_bos(byte_tokenizer, prompt, mock_model):
+    tok, S = byte_tokenizer, byte_tokenizer.special
+    scripts = [tok.encode("hi") + [S["<|assistant_end|>"]],
+               tok.encode("hello") + [S["<|bos|>"]],
+               tok.encode("h") + [S["<|assistant_end|>"]]]  # the first token comes from the shared prompt
+    model = mock_model(scripts=scripts)
+    engine = Engine(model, tok)
+    columns = first_columns(engine, prompt, num_samples=3, max_tokens=50, temperature=0.0)
     assert len(columns) == 6  # the longest row: "hello" + <|bos|>, then everything stops
-    results, masks = engine.generate_batch(PROMPT, num_samples=3, max_tokens=50, temperature=0.0)
-    assert [r[len(PROMPT):] for r in results] == [TOK.encode("hi"), TOK.encode("hello"), TOK.encode("h")]
+    results, masks = engine.generate_batch(prompt, num_samples=3, max_tokens=50, temperature=0.0)
+    assert [r[len(prompt):] for r in results] == [tok.encode("hi"), tok.encode("hello"), tok.encode("h")]
     assert all(len(m) == len(r) for m, r in zip(masks, results))
 
 
-def tool_script(code, after):
+def tool_script(tok, code, after):
     """python_start code python_end, room for the forced output (skipped), then `after`."""
-    return [S["<|python_start|>"], *TOK.encode(code), S["<|python_end|>"], *after]
+    return [tok.encode_special("<|python_start|>"), *tok.encode(code), tok.encode_special("<|python_end|>"), *after]
 
 
-def test_calculator_output_is_forced_and_masked():
-    after = TOK.encode(" ok") + [S["<|assistant_end|>"]]
+def test_calculator_output_is_forced_and_masked(byte_tokenizer, prompt, mock_model):
+    tok, S = byte_tokenizer, byte_tokenizer.special
+    after = tok.encode(" ok") + [S["<|assistant_end|>"]]
     result_text = calculator_tool("12/60")
-    forced = [S["<|output_start|>"], *TOK.encode(result_text), S["<|output_end|>"]]
+    forced = [S["<|output_start|>"], *tok.encode(result_text), S["<|output_end|>"]]
     # the scripted model's positions for the forced tokens are placeholders ("?")
-    script = tool_script("12/60", [ord("?")] * len(forced) + after)
-    engine = Engine(MockModel(scripts=[script]), TOK)
-    results, masks = engine.generate_batch(PROMPT, max_tokens=60, temperature=0.0)
-    generated, gen_masks = results[0][len(PROMPT):], masks[0][len(PROMPT):]
-    call = [S["<|python_start|>"], *TOK.encode("12/60"), S["<|python_end|>"]]
-    assert generated == call + forced + TOK.encode(" ok")
+    script = tool_script(tok, "12/60", [ord("?")] * len(forced) + after)
+    engine = Engine(mock_model(scripts=[script]), tok)
+    results, masks = engine.generate_batch(prompt, max_tokens=60, temperature=0.0)
+    generated, gen_masks = results[0][len(prompt):], masks[0][len(prompt):]
+    call = [S["<|python_start|>"], *tok.encode("12/60"), S["<|python_end|>"]]
+    assert generated == call + forced + tok.encode(" ok")
     assert gen_masks == [1] * len(call) + [0] * len(forced) + [1] * 3
     assert result_text == "0.2"
 
 
-def test_calculator_refusal_and_no_tools_force_nothing():
-    after = TOK.encode("z") + [S["<|assistant_end|>"]]
+def test_calculator_refusal_and_no_tools_force_nothing(byte_tokenizer, prompt, mock_model):
+    tok = byte_tokenizer
+    after = tok.encode("z") + [tok.encode_special("<|assistant_end|>")]
     for code, tools in (("__import__('os').system('x')", "calculator"), ("1+1", None)):
-        script = tool_script(code, after)
-        results, masks = Engine(MockModel(scripts=[script]), TOK, tools=tools).generate_batch(
-            PROMPT, max_tokens=80, temperature=0.0)
-        assert results[0][len(PROMPT):] == script[:-1]  # the model's own tokens only
-        assert 0 not in masks[0][len(PROMPT):]
+        script = tool_script(tok, code, after)
+        results, masks = Engine(mock_model(scripts=[script]), tok, tools=tools).generate_batch(
+            prompt, max_tokens=80, temperature=0.0)
+        assert results[0][len(prompt):] == script[:-1]  # the model's own tokens only
+        assert 0 not in masks[0][len(prompt):]
 
 
-def test_tool_is_per_row():
-    after = TOK.encode("a") + [S["<|assistant_end|>"]]
-    forced = [S["<|output_start|>"], *TOK.encode("4"), S["<|output_end|>"]]
-    scripts = [tool_script("2+2", [ord("?")] * len(forced) + after),
-               [S["<|python_start|>"]] + TOK.encode("plain") + [S["<|assistant_end|>"]]]  # never closes the block
-    results, masks = Engine(MockModel(scripts=scripts), TOK).generate_batch(PROMPT, num_samples=2, max_tokens=40,
+def test_tool_is_per_row(byte_tokenizer, prompt, mock_model):
+    tok, S = byte_tokenizer, byte_tokenizer.special
+    after = tok.encode("a") + [S["<|assistant_end|>"]]
+    forced = [S["<|output_start|>"], *tok.encode("4"), S["<|output_end|>"]]
+    scripts = [tool_script(tok, "2+2", [ord("?")] * len(forced) + after),
+               [S["<|python_start|>"]] + tok.encode("plain") + [S["<|assistant_end|>"]]]  # never closes the block
+    results, masks = Engine(mock_model(scripts=scripts), tok).generate_batch(prompt, num_samples=2, max_tokens=40,
                                                                              temperature=0.0)
-    assert forced[1] in results[0] and masks[0].count(0) == len(PROMPT) + len(forced)
-    assert results[1][len(PROMPT):] == [S["<|python_start|>"]] + TOK.encode("plain")
-    assert masks[1].count(0) == len(PROMPT)
+    assert forced[1] in results[0] and masks[0].count(0) == len(prompt) + len(forced)
+    assert results[1][len(prompt):] == [S["<|python_start|>"]] + tok.encode("plain")
+    assert masks[1].count(0) == len(prompt)
 
 
-def test_custom_tool_function():
+def test_custom_tool_function(byte_tokenizer, prompt, mock_model):
+    tok, S = byte_tokenizer, byte_tokenizer.special
     seen = []
 
     def tool(code):
         seen.append(code)
         return "RESULT"
-    forced = [S["<|output_start|>"], *TOK.encode("RESULT"), S["<|output_end|>"]]
-    script = tool_script("search cats", [ord("?")] * len(forced) + [S["<|assistant_end|>"]])
-    results, _ = Engine(MockModel(scripts=[script]), TOK, tools=tool).generate_batch(PROMPT, max_tokens=40,
-                                                                                     temperature=0.0)
+    forced = [S["<|output_start|>"], *tok.encode("RESULT"), S["<|output_end|>"]]
+    script = tool_script(tok, "search cats", [ord("?")] * len(forced) + [S["<|assistant_end|>"]])
+    results, _ = Engine(mock_model(scripts=[script]), tok, tools=tool).generate_batch(prompt, max_tokens=40,
+                                                                                      temperature=0.0)
     assert seen == ["search cats"] and results[0][-len(forced):] == forced
 
 
-def test_finished_rows_do_not_run_tools():
+def test_finished_rows_do_not_run_tools(byte_tokenizer, prompt, mock_model):
+    tok, S = byte_tokenizer, byte_tokenizer.special
     calls = []
-    scripts = [TOK.encode("a") + [S["<|assistant_end|>"]] + tool_script("1+1", TOK.encode("zzzz")),
-               TOK.encode("abcdefghijklmnop") + [S["<|assistant_end|>"]]]
-    engine = Engine(MockModel(scripts=scripts), TOK, tools=lambda code: calls.append(code) or "2")
-    results, _ = engine.generate_batch(PROMPT, num_samples=2, max_tokens=40, temperature=0.0)
-    assert calls == [] and results[0][len(PROMPT):] == TOK.encode("a")
+    scripts = [tok.encode("a") + [S["<|assistant_end|>"]] + tool_script(tok, "1+1", tok.encode("zzzz")),
+               tok.encode("abcdefghijklmnop") + [S["<|assistant_end|>"]]]
+    engine = Engine(mock_model(scripts=scripts), tok, tools=lambda code: calls.append(code) or "2")
+    results, _ = engine.generate_batch(prompt, num_samples=2, max_tokens=40, temperature=0.0)
+    assert calls == [] and results[0][len(prompt):] == tok.encode("a")
 
 
-def test_unknown_tool_name_is_an_error():
+def test_unknown_tool_name_is_an_error(byte_tokenizer, mock_model):
     with pytest.raises(ValueError, match="unknown tool"):
-        Engine(MockModel(), TOK, tools="web")
+        Engine(mock_model(), byte_tokenizer, tools="web")
 
 
-def test_bad_prompt_is_an_error():
-    engine = Engine(MockModel(), TOK)
+def test_bad_prompt_is_an_error(byte_tokenizer, mock_model):
+    engine = Engine(mock_model(), byte_tokenizer)
     with pytest.raises(TypeError):
         next(engine.generate([]))
     with pytest.raises(TypeError):
@@ -378,39 +365,13 @@ def test_fit_shortens_system_then_last_user_message(chat_tokenizer):
 # -----------------------------------------------------------------------------
 # a tiny real GPT against naive full-recompute generation
 
-def tiny_gpt(seed=0, sequence_len=64, vocab_size=VOCAB):
-    """A tiny GPT (also used by other test files) with every parameter random and non-zero."""
-    from nanochat.gpt import GPT, GPTConfig
-    config = GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=3, n_head=4, n_kv_head=2, n_embd=64,
-                       window_pattern="SL", short_window=8)  # GQA, and a window the decode runs past
-    with torch.device("meta"):
-        model = GPT(config)
-    model.to_empty(device="cpu")
-    model.init_weights()
-    # init_weights zeroes the output projections and smear: randomise everything so every path matters
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() >= 2:
-                scale = 1.0 if "wte" in name or "value_embeds" in name else p.size(1) ** -0.5
-                p.copy_(torch.randn(p.shape, generator=gen) * scale)
-            else:
-                p.copy_(0.5 + 0.3 * torch.rand(p.shape, generator=gen))  # lambdas, smear, backout all non-zero
-    model.eval()
-    return model
-
-
 @pytest.fixture(scope="module")
-def gpt():
-    return tiny_gpt()
+def gpt(build_random_gpt):
+    """conftest's random GPT: GQA, a window of 8 that the decode runs past, every parameter random."""
+    return build_random_gpt()
 
 
-def random_prompt(n, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return [S["<|bos|>"]] + torch.randint(0, 256, (n - 1,), generator=gen).tolist()
-
-
-def test_kv_cache_decode_logits_match_full_forward(gpt):
+def test_kv_cache_decode_logits_match_full_forward(gpt, random_prompt):
     tokens = random_prompt(40)
     with torch.inference_mode():
         full = gpt(torch.tensor([tokens]))
@@ -421,10 +382,11 @@ def test_kv_cache_decode_logits_match_full_forward(gpt):
 
 
 @pytest.mark.parametrize("num_samples", [1, 3])
-def test_engine_greedy_matches_naive_generate(gpt, num_samples):
+def test_engine_greedy_matches_naive_generate(gpt, byte_tokenizer, random_prompt, num_samples):
+    S = byte_tokenizer.special
     prompt = random_prompt(10, seed=1)
     naive = list(gpt.generate(prompt, max_tokens=30, temperature=0.0))
-    engine = Engine(gpt, TOK, tools=None)
+    engine = Engine(gpt, byte_tokenizer, tools=None)
     results, masks = engine.generate_batch(prompt, num_samples=num_samples, max_tokens=30, temperature=0.0)
     stop = {S["<|assistant_end|>"], S["<|bos|>"]}
     expected = naive[:next((i for i, t in enumerate(naive) if t in stop), len(naive))]
@@ -433,90 +395,81 @@ def test_engine_greedy_matches_naive_generate(gpt, num_samples):
         assert row == prompt + expected
 
 
-def test_engine_samples_are_reproducible_and_diverse(gpt):
+def test_engine_samples_are_reproducible_and_diverse(gpt, byte_tokenizer, random_prompt):
     prompt = random_prompt(8, seed=2)
-    engine = Engine(gpt, TOK, tools=None)
+    engine = Engine(gpt, byte_tokenizer, tools=None)
     a, _ = engine.generate_batch(prompt, num_samples=4, max_tokens=12, temperature=1.0, top_k=50, seed=5)
     b, _ = engine.generate_batch(prompt, num_samples=4, max_tokens=12, temperature=1.0, top_k=50, seed=5)
     assert a == b
     assert len({tuple(r) for r in a}) > 1
 
 
-def test_engine_fills_the_context_exactly(gpt):
+def test_engine_fills_the_context_exactly(gpt, byte_tokenizer, random_prompt):
     prompt = random_prompt(58, seed=3)
-    engine = Engine(gpt, TOK, tools=None)
+    engine = Engine(gpt, byte_tokenizer, tools=None)
     columns = [column for column, _ in engine.generate(prompt, num_samples=2, max_tokens=100, temperature=0.0)]
     assert len(prompt) + len(columns) == gpt.config.sequence_len
-
-
 
 
 # -----------------------------------------------------------------------------
 # think toggle, tools by name, the Engine's own web_search ("auto"/"force")
 
-def chat_prompt(*turns):
+def chat_prompt(tok, *turns):
     """A rendered chat prompt (render_for_completion's layout) for user/assistant texts, alternating from user."""
+    S = tok.special
     ids = [S["<|bos|>"]]
     for i, text in enumerate(turns):
         role = "user" if i % 2 == 0 else "assistant"
-        ids += [S[f"<|{role}_start|>"], *TOK.encode(text), S[f"<|{role}_end|>"]]
+        ids += [S[f"<|{role}_start|>"], *tok.encode(text), S[f"<|{role}_end|>"]]
     return ids + [S["<|assistant_start|>"]]
 
 
 SEARCH_SEQ_LEN = 2048  # room for search results with long temporary paths in their urls
 
 
-def run_scripted(prompt, script, engine_kwargs=None, **generate_kwargs):
+def run_scripted(tok, prompt, script, engine_kwargs=None, **generate_kwargs):
     """Generate greedily from a model that writes `script` (by position: forced positions are placeholders);
     returns the generated tokens and their masks."""
-    model = MockModel(scripts=[script], sequence_len=SEARCH_SEQ_LEN, prompt_len=len(prompt))
-    engine = Engine(model, TOK, **(engine_kwargs or {}))
+    model = MockModel(tok.get_vocab_size(), scripts=[script], sequence_len=SEARCH_SEQ_LEN, prompt_len=len(prompt))
+    engine = Engine(model, tok, **(engine_kwargs or {}))
     results, masks = engine.generate_batch(prompt, temperature=0.0, **generate_kwargs)
     return results[0][len(prompt):], masks[0][len(prompt):], model
 
 
-def output_tokens(text):
-    return [S["<|output_start|>"], *TOK.encode(text), S["<|output_end|>"]]
+def output_tokens(tok, text):
+    return [tok.encode_special("<|output_start|>"), *tok.encode(text), tok.encode_special("<|output_end|>")]
 
 
-def call_tokens(code):
-    return [S["<|python_start|>"], *TOK.encode(code), S["<|python_end|>"]]
+def call_tokens(tok, code):
+    return [tok.encode_special("<|python_start|>"), *tok.encode(code), tok.encode_special("<|python_end|>")]
 
 
-@pytest.fixture
-def docs(tmp_path):
-    folder = tmp_path / "docs"
-    folder.mkdir()
-    (folder / "weather_oslo.md").write_text("# Weather in Oslo today\n\nOslo: light rain, 14 degrees.\n")
-    (folder / "mayor_oslo.md").write_text("# Mayor of Oslo: Ingrid Berg\n\nIngrid Berg has been mayor since 2023.\n")
-    (folder / "price_tea.txt").write_text("Tea price today\n\nGreen tea costs 4 crowns a cup.\n")
-    return LocalSearchProvider(str(folder), cache_dir=str(tmp_path / "index"))
-
-
-def search_output(docs, query):
+def search_output(tok, provider, query):
+    """The forced output of a web_search for `query`: the provider's results as the Engine formats them."""
     k, max_chars = web_search_budget(SEARCH_SEQ_LEN)
-    return output_tokens(format_results(docs.search(query, k), max_chars))
+    return output_tokens(tok, format_results(provider.search(query, k), max_chars))
 
 
 @pytest.mark.parametrize("think, engine_default", [("on", None), ("off", None), (None, "on"), (None, "off")])
-def test_think_toggle_prefills_forced_tokens(think, engine_default):
+def test_think_toggle_prefills_forced_tokens(byte_tokenizer, prompt, mock_model, think, engine_default):
+    tok, S = byte_tokenizer, byte_tokenizer.special
     mode = think or engine_default
-    prefill = TOK.encode(THINK_PREFILL[mode])
-    answer = TOK.encode("ok.") + [S["<|assistant_end|>"]]
-    generated, masks, model = run_scripted(PROMPT, [ord("?")] * len(prefill) + answer,
+    prefill = tok.encode(THINK_PREFILL[mode])
+    answer = tok.encode("ok.") + [S["<|assistant_end|>"]]
+    generated, masks, model = run_scripted(tok, prompt, [ord("?")] * len(prefill) + answer,
                                            engine_kwargs={"think_default": engine_default}, think=think)
-    assert generated == prefill + TOK.encode("ok.")
+    assert generated == prefill + tok.encode("ok.")
     assert masks == [0] * len(prefill) + [1] * 3
-    assert model.calls[0] == (1, len(PROMPT) + len(prefill))  # the model reads the prefill as part of its prompt
+    assert model.calls[0] == (1, len(prompt) + len(prefill))  # the model reads the prefill as part of its prompt
     # nothing prefilled without a mode, and an explicit mode beats the Engine's default
-    plain, _, _ = run_scripted(PROMPT, answer)
-    assert plain == TOK.encode("ok.")
+    plain, _, _ = run_scripted(tok, prompt, answer)
+    assert plain == tok.encode("ok.")
     other = "off" if mode == "on" else "on"
-    flipped, _, _ = run_scripted(PROMPT, [ord("?")] * len(TOK.encode(THINK_PREFILL[other])) + answer,
+    flipped, _, _ = run_scripted(tok, prompt, [ord("?")] * len(tok.encode(THINK_PREFILL[other])) + answer,
                                  engine_kwargs={"think_default": mode}, think=other)
-    assert flipped[:len(TOK.encode(THINK_PREFILL[other]))] == TOK.encode(THINK_PREFILL[other])
+    assert flipped[:len(tok.encode(THINK_PREFILL[other]))] == tok.encode(THINK_PREFILL[other])
     with pytest.raises(ValueError, match="think must be"):
-        Engine(MockModel(), TOK, think_default="maybe")
+        Engine(mock_model(), tok, think_default="maybe")
 
 
 @pytest.mark.parametrize("code, expected_output", [
@@ -527,118 +480,132 @@ def test_think_toggle_prefills_forced_tokens(think, engine_default):
      "tool error: unknown tool 'shell' (available: calculator, web_search)"),
     ('{"tool": "web_search", "arguments": {"query": ', None),               # bad JSON
 ])
-def test_engine_dispatches_tool_calls_by_name(docs, code, expected_output):
+def test_engine_dispatches_tool_calls_by_name(byte_tokenizer, prompt, search_docs, code, expected_output):
+    tok, S = byte_tokenizer, byte_tokenizer.special
     if expected_output is None and "query\": \"weather" in code:
-        forced = search_output(docs, "weather in Oslo")
-        assert TOK.decode(forced).startswith("[1] Weather in Oslo today")
+        forced = search_output(tok, search_docs, "weather in Oslo")
+        assert tok.decode(forced).startswith("[1] Weather in Oslo today")
     elif expected_output is None:
         with pytest.raises(json.JSONDecodeError) as error:  # what the JSON parser says is what the model reads
             json.loads(code.strip())
-        forced = output_tokens(f"tool error: bad JSON ({error.value.msg} at column {error.value.colno}); write "
-                               '{"tool": "name", "arguments": {...}}')
+        forced = output_tokens(tok, f"tool error: bad JSON ({error.value.msg} at column {error.value.colno}); write "
+                                    '{"tool": "name", "arguments": {...}}')
     else:
-        forced = output_tokens(expected_output)
-    script = call_tokens(code) + [ord("?")] * len(forced) + TOK.encode(" done") + [S["<|assistant_end|>"]]
-    generated, masks, _ = run_scripted(PROMPT, script, engine_kwargs={
-        "tools": ["calculator", "web_search"], "search_provider": docs})
-    call = call_tokens(code)
-    assert generated == call + forced + TOK.encode(" done")
+        forced = output_tokens(tok, expected_output)
+    script = call_tokens(tok, code) + [ord("?")] * len(forced) + tok.encode(" done") + [S["<|assistant_end|>"]]
+    generated, masks, _ = run_scripted(tok, prompt, script, engine_kwargs={
+        "tools": ["calculator", "web_search"], "search_provider": search_docs})
+    call = call_tokens(tok, code)
+    assert generated == call + forced + tok.encode(" done")
     assert masks == [1] * len(call) + [0] * len(forced) + [1] * 5  # the tool's output is forced, never sampled
 
 
-def test_tools_are_chosen_per_call(docs):
+def test_tools_are_chosen_per_call(byte_tokenizer, prompt, mock_model, search_docs):
+    tok = byte_tokenizer
     code = tool_call_json("web_search", query="tea price")
-    engine = Engine(MockModel(scripts=[call_tokens(code) + [ord("?")] * 300], sequence_len=512), TOK,
-                    search_provider=docs)  # the Engine's default tools: the calculator only
+    engine = Engine(mock_model(scripts=[call_tokens(tok, code) + [ord("?")] * 300], sequence_len=512), tok,
+                    search_provider=search_docs)  # the Engine's default tools: the calculator only
 
     def tool_output(**kwargs):
-        result, masks = engine.generate_batch(PROMPT, max_tokens=len(call_tokens(code)) + 90, temperature=0.0,
+        result, masks = engine.generate_batch(prompt, max_tokens=len(call_tokens(tok, code)) + 90, temperature=0.0,
                                               **kwargs)
-        return TOK.decode([t for t, m in zip(result[0], masks[0]) if m == 0][len(PROMPT):])  # the forced tokens
+        return tok.decode([t for t, m in zip(result[0], masks[0]) if m == 0][len(prompt):])  # the forced tokens
     assert tool_output().startswith("tool error: unknown tool 'web_search' (available: calculator)")
     assert tool_output(tools=["web_search"]).startswith("[1] Tea price today")
     assert tool_output(tools="none") == ""
 
 
 WEATHER = "What's the weather in Oslo today?"
-INJECTED = call_tokens(tool_call_json("web_search", query=WEATHER))
 
 
-def test_auto_search_is_injected_after_think_closes(docs):
+@pytest.fixture(scope="module")
+def injected(byte_tokenizer):
+    """The web_search call the Engine injects for WEATHER."""
+    return call_tokens(byte_tokenizer, tool_call_json("web_search", query=WEATHER))
+
+
+def test_auto_search_is_injected_after_think_closes(byte_tokenizer, injected, search_docs):
     """think on: the model reasons, closes the block, and starts answering; the Engine replaces that first answer
     token by its web_search call, the results follow, then the model answers."""
-    prompt = chat_prompt(WEATHER)
-    prefill, think = TOK.encode(THINK_PREFILL["on"]), TOK.encode("weather changes, look it up.\n</think>\n")
-    output = search_output(docs, WEATHER)
-    script = ([ord("?")] * len(prefill) + think + TOK.encode("X") + [ord("?")] * (len(INJECTED) + len(output) - 1)
-              + TOK.encode("Rain.") + [S["<|assistant_end|>"]])
-    generated, masks, _ = run_scripted(prompt, script, engine_kwargs={"search_provider": docs}, think="on",
+    tok, S = byte_tokenizer, byte_tokenizer.special
+    prompt = chat_prompt(tok, WEATHER)
+    prefill, think = tok.encode(THINK_PREFILL["on"]), tok.encode("weather changes, look it up.\n</think>\n")
+    output = search_output(tok, search_docs, WEATHER)
+    script = ([ord("?")] * len(prefill) + think + tok.encode("X") + [ord("?")] * (len(injected) + len(output) - 1)
+              + tok.encode("Rain.") + [S["<|assistant_end|>"]])
+    generated, masks, _ = run_scripted(tok, prompt, script, engine_kwargs={"search_provider": search_docs}, think="on",
                                        search="auto")
-    assert generated == prefill + think + INJECTED + output + TOK.encode("Rain.")
-    assert masks == [0] * len(prefill) + [1] * len(think) + [0] * (len(INJECTED) + len(output)) + [1] * 5
+    assert generated == prefill + think + injected + output + tok.encode("Rain.")
+    assert masks == [0] * len(prefill) + [1] * len(think) + [0] * (len(injected) + len(output)) + [1] * 5
     # "off" mode: the same question and no search
-    plain, _, _ = run_scripted(prompt, script, engine_kwargs={"search_provider": docs}, think="on")
+    plain, _, _ = run_scripted(tok, prompt, script, engine_kwargs={"search_provider": search_docs}, think="on")
     assert S["<|python_start|>"] not in plain
 
 
-def test_auto_search_with_think_off_comes_first(docs):
-    prompt = chat_prompt(WEATHER)
-    prefill, output = TOK.encode(THINK_PREFILL["off"]), search_output(docs, WEATHER)
-    script = [ord("?")] * (len(prefill) + len(INJECTED) + len(output)) + TOK.encode("Rain.") + [S["<|assistant_end|>"]]
-    generated, _, _ = run_scripted(prompt, script, engine_kwargs={"search_provider": docs}, think="off",
+def test_auto_search_with_think_off_comes_first(byte_tokenizer, injected, search_docs):
+    tok, S = byte_tokenizer, byte_tokenizer.special
+    prompt = chat_prompt(tok, WEATHER)
+    prefill, output = tok.encode(THINK_PREFILL["off"]), search_output(tok, search_docs, WEATHER)
+    script = [ord("?")] * (len(prefill) + len(injected) + len(output)) + tok.encode("Rain.") + [S["<|assistant_end|>"]]
+    generated, _, _ = run_scripted(tok, prompt, script, engine_kwargs={"search_provider": search_docs}, think="off",
                                    search="auto")
-    assert generated == prefill + INJECTED + output + TOK.encode("Rain.")
+    assert generated == prefill + injected + output + tok.encode("Rain.")
 
 
-def test_the_model_searching_itself_is_not_searched_again(docs):
-    prompt = chat_prompt(WEATHER)
-    own = call_tokens(tool_call_json("web_search", query="Oslo weather"))
-    output = search_output(docs, "Oslo weather")
-    script = own + [ord("?")] * len(output) + TOK.encode("Rain.") + [S["<|assistant_end|>"]]
-    generated, _, _ = run_scripted(prompt, script, engine_kwargs={"search_provider": docs}, search="force")
-    assert generated == own + output + TOK.encode("Rain.")
+def test_the_model_searching_itself_is_not_searched_again(byte_tokenizer, search_docs):
+    tok, S = byte_tokenizer, byte_tokenizer.special
+    prompt = chat_prompt(tok, WEATHER)
+    own = call_tokens(tok, tool_call_json("web_search", query="Oslo weather"))
+    output = search_output(tok, search_docs, "Oslo weather")
+    script = own + [ord("?")] * len(output) + tok.encode("Rain.") + [S["<|assistant_end|>"]]
+    generated, _, _ = run_scripted(tok, prompt, script, engine_kwargs={"search_provider": search_docs}, search="force")
+    assert generated == own + output + tok.encode("Rain.")
 
 
-def test_search_owed_after_another_tool_comes_after_its_output(docs):
-    prompt = chat_prompt(WEATHER)
-    calc, calc_out, output = call_tokens("2+2"), output_tokens("4"), search_output(docs, WEATHER)
-    script = (calc + [ord("?")] * (len(calc_out) + len(INJECTED) + len(output)) + TOK.encode("Rain.")
+def test_search_owed_after_another_tool_comes_after_its_output(byte_tokenizer, injected, search_docs):
+    tok, S = byte_tokenizer, byte_tokenizer.special
+    prompt = chat_prompt(tok, WEATHER)
+    calc, calc_out, output = call_tokens(tok, "2+2"), output_tokens(tok, "4"), search_output(tok, search_docs, WEATHER)
+    script = (calc + [ord("?")] * (len(calc_out) + len(injected) + len(output)) + tok.encode("Rain.")
               + [S["<|assistant_end|>"]])
-    generated, _, _ = run_scripted(prompt, script, engine_kwargs={"search_provider": docs}, search="auto")
-    assert generated == calc + calc_out + INJECTED + output + TOK.encode("Rain.")
+    generated, _, _ = run_scripted(tok, prompt, script, engine_kwargs={"search_provider": search_docs}, search="auto")
+    assert generated == calc + calc_out + injected + output + tok.encode("Rain.")
 
 
-def test_a_model_that_opens_think_itself_searches_after_it(docs):
-    prompt = chat_prompt(WEATHER)
-    think, output = TOK.encode("<think>\nlook it up\n</think>\n"), search_output(docs, WEATHER)
-    script = think + [ord("?")] * (len(INJECTED) + len(output)) + TOK.encode("Rain.") + [S["<|assistant_end|>"]]
-    generated, _, _ = run_scripted(prompt, script, engine_kwargs={"search_provider": docs}, search="auto")
-    assert generated == think + INJECTED + output + TOK.encode("Rain.")
+def test_a_model_that_opens_think_itself_searches_after_it(byte_tokenizer, injected, search_docs):
+    tok, S = byte_tokenizer, byte_tokenizer.special
+    prompt = chat_prompt(tok, WEATHER)
+    think, output = tok.encode("<think>\nlook it up\n</think>\n"), search_output(tok, search_docs, WEATHER)
+    script = think + [ord("?")] * (len(injected) + len(output)) + tok.encode("Rain.") + [S["<|assistant_end|>"]]
+    generated, _, _ = run_scripted(tok, prompt, script, engine_kwargs={"search_provider": search_docs}, search="auto")
+    assert generated == think + injected + output + tok.encode("Rain.")
 
 
-def test_auto_asks_the_classifier_force_does_not(docs):
+def test_auto_asks_the_classifier_force_does_not(byte_tokenizer, search_docs):
+    tok, S = byte_tokenizer, byte_tokenizer.special
     question = "How do airplanes fly?"
-    prompt = chat_prompt(question)
-    answer = TOK.encode("Wings.") + [S["<|assistant_end|>"]]
-    generated, _, _ = run_scripted(prompt, answer, engine_kwargs={"search_provider": docs}, search="auto")
-    assert generated == TOK.encode("Wings.")
-    forced = call_tokens(tool_call_json("web_search", query=question))
-    generated, _, _ = run_scripted(prompt, answer + [ord("?")] * 300, engine_kwargs={"search_provider": docs},
-                                   search="force")
+    prompt = chat_prompt(tok, question)
+    answer = tok.encode("Wings.") + [S["<|assistant_end|>"]]
+    generated, _, _ = run_scripted(tok, prompt, answer, engine_kwargs={"search_provider": search_docs}, search="auto")
+    assert generated == tok.encode("Wings.")
+    forced = call_tokens(tok, tool_call_json("web_search", query=question))
+    generated, _, _ = run_scripted(tok, prompt, answer + [ord("?")] * 300,
+                                   engine_kwargs={"search_provider": search_docs}, search="force")
     assert generated[:len(forced)] == forced and S["<|output_start|>"] in generated
 
 
-def test_follow_up_search_resolves_the_pronoun(docs):
-    prompt = chat_prompt("Who is the mayor of Oslo?", "Ingrid Berg.", "Tell me more about her.")
-    generated, _, _ = run_scripted(prompt, [ord("?")] * 300, engine_kwargs={"search_provider": docs},
+def test_follow_up_search_resolves_the_pronoun(byte_tokenizer, search_docs):
+    tok, S = byte_tokenizer, byte_tokenizer.special
+    prompt = chat_prompt(tok, "Who is the mayor of Oslo?", "Ingrid Berg.", "Tell me more about her.")
+    generated, _, _ = run_scripted(tok, prompt, [ord("?")] * 300, engine_kwargs={"search_provider": search_docs},
                                    search="auto", max_tokens=150)
-    call = TOK.decode(generated[1:generated.index(S["<|python_end|>"])])
+    call = tok.decode(generated[1:generated.index(S["<|python_end|>"])])
     assert call == tool_call_json("web_search", query="Tell me more about the mayor of Oslo.")
 
 
-def test_search_modes_need_a_provider_and_a_known_mode():
-    engine = Engine(MockModel(), TOK)
+def test_search_modes_need_a_provider_and_a_known_mode(byte_tokenizer, mock_model):
+    engine = Engine(mock_model(), byte_tokenizer)
     with pytest.raises(ValueError, match="search provider"):
-        next(engine.generate(chat_prompt(WEATHER), search="auto"))
+        next(engine.generate(chat_prompt(byte_tokenizer, WEATHER), search="auto"))
     with pytest.raises(ValueError, match="search must be one of"):
-        next(engine.generate(chat_prompt(WEATHER), search="sometimes"))
+        next(engine.generate(chat_prompt(byte_tokenizer, WEATHER), search="sometimes"))

@@ -12,16 +12,15 @@ import json
 import os
 import random
 import threading
-from dataclasses import asdict
 
 import pytest
 import torch
 from huggingface_hub import ModelCard
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from nanochat.checkpoint_manager import load_model, save_checkpoint
+from nanochat.checkpoint_manager import load_model
 from nanochat.cli import UserError
-from nanochat.gpt import GPT, GPTConfig
+from nanochat.gpt import GPTConfig
 from nanochat.hf.export import export_model
 from nanochat.hf.native import UnmappableError
 from nanochat.report import Report
@@ -56,24 +55,23 @@ def tokenizer():
     return RustBPETokenizer.train_from_iterator(iter(docs), 400)
 
 
-def random_gpt(tokenizer, seed, **config):
-    """A GPT whose every parameter (lambdas, gates, padded rows included) is random, so each one shows in the logits."""
-    with torch.device("meta"):
-        model = GPT(GPTConfig(vocab_size=tokenizer.get_vocab_size(), **config))
-    model.to_empty(device="cpu")
-    model.init_weights()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            std = 0.5 if p.ndim < 2 else 2 * p.shape[-1] ** -0.5
-            p.copy_(torch.randn(p.shape, generator=g) * std)
-    return model.eval()
+@pytest.fixture(scope="module")
+def random_gpt(build_gpt, tokenizer):
+    """make(seed, **config) -> a GPT over `tokenizer` whose every parameter (lambdas, gates, padded rows included) is
+    random, so each one shows in the logits."""
+    def make(seed, **config):
+        return build_gpt(GPTConfig(vocab_size=tokenizer.get_vocab_size(), **config), seed, randomize=True)
+    return make
 
 
-def save_run(base_dir, model, tokenizer, source_dir="chatsft_checkpoints", tag="d4", step=7):
-    tokenizer.save(os.path.join(base_dir, "tokenizer"))
-    meta = {"step": step, "model_config": asdict(model.config), "user_config": {"depth": model.config.n_layer}}
-    save_checkpoint(os.path.join(base_dir, source_dir, tag), step, model.state_dict(), None, meta)
+@pytest.fixture(scope="module")
+def save_run(save_tokenizer, save_model_checkpoint, tokenizer):
+    """save(base_dir, model): the tokenizer and the model as an SFT run's checkpoint d4, step 7."""
+    def save(base_dir, model):
+        save_tokenizer(tokenizer, base_dir)
+        save_model_checkpoint(os.path.join(base_dir, "chatsft_checkpoints", "d4"), 7, model,
+                              {"user_config": {"depth": model.config.n_layer}})
+    return save
 
 
 def batch_ids(tokenizer, seq_len, seed=0):
@@ -82,14 +80,14 @@ def batch_ids(tokenizer, seq_len, seed=0):
 
 
 @pytest.fixture(scope="module")
-def full_export(tmp_path_factory, tokenizer):
+def full_export(tmp_path_factory, random_gpt, save_run):
     """The every-feature model as an SFT checkpoint, exported by the CLI with small shards; (model, folder)."""
     base = tmp_path_factory.mktemp("base")
     out = str(tmp_path_factory.mktemp("export") / "d4-sft")
-    model = random_gpt(tokenizer, seed=1, **FULL_CONFIG)
+    model = random_gpt(seed=1, **FULL_CONFIG)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("NANOCHAT_BASE_DIR", str(base))
-        save_run(str(base), model, tokenizer)
+        save_run(str(base), model)
         Report(str(base / "report")).log(section="Chat evaluation sft", data=[{"ARC-Easy": 0.3125, "GSM8K": 0.05}])
         assert export_hf.main(["--source", "sft", "--out", out, "--max-shard-size", "60KB"]) == 0
     return model, out
@@ -330,8 +328,8 @@ def neutral_for_native(model):
     return model
 
 
-def test_native_fit_loads_without_remote_code_and_back(tmp_path, tokenizer, monkeypatch):
-    model = neutral_for_native(random_gpt(tokenizer, seed=2, **NATIVE_CONFIG))
+def test_native_fit_loads_without_remote_code_and_back(tmp_path, tokenizer, random_gpt, monkeypatch):
+    model = neutral_for_native(random_gpt(seed=2, **NATIVE_CONFIG))
     out = str(tmp_path / "native")
     assert export_model(model, tokenizer, {"step": 3}, out, "base") == "native"
     assert not any(name.endswith(".py") for name in os.listdir(out))
@@ -346,16 +344,17 @@ def test_native_fit_loads_without_remote_code_and_back(tmp_path, tokenizer, monk
     assert loaded.config.qk_scale == 1.0  # the native type has no QK scale: imported as the 2025 architecture
 
 
-def test_qk_scale_alone_keeps_a_model_off_the_native_type(tmp_path, tokenizer):
-    model = neutral_for_native(random_gpt(tokenizer, seed=2, **{**NATIVE_CONFIG, "qk_scale": 1.2}))
+def test_qk_scale_alone_keeps_a_model_off_the_native_type(tmp_path, tokenizer, random_gpt):
+    model = neutral_for_native(random_gpt(seed=2, **{**NATIVE_CONFIG, "qk_scale": 1.2}))
     with pytest.raises(UnmappableError) as refused:
         export_model(model, tokenizer, {}, str(tmp_path / "a"), "base", fmt="native")
     assert len(refused.value.problems) == 1 and "QK scale" in refused.value.problems[0]
     assert export_model(model, tokenizer, {}, str(tmp_path / "b"), "base") == "ours"
 
 
-def test_export_refuses_native_for_full_model_naming_what_does_not_map(_isolated_base_dir, tokenizer, capsys):
-    save_run(str(_isolated_base_dir), random_gpt(tokenizer, seed=1, **FULL_CONFIG), tokenizer)
+def test_export_refuses_native_for_full_model_naming_what_does_not_map(_isolated_base_dir, random_gpt, save_run,
+                                                                      capsys):
+    save_run(str(_isolated_base_dir), random_gpt(seed=1, **FULL_CONFIG))
     out = str(_isolated_base_dir / "out")
     assert export_hf.main(["--source", "sft", "--out", out, "--format", "native"]) == 2
     err = capsys.readouterr().err
@@ -365,9 +364,9 @@ def test_export_refuses_native_for_full_model_naming_what_does_not_map(_isolated
     assert not os.path.exists(out)
 
 
-def test_import_refuses_what_does_not_map(tmp_path, tokenizer, monkeypatch):
+def test_import_refuses_what_does_not_map(tmp_path, tokenizer, random_gpt, monkeypatch):
     out = str(tmp_path / "native")
-    export_model(neutral_for_native(random_gpt(tokenizer, seed=2, **NATIVE_CONFIG)), tokenizer, {}, out, "base")
+    export_model(neutral_for_native(random_gpt(seed=2, **NATIVE_CONFIG)), tokenizer, {}, out, "base")
     from safetensors.torch import load_file, save_file
     weights = load_file(os.path.join(out, "model.safetensors"))
     save_file({**weights, "model.layers.0.self_attn.q_proj.bias": torch.zeros(64)},

@@ -9,26 +9,6 @@ from nanochat.gpt import GPT, GPTConfig, has_ve
 from nanochat.kv_cache import KVCache
 
 
-def build(config, seed=0):
-    torch.manual_seed(seed)
-    with torch.device("meta"):
-        model = GPT(config)
-    model.to_empty(device="cpu")
-    model.init_weights()
-    return model
-
-
-@torch.no_grad()
-def randomize(model, seed=0):
-    """init_weights zeroes the output projections and smear_lambda, which would hide bugs in attention, MLP
-    and smear: give every parameter a random value of a sensible scale."""
-    g = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        scale = 0.5 if p.dim() < 2 or "wte" in name or "value_embeds" in name else p.size(1) ** -0.5
-        p.copy_(torch.randn(p.shape, generator=g) * scale)
-    return model
-
-
 # windows S=3 (< T) on layers 0 and 2, full on 1 and 3; GQA; vocab 300 is padded to 320
 WINDOWED = GPTConfig(sequence_len=32, vocab_size=300, n_layer=4, n_head=4, n_kv_head=2, n_embd=64,
                      window_pattern="SL", short_window=3)
@@ -45,8 +25,8 @@ def test_window_sizes_default_and_override():
 
 
 @pytest.mark.parametrize("grad", [False, True], ids=["no-grad", "grad"])
-def test_kv_cache_prefill_chunk_decode_matches_full_forward(grad):
-    model = randomize(build(WINDOWED)).eval()
+def test_kv_cache_prefill_chunk_decode_matches_full_forward(grad, build_gpt):
+    model = build_gpt(WINDOWED, randomize=True)
     T = 14
     idx = torch.randint(0, WINDOWED.vocab_size, (2, T), generator=torch.Generator().manual_seed(1))
     with torch.set_grad_enabled(grad):
@@ -60,9 +40,9 @@ def test_kv_cache_prefill_chunk_decode_matches_full_forward(grad):
     torch.testing.assert_close(torch.cat(pieces, dim=1).detach(), full.detach(), atol=1e-5, rtol=1e-5)
 
 
-def test_kv_cache_fan_out_prefill_matches_full_forward():
+def test_kv_cache_fan_out_prefill_matches_full_forward(build_gpt):
     """Engine pattern: batch-1 prompt prefill, copied into a 3-row decode cache (K/V and smear state)."""
-    model = randomize(build(WINDOWED), seed=3).eval()
+    model = build_gpt(WINDOWED, seed=3, randomize=True)
     prompt = torch.randint(0, 300, (1, 7), generator=torch.Generator().manual_seed(2))
     cont = torch.randint(0, 300, (3, 4), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
@@ -77,10 +57,10 @@ def test_kv_cache_fan_out_prefill_matches_full_forward():
     assert kv3.get_pos() == 0 and kv3.prev_embedding is None
 
 
-def test_no_grad_forward_matches_autograd_forward_and_tracks_weight_changes():
+def test_no_grad_forward_matches_autograd_forward_and_tracks_weight_changes(build_gpt):
     """The forward has no inference-only caches: without autograd it must equal the autograd path and see
     in-place updates (optimizer steps) and replaced parameters (load_state_dict(assign=True)) at once."""
-    model = randomize(build(WINDOWED), seed=5)
+    model = build_gpt(WINDOWED, seed=5, randomize=True)
     idx = torch.randint(0, 300, (2, 9), generator=torch.Generator().manual_seed(6))
 
     def both():
@@ -99,15 +79,15 @@ def test_no_grad_forward_matches_autograd_forward_and_tracks_weight_changes():
     fast2, slow2 = both()
     assert (slow2 - slow).abs().max() > 1e-3
     torch.testing.assert_close(fast2, slow2, atol=1e-5, rtol=1e-5)
-    sd = {k: v.clone() for k, v in randomize(build(WINDOWED), seed=9).state_dict().items()}
+    sd = {k: v.clone() for k, v in build_gpt(WINDOWED, seed=9, randomize=True).state_dict().items()}
     model.load_state_dict(sd, strict=True, assign=True)
     fast3, slow3 = both()
     assert (slow3 - slow2).abs().max() > 1e-3
     torch.testing.assert_close(fast3, slow3, atol=1e-5, rtol=1e-5)
 
 
-def test_last_logits_only_matches_last_position_of_full_logits():
-    model = randomize(build(WINDOWED), seed=7)
+def test_last_logits_only_matches_last_position_of_full_logits(build_gpt):
+    model = build_gpt(WINDOWED, seed=7, randomize=True)
     idx = torch.randint(0, 300, (2, 9), generator=torch.Generator().manual_seed(8))
     with torch.no_grad():
         full = model(idx)
@@ -120,8 +100,8 @@ def test_last_logits_only_matches_last_position_of_full_logits():
     assert kv.get_pos() == 9
 
 
-def test_logits_from_matches_the_tail_of_full_logits():
-    model = randomize(build(WINDOWED), seed=7)
+def test_logits_from_matches_the_tail_of_full_logits(build_gpt):
+    model = build_gpt(WINDOWED, seed=7, randomize=True)
     idx = torch.randint(0, 300, (2, 9), generator=torch.Generator().manual_seed(8))
     with torch.no_grad():
         full = model(idx)
@@ -132,8 +112,8 @@ def test_logits_from_matches_the_tail_of_full_logits():
     torch.testing.assert_close(tail, full[:, 5:], atol=1e-5, rtol=1e-5)
 
 
-def test_kv_cache_overflow_is_a_clear_error():
-    model = build(WINDOWED)
+def test_kv_cache_overflow_is_a_clear_error(build_gpt):
+    model = build_gpt(WINDOWED)
     kv = KVCache.for_model(model, 1, 4)
     with pytest.raises(ValueError, match="KV cache is full"):
         model(torch.zeros(1, 5, dtype=torch.long), kv_cache=kv)
@@ -156,8 +136,8 @@ def test_init_weights_writes_every_parameter_and_buffer():
     torch.testing.assert_close(model.x0_lambdas, torch.tensor([0.20, 0.125, 0.05]))
 
 
-def test_state_dict_names_and_nonpersistent_rotary():
-    model = build(WINDOWED)
+def test_state_dict_names_and_nonpersistent_rotary(build_gpt):
+    model = build_gpt(WINDOWED)
     sd = model.state_dict()
     assert "cos" not in sd and "sin" not in sd
     assert model.cos.shape == (1, 320, 1, 16)  # 10x sequence_len, full head_dim
@@ -204,12 +184,12 @@ class RecordingOptimizer:
         self.param_groups = param_groups
 
 
-def test_setup_optimizer_groups(monkeypatch):
+def test_setup_optimizer_groups(monkeypatch, build_gpt):
     fake = types.ModuleType("nanochat.optim")
     fake.MuonAdamW = RecordingOptimizer
     monkeypatch.setitem(sys.modules, "nanochat.optim", fake)
     c = GPTConfig(sequence_len=16, vocab_size=128, n_layer=2, n_head=2, n_kv_head=2, n_embd=192)
-    model = build(c)
+    model = build_gpt(c)
     opt = model.setup_optimizer(unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.1, scalar_lr=0.5)
     groups = opt.param_groups
     scale = (192 / 768) ** -0.5  # = 2
@@ -242,8 +222,8 @@ def test_setup_optimizer_groups(monkeypatch):
     assert all(g["initial_lr"] == g["lr"] for g in groups)
 
 
-def test_loss_matches_cross_entropy_of_logits_and_ignores_minus_one():
-    model = randomize(build(WINDOWED))
+def test_loss_matches_cross_entropy_of_logits_and_ignores_minus_one(build_gpt):
+    model = build_gpt(WINDOWED, randomize=True)
     idx = torch.randint(0, 300, (2, 8), generator=torch.Generator().manual_seed(4))
     targets = idx.roll(-1, dims=1)
     targets[0, 3] = -1
@@ -258,9 +238,9 @@ def test_loss_matches_cross_entropy_of_logits_and_ignores_minus_one():
     assert logits.abs().max() <= 15.0
 
 
-def test_tiny_overfit_loss_decreases():
+def test_tiny_overfit_loss_decreases(build_gpt):
     c = GPTConfig(sequence_len=16, vocab_size=64, n_layer=2, n_head=2, n_kv_head=1, n_embd=32, window_pattern="L")
-    model = build(c)
+    model = build_gpt(c)
     idx = torch.randint(0, 64, (4, 17), generator=torch.Generator().manual_seed(5))
     x, y = idx[:, :-1], idx[:, 1:]
     opt = model.setup_optimizer(unembedding_lr=0.02)  # the real MuonAdamW over nanochat's groups
@@ -273,14 +253,15 @@ def test_tiny_overfit_loss_decreases():
         losses.append(loss.item())
     assert losses[-1] < 0.25 * losses[0]
     # every parameter got a gradient signal at some point (nothing is disconnected)
-    loss = randomize(model)(x, y)
+    model = build_gpt(c, randomize=True)
+    loss = model(x, y)
     loss.backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, f"{name} gets no gradient"
 
 
-def test_naive_generate_greedy_matches_kv_cache_decode():
-    model = randomize(build(WINDOWED), seed=7).eval()
+def test_naive_generate_greedy_matches_kv_cache_decode(build_gpt):
+    model = build_gpt(WINDOWED, seed=7, randomize=True)
     prompt = [5, 17, 42]
     naive = list(model.generate(prompt, max_tokens=8, temperature=0.0))
     kv = KVCache.for_model(model, 1, 12)
@@ -326,9 +307,9 @@ def test_fp8_linear_matches_quantize_dequantize_math():
     assert (y.detach() - x.detach() @ linear.weight.detach().t()).abs().max() < 0.2  # still the same layer
 
 
-def test_fp8_conversion_keeps_names_and_filters_small_layers():
+def test_fp8_conversion_keeps_names_and_filters_small_layers(build_gpt):
     from nanochat.fp8 import Float8Linear, Float8LinearConfig, convert_to_float8_training
-    model = build(GPTConfig(sequence_len=16, vocab_size=256, n_layer=2, n_head=2, n_kv_head=2, n_embd=128))
+    model = build_gpt(GPTConfig(sequence_len=16, vocab_size=256, n_layer=2, n_head=2, n_kv_head=2, n_embd=128))
     names = set(model.state_dict())
 
     def big_enough(mod, fqn):  # base_train's filter
@@ -370,9 +351,9 @@ def test_inference_and_eval_never_import_dynamo():
     assert proc.stdout.strip().splitlines()[-1] == "False"
 
 
-def test_kv_cache_in_another_dtype_is_a_clear_error():
+def test_kv_cache_in_another_dtype_is_a_clear_error(build_gpt):
     from nanochat.common import COMPUTE_DTYPE
-    model = randomize(build(WINDOWED), seed=1)
+    model = build_gpt(WINDOWED, seed=1, randomize=True)
     c = model.config
     other = torch.bfloat16 if COMPUTE_DTYPE == torch.float32 else torch.float32
     kv = KVCache(1, c.n_kv_head, 8, c.n_embd // c.n_head, c.n_layer, "cpu", other)

@@ -158,10 +158,9 @@ def test_exit_wait_is_bounded_and_names_what_is_unpushed(machine, monkeypatch, c
             pusher.thread.join(10)
 
 
-def test_hf_push_during_sft_through_the_hub_api_and_pull(fake_hub, _isolated_base_dir, build_tiny_checkpoint,
+def test_hf_push_during_sft_through_the_hub_api_and_pull(fake_hub, _isolated_base_dir, build_tiny_checkpoint, tiny_chat_tokenizer,
                                                          tmp_path, monkeypatch, capsys, fast_retries):
-    texts = ["The quick brown fox jumps over the lazy dog. What is your name? My name is nanochat."] * 40
-    build_tiny_checkpoint(str(_isolated_base_dir), texts, 300, 64, os.path.join("base_checkpoints", "d2"), 0, meta={
+    build_tiny_checkpoint(str(_isolated_base_dir), tiny_chat_tokenizer, 64, os.path.join("base_checkpoints", "d2"), 0, meta={
         "max_seq_len": 64, "device_batch_size": 4, "total_batch_size": 256, "user_config": {}})
     rows = [[{"role": "user", "content": f"what is {i} + {i}?"}, {"role": "assistant", "content": f"{2 * i}."}]
             for i in range(30)]

@@ -17,9 +17,8 @@ LONG_ANSWER = "The cat sat on the mat, and then it ran far away from home to see
 
 
 @pytest.fixture
-def sft(_isolated_base_dir, build_tiny_checkpoint):
-    texts = [" ".join(WORDS[i:] + WORDS[:i]) for i in range(len(WORDS))] * 10
-    build_tiny_checkpoint(str(_isolated_base_dir), texts, 300, 64, os.path.join("chatsft_checkpoints", "d2"), 0)
+def sft(_isolated_base_dir, build_tiny_checkpoint, tiny_tokenizer):
+    build_tiny_checkpoint(str(_isolated_base_dir), tiny_tokenizer, 64, os.path.join("chatsft_checkpoints", "d2"), 0)
     return _isolated_base_dir
 
 

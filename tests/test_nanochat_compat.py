@@ -9,7 +9,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from nanochat.gpt import GPT, GPTConfig
+from nanochat.gpt import GPTConfig
 
 
 MODEL_CONFIG = {"sequence_len": 256, "vocab_size": 100, "n_layer": 3, "n_head": 4, "n_kv_head": 2, "n_embd": 32,
@@ -121,7 +121,7 @@ def reference_logits(sd, ids):
 
 # --- the test ---------------------------------------------------------------------------------------------------
 
-def test_nanochat_checkpoint_loads_strictly_and_reproduces_reference_math(tmp_path):
+def test_nanochat_checkpoint_loads_strictly_and_reproduces_reference_math(tmp_path, build_gpt):
     ckpt_dir = tmp_path / "base_checkpoints" / "d3"
     ckpt_dir.mkdir(parents=True)
     sd = synthesize_nanochat_state_dict()
@@ -129,11 +129,7 @@ def test_nanochat_checkpoint_loads_strictly_and_reproduces_reference_math(tmp_pa
     (ckpt_dir / "meta_000005.json").write_text(json.dumps(nanochat_meta(5)))
 
     meta = json.loads((ckpt_dir / "meta_000005.json").read_text())
-    config = GPTConfig(**meta["model_config"])
-    with torch.device("meta"):
-        model = GPT(config)
-    model.to_empty(device="cpu")
-    model.init_weights()
+    model = build_gpt(GPTConfig(**meta["model_config"]))
     loaded = torch.load(ckpt_dir / "model_000005.pt", map_location="cpu")
     model.load_state_dict(loaded, strict=True, assign=True)
     assert set(model.state_dict()) == set(sd)

@@ -4,28 +4,6 @@ import pytest
 
 from tasks.probes import ProbeOutput, check_rule, format_compliance, load_probes, split_assistant_tokens, summarize
 
-SPECIALS = ["<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>",
-            "<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>"]
-
-
-class ByteTokenizer:
-    """Bytes are ids 0..255, specials follow: enough to exercise the probe plumbing."""
-
-    def encode_special(self, s):
-        return 256 + SPECIALS.index(s)
-
-    def get_bos_token_id(self):
-        return 256
-
-    def encode(self, s):
-        return list(s.encode("utf-8"))
-
-    def decode(self, ids):
-        out = bytearray()
-        for i in ids:
-            out += bytes([i]) if i < 256 else SPECIALS[i - 256].encode()
-        return out.decode("utf-8", errors="replace")
-
 
 def out(text, tool_calls=()):
     return ProbeOutput(raw_text=text, text=text, tool_calls=list(tool_calls))
@@ -62,8 +40,8 @@ def test_an_unclosed_think_is_no_answer():
     assert check_rule({"contains": "4"}, out("<think>the answer is 4 but let me")) is not None
 
 
-def test_tool_calls_are_named_by_what_they_call():
-    tok = ByteTokenizer()
+def test_tool_calls_are_named_by_what_they_call(byte_tokenizer):
+    tok = byte_tokenizer
     s = tok.encode_special
 
     def block(code):
@@ -100,8 +78,8 @@ def test_think_text_is_not_the_answer():
     assert check_rule({"not_contains": "paris"}, out("<think>maybe paris?</think>Lyon")) is None
 
 
-def test_split_assistant_tokens_separates_tool_blocks():
-    tok = ByteTokenizer()
+def test_split_assistant_tokens_separates_tool_blocks(byte_tokenizer):
+    tok = byte_tokenizer
     ids = (tok.encode("Let me compute. ") + [tok.encode_special("<|python_start|>")] + tok.encode("2+3")
            + [tok.encode_special("<|python_end|>"), tok.encode_special("<|output_start|>")] + tok.encode("5")
            + [tok.encode_special("<|output_end|>")] + tok.encode("It is 5.")
@@ -180,16 +158,24 @@ class FakeEngine:
             yield [t], [1]
 
 
-class FakeChatTokenizer(ByteTokenizer):
+class FakeChatTokenizer:
+    """The byte tokenizer, and the one chat method chat_probe calls: render_for_completion."""
+
+    def __init__(self, byte_tokenizer):
+        self.byte_tokenizer = byte_tokenizer
+
+    def __getattr__(self, name):
+        return getattr(self.byte_tokenizer, name)
+
     def render_for_completion(self, conversation):
         return [256] + self.encode(conversation["messages"][-2]["content"]) + [259]
 
 
 @pytest.mark.parametrize("min_pass, expected_exit", [(0.5, 0), (0.95, 1)])
-def test_gate_exit_code_and_log(tmp_path, monkeypatch, min_pass, expected_exit):
+def test_gate_exit_code_and_log(tmp_path, monkeypatch, byte_tokenizer, min_pass, expected_exit):
     from scripts import chat_probe
 
-    tok = FakeChatTokenizer()
+    tok = FakeChatTokenizer(byte_tokenizer)
     monkeypatch.setattr(chat_probe, "load_engine", lambda args: (FakeModel(), tok, {"step": 7}, FakeEngine(None, tok)))
     probes = tmp_path / "probes.jsonl"
     rows = [{"id": "name", "category": "identity", "messages": [{"role": "user", "content": "name?"}],
@@ -206,10 +192,10 @@ def test_gate_exit_code_and_log(tmp_path, monkeypatch, min_pass, expected_exit):
     assert record["failed_ids"] == ["math"] and record["step"] == 7
 
 
-def test_think_modes_tool_probes_and_compliance_in_the_log(tmp_path, monkeypatch):
+def test_think_modes_tool_probes_and_compliance_in_the_log(tmp_path, monkeypatch, byte_tokenizer):
     from scripts import chat_probe
 
-    tok = FakeChatTokenizer()
+    tok = FakeChatTokenizer(byte_tokenizer)
     engine = FakeEngine(None, tok)
     monkeypatch.setattr(chat_probe, "load_engine", lambda args: (FakeModel(), tok, {"step": 7}, engine))
     rows = [{"id": "own-think", "category": "t", "messages": [{"role": "user", "content": "a?"}], "think": "on",

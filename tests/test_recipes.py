@@ -125,10 +125,10 @@ def test_gpu_check_dry_run(tmp_path):
     assert [level["clients"] for level in steps["serve"]["result"]["levels"]] == [2]
 
 
-def test_decode_bytes_are_the_weights_once_plus_the_kv_cache(tiny_gpt_factory):
+def test_decode_bytes_are_the_weights_once_plus_the_kv_cache(build_random_gpt):
     """Against a plain re-statement: every parameter's bytes, minus the embedding tables but for the looked-up
     rows, plus the bytes of a KV cache holding the context and the new token in every layer."""
-    model = tiny_gpt_factory(sequence_len=64, short_window=64)  # windows >= the context: every layer reads it all
+    model = build_random_gpt(sequence_len=64, short_window=64)  # windows >= the context: every layer reads it all
     batch, context = 3, 20
     tables = [model.transformer.wte.weight, *[e.weight for e in model.value_embeds.values()]]
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -136,5 +136,5 @@ def test_decode_bytes_are_the_weights_once_plus_the_kv_cache(tiny_gpt_factory):
     cache = KVCache.for_model(model, batch, context + 1, device="cpu")
     kv = cache.k_cache.numel() * cache.k_cache.element_size() * 2
     assert decode_bytes_per_step(model, batch, context) == weights + kv
-    short = tiny_gpt_factory(sequence_len=64, short_window=8)  # layer 0 reads only its window
+    short = build_random_gpt(sequence_len=64, short_window=8)  # layer 0 reads only its window
     assert decode_bytes_per_step(short, batch, context) == weights + kv // 3 * 2 + kv // 3 * 9 // 21

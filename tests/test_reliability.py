@@ -1,8 +1,8 @@
 """When things go wrong (README): bad flags fail at once with one line and exit 2, before torch loads; a run that
 cannot save fails before step 0, and a save that fails on a full disk keeps the last good checkpoint; a diverged
 run stops without saving NaN weights; a checkpoint loaded with another tokenizer is refused; damaged files are
-named and --resume-from-step last skips them; killed saves leave nothing that outlives the next save and never
-un-publish a finished step; Ctrl-C while an answer streams keeps the chat.
+named and --resume-from-step last skips them; a killed save keeps the last good checkpoint, leaves nothing that
+outlives the next save and never un-publishes a finished step; Ctrl-C while an answer streams keeps the chat.
 
 Read-only and full disks are real ones (a bind mount and a small tmpfs in a user + mount namespace); without
 `unshare` those two tests are skipped."""
@@ -11,7 +11,6 @@ import errno
 import io
 import json
 import os
-import random
 import shutil
 import signal
 import subprocess
@@ -25,7 +24,7 @@ import torch
 from nanochat import checkpoint_manager as cm
 from nanochat.cli import UserError, exit_on_user_error
 from nanochat.fileio import temp_path_for
-from nanochat.tokenizer import RustBPETokenizer, get_tokenizer, save_token_bytes
+from nanochat.tokenizer import RustBPETokenizer, get_tokenizer
 from nanochat.training import NonFiniteLossError, checkpoint_meta
 from scripts import base_train as bt
 from scripts import chat_cli, chat_sft, tok_train
@@ -34,25 +33,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--depth", "2", "--aspect-ratio", "32", "--head-dim", "32", "--max-seq-len", "32", "--window-pattern", "L",
         "--device-batch-size", "2", "--total-batch-size", "128", "--core-metric-every", "-1", "--sample-every", "-1",
         "--eval-every", "-1", "--warmup-steps", "1", "--compile", "0", "--synthetic-data", "--device-type", "cpu"]
-WORDS = "the cat sat on a mat and then it ran far away from home to see the big red sun in the sky".split()
-
-
-def make_docs(n, seed, words=WORDS):
-    rng = random.Random(seed)
-    return [" ".join(rng.choice(words) for _ in range(rng.randint(5, 60))) for _ in range(n)]
 
 
 @pytest.fixture(scope="module")
-def tiny_tokenizer():
-    return RustBPETokenizer.train_from_iterator(iter(make_docs(300, 0)), 300)
-
-
-@pytest.fixture
-def base(_isolated_base_dir, tiny_tokenizer):
-    tok_dir = os.path.join(_isolated_base_dir, "tokenizer")
-    tiny_tokenizer.save(tok_dir)
-    save_token_bytes(tiny_tokenizer, tok_dir)
-    return str(_isolated_base_dir)
+def other_tokenizer(tiny_docs, tiny_words):
+    """Retrained on other text with the same vocabulary size: every id now means something else."""
+    return RustBPETokenizer.train_from_iterator(iter(tiny_docs(300, 1, tiny_words[::-1] + ["zebra", "quiz"])), 300)
 
 
 def subprocess_env():
@@ -300,15 +286,15 @@ def test_non_finite_weights_are_never_saved(tmp_path):
 # -----------------------------------------------------------------------------
 # 4. the tokenizer fingerprint; tok_train does not overwrite a tokenizer by accident
 
-def test_fingerprint_follows_the_merges_not_the_file(tiny_tokenizer, tmp_path):
+def test_fingerprint_follows_the_merges_not_the_file(tiny_tokenizer, other_tokenizer, tmp_path):
     tiny_tokenizer.save(str(tmp_path))
     assert RustBPETokenizer.from_directory(str(tmp_path)).fingerprint() == tiny_tokenizer.fingerprint()
-    other = RustBPETokenizer.train_from_iterator(iter(make_docs(300, 1, WORDS[::-1] + ["zebra", "quiz"])), 300)
+    other = other_tokenizer
     assert other.get_vocab_size() == tiny_tokenizer.get_vocab_size()
     assert other.fingerprint() != tiny_tokenizer.fingerprint()
 
 
-def test_checkpoint_with_another_tokenizer_is_refused(base, build_tiny_gpt, caplog):
+def test_checkpoint_with_another_tokenizer_is_refused(base, build_tiny_gpt, other_tokenizer, caplog):
     tok = get_tokenizer()
     model = build_tiny_gpt(32, tok.get_vocab_size())
     config = dataclasses.asdict(model.config)
@@ -316,7 +302,7 @@ def test_checkpoint_with_another_tokenizer_is_refused(base, build_tiny_gpt, capl
     cm.save_checkpoint(ckpt_dir, 1, model.state_dict(), None, checkpoint_meta(1, None, config, {}, 2, 32, 64))
     assert cm.load_model("sft", "cpu", "eval")[2]["tokenizer_fingerprint"] == tok.fingerprint()
     # the same vocab size, retrained on other text: every id now means something else
-    other = RustBPETokenizer.train_from_iterator(iter(make_docs(300, 1, WORDS[::-1] + ["zebra", "quiz"])), 300)
+    other = other_tokenizer
     assert other.get_vocab_size() == tok.get_vocab_size()
     other.save(os.path.join(base, "tokenizer"))
     with pytest.raises(cm.TokenizerMismatchError) as e:
@@ -330,18 +316,18 @@ def test_checkpoint_with_another_tokenizer_is_refused(base, build_tiny_gpt, capl
     assert "records no tokenizer fingerprint" in caplog.text
 
 
-def test_resuming_with_another_tokenizer_is_refused(base):
+def test_resuming_with_another_tokenizer_is_refused(base, other_tokenizer):
     bt.main(TINY + ["--num-iterations", "1"])
-    other = RustBPETokenizer.train_from_iterator(iter(make_docs(300, 1, WORDS[::-1] + ["zebra", "quiz"])), 300)
+    other = other_tokenizer
     other.save(os.path.join(base, "tokenizer"))
     with pytest.raises(cm.TokenizerMismatchError, match="retrained since"):
         bt.main(TINY + ["--num-iterations", "2", "--resume-from-step", "last"])
 
 
-def test_tok_train_keeps_an_existing_tokenizer_without_force(base):
+def test_tok_train_keeps_an_existing_tokenizer_without_force(base, tiny_docs):
     path = os.path.join(base, "tokenizer", "tokenizer.pkl")
     before = open(path, "rb").read()
-    batches = [make_docs(200, 5)]
+    batches = [tiny_docs(200, 5)]
     with pytest.raises(UserError, match="Pass --force to replace it"):
         tok_train.main(["--vocab-size", "280"], batches=iter(batches))
     assert open(path, "rb").read() == before
@@ -398,25 +384,25 @@ def test_resume_last_skips_a_damaged_checkpoint(base, caplog):
 
 
 # -----------------------------------------------------------------------------
-# 7. killed saves: their temp files go at the next save; re-saving a step never un-publishes it while it writes
+# 7. killed saves: the last good step stays, their temp files go at the next save, a re-save never un-publishes
 
-def test_killed_re_save_keeps_the_step_and_the_next_save_cleans_up(tmp_path):
-    """Re-saving step 5 (what --resume-from-step last does on a finished run), killed while the weights are
-    written: step 5 stays the last checkpoint, whole; the killed writer's temp file goes at the next save."""
+def save_then_kill_midway(tmp_path, ckpt, saved, killed):
+    """In a child process, save each (step, value) of `saved` to ckpt (weights: 3 x value), then save `killed`
+    (step, value) with a torch.save that writes a few bytes and hangs: SIGKILL the child there and return it."""
     marker = tmp_path / "writing"
-    ckpt = tmp_path / "ckpt"
     script = textwrap.dedent(f"""
         import time, torch
         from nanochat import checkpoint_manager as cm
         d = {str(ckpt)!r}
-        cm.save_checkpoint(d, 3, {{"w": torch.ones(3)}}, {{"s": torch.zeros(2)}}, {{"step": 3}})
-        cm.save_checkpoint(d, 5, {{"w": torch.full((3,), 5.0)}}, {{"s": torch.zeros(2)}}, {{"step": 5}})
+        for step, value in {saved!r}:
+            cm.save_checkpoint(d, step, {{"w": torch.full((3,), value)}}, {{"s": torch.zeros(2)}}, {{"step": step}})
         def slow_save(obj, f, *a, **k):
             f.write(b"partial bytes"); f.flush()
             open({str(marker)!r}, "w").close()
             time.sleep(60)
         torch.save = slow_save
-        cm.save_checkpoint(d, 5, {{"w": torch.full((3,), 5.0)}}, {{"s": torch.zeros(2)}}, {{"step": 5}})
+        step, value = {killed!r}
+        cm.save_checkpoint(d, step, {{"w": torch.full((3,), value)}}, {{"s": torch.zeros(2)}}, {{"step": step}})
     """)
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env=subprocess_env())
     deadline = time.time() + 120
@@ -426,6 +412,23 @@ def test_killed_re_save_keeps_the_step_and_the_next_save_cleans_up(tmp_path):
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    return proc
+
+
+def test_killed_save_keeps_last_good_checkpoint(tmp_path):
+    """A process killed (SIGKILL) in the middle of writing step 6 leaves step 3 as the latest checkpoint."""
+    save_then_kill_midway(tmp_path, tmp_path, saved=[(3, 1.0)], killed=(6, 2.0))
+    assert cm.find_last_step(str(tmp_path)) == 3
+    assert not os.path.exists(tmp_path / "model_000006.pt")
+    m, o, meta = cm.load_checkpoint(str(tmp_path), 3, "cpu", load_optimizer=True)
+    assert torch.equal(m["w"], torch.ones(3)) and meta == {"step": 3}
+
+
+def test_killed_re_save_keeps_the_step_and_the_next_save_cleans_up(tmp_path):
+    """Re-saving step 5 (what --resume-from-step last does on a finished run), killed while the weights are
+    written: step 5 stays the last checkpoint, whole; the killed writer's temp file goes at the next save."""
+    ckpt = tmp_path / "ckpt"
+    proc = save_then_kill_midway(tmp_path, ckpt, saved=[(3, 1.0), (5, 5.0)], killed=(5, 5.0))
     assert cm.find_last_step(str(ckpt)) == 5
     model, _, meta = cm.load_checkpoint(str(ckpt), 5, "cpu", load_optimizer=True)
     assert torch.equal(model["w"], torch.full((3,), 5.0)) and meta == {"step": 5}
@@ -455,9 +458,10 @@ def test_re_save_writes_the_new_files_before_touching_the_old_meta(tmp_path, mon
 # -----------------------------------------------------------------------------
 # 7. Ctrl-C while an answer streams stops the answer, not the chat
 
-def test_ctrl_c_while_streaming_keeps_the_chat(_isolated_base_dir, build_tiny_checkpoint, monkeypatch):
-    tok = build_tiny_checkpoint(str(_isolated_base_dir), ["hello there, how are you? I am fine."] * 30, 290, 64,
-                                os.path.join("chatsft_checkpoints", "d2"), 5)
+def test_ctrl_c_while_streaming_keeps_the_chat(_isolated_base_dir, tiny_chat_tokenizer, build_tiny_checkpoint,
+                                               monkeypatch):
+    tok = tiny_chat_tokenizer
+    build_tiny_checkpoint(str(_isolated_base_dir), tok, 64, os.path.join("chatsft_checkpoints", "d2"), 5)
     from nanochat.engine import Engine
     real_generate, prompts = Engine.generate, []
 

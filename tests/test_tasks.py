@@ -5,8 +5,6 @@ data plumbing (local files, the hub parquet export served by a local HTTP server
 import json
 import os
 import random
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pyarrow as pa
@@ -327,41 +325,7 @@ def test_customjson_both_line_shapes(tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# The hub parquet export, served locally
-
-class FakeHub:
-    """A tiny HTTP server: {path: bytes or JSON-able}; records every request path."""
-
-    def __init__(self, routes):
-        self.routes, self.requests = routes, []
-        hub = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):
-                hub.requests.append(self.path)
-                body = hub.routes.get(self.path)
-                if body is None:
-                    self.send_response(404)
-                    self.end_headers()
-                    return
-                if not isinstance(body, bytes):
-                    body = json.dumps(body).encode()
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-
+# The hub parquet export, served locally (conftest's file_server)
 
 def parquet_bytes(rows, tmp_path, name):
     path = tmp_path / name
@@ -369,14 +333,14 @@ def parquet_bytes(rows, tmp_path, name):
     return path.read_bytes()
 
 
-def test_hub_parquet_export_download_and_cache(tmp_path, monkeypatch, _isolated_base_dir):
+def test_hub_parquet_export_download_and_cache(tmp_path, monkeypatch, _isolated_base_dir, file_server):
     from tasks.mmlu import MMLU
     rows = [{"question": f"q{i}", "subject": "virology", "choices": ["a", "b", "c", "d"], "answer": i % 4} for i in range(7)]
-    hub = FakeHub({})
+    hub = file_server({})
     base = "/api/datasets/cais/mmlu/parquet/all/test"
-    hub.routes[base] = [f"{hub.url}{base}/0.parquet", f"{hub.url}{base}/1.parquet"]
-    hub.routes[f"{base}/0.parquet"] = parquet_bytes(rows[:4], tmp_path, "a.parquet")
-    hub.routes[f"{base}/1.parquet"] = parquet_bytes(rows[4:], tmp_path, "b.parquet")
+    hub.files[base] = [f"{hub.url}{base}/0.parquet", f"{hub.url}{base}/1.parquet"]
+    hub.files[f"{base}/0.parquet"] = parquet_bytes(rows[:4], tmp_path, "a.parquet")
+    hub.files[f"{base}/1.parquet"] = parquet_bytes(rows[4:], tmp_path, "b.parquet")
     monkeypatch.setenv("HF_ENDPOINT", hub.url)
     try:
         task = MMLU("all", "test")
@@ -393,10 +357,10 @@ def test_hub_parquet_export_download_and_cache(tmp_path, monkeypatch, _isolated_
     assert [again[i] for i in range(7)] == [task[i] for i in range(7)]
 
 
-def test_hub_falls_back_to_the_refs_convert_parquet_tree(tmp_path, monkeypatch, _isolated_base_dir):
+def test_hub_falls_back_to_the_refs_convert_parquet_tree(tmp_path, monkeypatch, _isolated_base_dir, file_server):
     from tasks.gsm8k import GSM8K
     rows = [{"question": f"q{i}", "answer": f"#### {i}"} for i in range(5)]
-    hub = FakeHub({
+    hub = file_server({
         "/api/datasets/openai/gsm8k/tree/refs%2Fconvert%2Fparquet/main/test": [
             {"type": "file", "path": "main/test/0000.parquet"}, {"type": "directory", "path": "main/test/x"}],
         "/datasets/openai/gsm8k/resolve/refs%2Fconvert%2Fparquet/main/test/0000.parquet":
@@ -411,9 +375,9 @@ def test_hub_falls_back_to_the_refs_convert_parquet_tree(tmp_path, monkeypatch, 
     assert [task[i]["messages"][0]["content"] for i in range(5)] == [r["question"] for r in reference_order(rows)]
 
 
-def test_spellingbee_downloads_the_word_list_once(monkeypatch, _isolated_base_dir):
+def test_spellingbee_downloads_the_word_list_once(monkeypatch, _isolated_base_dir, file_server):
     from tasks.spellingbee import SpellingBee, SimpleSpelling
-    hub = FakeHub({"/words_alpha.txt": "\r\n".join(WORDS).encode() + b"\r\n"})
+    hub = file_server({"/words_alpha.txt": "\r\n".join(WORDS).encode() + b"\r\n"})
     monkeypatch.setenv("NANOCHAT_WORDS_URL", f"{hub.url}/words_alpha.txt")
     try:
         bee = SpellingBee(size=3)

@@ -7,7 +7,7 @@ import pytest
 from nanochat.engine import use_calculator as engine_use_calculator
 from nanochat.tools import (TOOL_NAMES, calculator_tool, evaluate_calculator, format_number, get_tool, parse_tool_call,
                             python_tool, run_tool_call, tool_call_json, use_calculator, web_search_budget)
-from nanochat.web_search import LocalSearchProvider, format_results
+from nanochat.web_search import format_results
 
 
 @pytest.mark.parametrize("expr, expected", [
@@ -108,24 +108,16 @@ def test_python_tool_prints_last_expression_and_reports_errors():
 # -----------------------------------------------------------------------------
 # dispatch by name
 
-@pytest.fixture
-def docs(tmp_path):
-    folder = tmp_path / "docs"
-    folder.mkdir()
-    (folder / "weather_oslo.md").write_text("# Weather in Oslo today\n\nOslo: light rain, 14 degrees.\n")
-    (folder / "price_tea.txt").write_text("Tea price today\n\nGreen tea costs 4 crowns a cup in Oslo cafes.\n")
-    return LocalSearchProvider(str(folder), cache_dir=str(tmp_path / "index"))
-
-
-def test_json_calls_dispatch_by_name(docs):
-    run = get_tool(list(TOOL_NAMES), search_provider=docs, search_k=2, search_max_chars=400)
+def test_json_calls_dispatch_by_name(search_docs):
+    run = get_tool(list(TOOL_NAMES), search_provider=search_docs, search_k=2, search_max_chars=400)
     assert run(tool_call_json("calculator", expression="45 * 0.17")) == "7.65"
     assert run(tool_call_json("python", code="print(6 * 7)")) == "42"
     # web_search: the provider's results, formatted exactly as format_results does (what training data shows)
-    expected = format_results(docs.search("weather in Oslo", 2), 400)
+    expected = format_results(search_docs.search("weather in Oslo", 2), 400)
     assert run(tool_call_json("web_search", query="weather in Oslo")) == expected
     assert expected.startswith("[1] Weather in Oslo today")
-    assert run('{"tool": "web_search", "arguments": {"query": "tea", "k": 1}}') == format_results(docs.search("tea", 1), 400)
+    assert run('{"tool": "web_search", "arguments": {"query": "tea", "k": 1}}') == format_results(
+        search_docs.search("tea", 1), 400)
     assert run("2 + 3") == "5"  # bare: the calculator, as in nanochat
     assert run("sum(range(4))") == "6"  # bare and refused by the calculator: python is enabled, so python runs it
 
@@ -145,7 +137,7 @@ def test_malformed_calls_are_error_text_not_exceptions(code, message):
     assert parse_tool_call(code).error is not None
 
 
-def test_disabled_tools_and_tool_failures_are_error_text(docs):
+def test_disabled_tools_and_tool_failures_are_error_text(search_docs):
     calculator_only = get_tool("calculator")
     assert "unknown tool 'web_search' (available: calculator)" in calculator_only(
         tool_call_json("web_search", query="weather"))

@@ -11,7 +11,6 @@ import torch
 from nanochat import chunked_loss, training
 from nanochat.checkpoint_manager import save_checkpoint
 from nanochat.common import DummyWandb
-from nanochat.tokenizer import RustBPETokenizer
 
 
 def cpu_runtime(peak_flops=0.0, world_size=1):
@@ -231,9 +230,8 @@ def test_should_compile_flag(monkeypatch):
     assert not training.should_compile(-1, "cpu")
 
 
-def test_checkpoint_meta_and_single_rank_helpers(_isolated_base_dir):
-    tokenizer = RustBPETokenizer.train_from_iterator(iter(["a tiny corpus for a tiny tokenizer"] * 5), 280)
-    tokenizer.save(os.path.join(_isolated_base_dir, "tokenizer"))
+def test_checkpoint_meta_and_single_rank_helpers(base, tiny_tokenizer):
+    tokenizer = tiny_tokenizer
     meta = training.checkpoint_meta(12, 0.9, {"n_layer": 2}, {"depth": 2}, 4, 128, 1024, loop_state={"a": 1})
     assert meta == {"step": 12, "val_bpb": 0.9, "model_config": {"n_layer": 2}, "user_config": {"depth": 2},
                     "device_batch_size": 4, "max_seq_len": 128, "total_batch_size": 1024,
