@@ -79,28 +79,26 @@ def int_at_least(minimum, off=None, multiple_of=1):
     return parse
 
 
-def float_at_least(minimum, off=None):
-    """A finite number >= minimum, or exactly `off`."""
+def _float_bounded(bound, off, strict):
+    """A finite number >= bound (> bound when strict), or exactly `off`."""
     def parse(text):
         value = _number(text, float)
-        if value < minimum and value != off:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum:g}{f' (or {off:g})' if off is not None else ''}, "
-                                             f"got {value:g}")
+        if (value < bound or (strict and value == bound)) and value != off:
+            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {bound:g}"
+                                             f"{f' (or {off:g})' if off is not None else ''}, got {value:g}")
         return value
     parse.__name__ = "number"
     return parse
+
+
+def float_at_least(minimum, off=None):
+    """A finite number >= minimum, or exactly `off`."""
+    return _float_bounded(minimum, off, strict=False)
 
 
 def float_above(bound, off=None):
     """A finite number > bound, or exactly `off`."""
-    def parse(text):
-        value = _number(text, float)
-        if value <= bound and value != off:
-            raise argparse.ArgumentTypeError(f"must be > {bound:g}{f' (or {off:g})' if off is not None else ''}, "
-                                             f"got {value:g}")
-        return value
-    parse.__name__ = "number"
-    return parse
+    return _float_bounded(bound, off, strict=True)
 
 
 def fraction(text):
@@ -135,3 +133,34 @@ def existing_dir(text):
         what = "a file" if os.path.exists(text) else "missing"
         raise argparse.ArgumentTypeError(f"{text} is {what}; pass a directory")
     return text
+
+
+# -----------------------------------------------------------------------------
+# Flags several scripts share, so they are spelled (and checked) one way
+
+DEVICE_TYPES = ["", "cuda", "cpu", "mps"]
+
+
+def add_device_argument(parser):
+    parser.add_argument("--device-type", type=str, default="", choices=DEVICE_TYPES,
+                        help="cuda|cpu|mps (empty = autodetect)")
+
+
+def add_run_arguments(parser):
+    """A trainer's --run (wandb) and --device-type."""
+    parser.add_argument("--run", type=str, default="dummy", help="wandb run name ('dummy' disables wandb logging)")
+    add_device_argument(parser)
+
+
+def add_start_arguments(parser, default_source, what="which checkpoints to start from"):
+    """A fine-tuning trainer's start and output (nanochat.training.resolve_start takes them): --source, --model-tag,
+    --model-step, --output-tag, --resume-from-step."""
+    parser.add_argument("--source", type=str, default=default_source,
+                        help=f"{what}: base|mid|sft|rl|dpo, or a published model: an exported Hugging Face folder "
+                             f"or a hub repo id (org/name)")
+    parser.add_argument("--model-tag", type=str, default=None, help="model tag to load from (default: largest d<N>)")
+    parser.add_argument("--model-step", type=int_at_least(0), default=None,
+                        help="model step to load from (default: last)")
+    parser.add_argument("--output-tag", type=str, default=None, help="tag to save under (default: the source's tag)")
+    parser.add_argument("--resume-from-step", type=int_at_least(0, off=-1), default=-1,
+                        help="resume this run from its checkpoint at this step (same flags, same world size)")

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from nanochat.chat_format import validate_conversation
-from nanochat.fileio import iter_jsonl
+from nanochat.fileio import load_jsonl
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 
@@ -192,14 +192,7 @@ def prompt_and_answer(row):
 def load_pairs_jsonl(path):
     """Read a JSONL file of preference pairs -> list of normalized pairs (normalize_pair). Every bad row is
     reported as path:LINE: reason, all in one ValueError."""
-    pairs, errors = [], []
-    for line_no, row, problem in iter_jsonl(path):
-        try:
-            if problem:
-                raise ValueError(problem)
-            pairs.append(normalize_pair(row))
-        except ValueError as e:
-            errors.append(f"{path}:{line_no}: {e}")
+    pairs, errors = load_jsonl(path, normalize_pair)
     if errors:
         raise ValueError(f"{path}: {len(errors)} bad pair row(s); fix them:\n" + "\n".join(errors))
     if not pairs:

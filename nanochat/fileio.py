@@ -154,3 +154,17 @@ def iter_jsonl(path):
             value, problem = parse_jsonl_line(raw)
             if value is not None or problem is not None:
                 yield line_number, value, problem
+
+
+def load_jsonl(path, parse_row):
+    """(rows, errors) of a JSONL file: rows are parse_row(value) of every good line; errors are "path:LINE:
+    reason" for each line that is not JSON, or whose parse_row raised ValueError (the reason is its message)."""
+    rows, errors = [], []
+    for line_number, value, problem in iter_jsonl(path):
+        try:
+            if problem is not None:
+                raise ValueError(problem)
+            rows.append(parse_row(value))
+        except ValueError as e:
+            errors.append(f"{path}:{line_number}: {e}")
+    return rows, errors

@@ -33,10 +33,10 @@ import torch.distributed as dist
 from nanochat import chunked_loss
 from nanochat.checkpoint_manager import (CHECKPOINT_DIRS, CheckpointNotFoundError, available_steps, checkpoints_root,
                                          find_largest_model, find_last_step, gib, load_checkpoint, meta_path,
-                                         read_meta)
+                                         read_meta, save_checkpoint)
 from nanochat.cli import UserError
-from nanochat.common import (COMPUTE_DTYPE, DummyWandb, autodetect_device_type, compute_init, get_base_dir, get_peak_flops,
-                             print0)
+from nanochat.common import (COMPUTE_DTYPE, DummyWandb, autodetect_device_type, compute_cleanup, compute_init,
+                             get_base_dir, get_peak_flops, print0)
 from nanochat.hf import load as hf_load
 from nanochat.tokenizer import TOKENIZER_FILENAME, get_tokenizer, save_token_bytes
 
@@ -531,6 +531,48 @@ def checkpoint_meta(step, val_bpb, model_config, user_config, device_batch_size,
     return {"step": step, "val_bpb": val_bpb, "model_config": model_config, "user_config": user_config,
             "device_batch_size": device_batch_size, "max_seq_len": max_seq_len, "total_batch_size": total_batch_size,
             "tokenizer_fingerprint": tokenizer.fingerprint(), **extra}
+
+
+def fine_tuning_state(start, source_kind, step, num_steps, meter, **loop_extra):
+    """The meta fields of a fine-tuning run's checkpoint (RL, DPO) that say where it started and where its loop
+    stands (what a resume reads back)."""
+    return {"source": {"kind": source_kind, "tag": start.source_tag, "step": start.source_step},
+            "loop_state": {"step": step, "step_offset": start.step_offset, "num_steps": num_steps,
+                           "smooth_train_loss": meter.smooth_loss, "total_training_time": meter.total_time,
+                           **loop_extra}}
+
+
+def save_run_checkpoint(start, step, model, optimizer, meta, rank, pusher):
+    """Save this run's step (numbered after the source's when fine-tuning into its directory) into its output
+    dir, then hand it to the background pusher."""
+    number = start.step_offset + step
+    save_checkpoint(start.output_dir, number, model.state_dict(), optimizer.state_dict(), meta, rank=rank)
+    pusher.push(start.output_dir, number)
+
+
+def run_to_the_end(make_run, push_wait):
+    """A trainer's whole life: make_run() builds the run (setup), run.run() is its loop (saving and pushing along
+    the way and at the end), run.finish() its summary, returned. Whatever happens, uploads still running get a
+    bounded wait (run.pusher.close) and the process group is left."""
+    run = None
+    try:
+        run = make_run()
+        run.run()
+        return run.finish()
+    finally:
+        if run is not None:
+            run.pusher.close(push_wait)
+        compute_cleanup()
+
+
+def fine_tuning_summary(start, source_kind, step, meter, world_size):
+    """Print where a fine-tuning run ended; returns its report rows (the trainer adds its own)."""
+    number = start.step_offset + step
+    print0(f"Total training time: {meter.total_time / 60:.2f}m")
+    print0(f"Saved to {start.output_dir} (step {number})")
+    return {"Source": f"{source_kind} {start.source_tag} step {start.source_step}",
+            "Output": f"{start.output_dir} step {number}", "Number of iterations": step, "DDP world size": world_size,
+            "Training time (min)": meter.total_time / 60}
 
 
 def gather_from_ranks(obj, runtime):

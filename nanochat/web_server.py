@@ -178,6 +178,13 @@ def create_app(pool, tokenizer, model_name, sequence_len, temperature=0.8, top_k
             raise APIError(401, "invalid or missing API key (send Authorization: Bearer <key>)",
                            code="invalid_api_key")
 
+    async def request_body(request, model_cls):
+        """The authorized request's body, validated (400 in OpenAI's shape when it is not), for this model."""
+        check_auth(request)
+        body = await read_json(request, model_cls)
+        check_model(getattr(body, "model", None))
+        return body
+
     def check_model(name):
         if name is not None and name != model_name:
             raise APIError(404, f"the model {name!r} does not exist; this server serves {model_name!r}",
@@ -237,9 +244,7 @@ def create_app(pool, tokenizer, model_name, sequence_len, temperature=0.8, top_k
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        check_auth(request)
-        body = await read_json(request, ChatRequest)
-        check_model(body.model)
+        body = await request_body(request, ChatRequest)
         stop = body.stop_strings()
         messages = conversation_from_messages(body.messages)
         think = body.think_mode()
@@ -294,9 +299,7 @@ def create_app(pool, tokenizer, model_name, sequence_len, temperature=0.8, top_k
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        check_auth(request)
-        body = await read_json(request, CompletionRequest)
-        check_model(body.model)
+        body = await request_body(request, CompletionRequest)
         stop = body.stop_strings()
         prompts = completion_prompts(body.prompt)
         wanted = body.requested_max_tokens(16)
@@ -418,8 +421,7 @@ def create_app(pool, tokenizer, model_name, sequence_len, temperature=0.8, top_k
 
     @app.post("/chat/completions")
     async def nanochat_chat(request: Request):
-        check_auth(request)
-        body = await read_json(request, NanochatChatRequest)
+        body = await request_body(request, NanochatChatRequest)
         messages = conversation_from_messages(body.messages)
         wanted = body.max_tokens or max_tokens
         think = body.think_mode()
@@ -472,15 +474,13 @@ def create_app(pool, tokenizer, model_name, sequence_len, temperature=0.8, top_k
 
     @app.post("/tokenize")
     async def tokenize(request: Request):
-        check_auth(request)
-        body = await read_json(request, TokenizeRequest)
+        body = await request_body(request, TokenizeRequest)
         tokens = ([bos] if body.add_special_tokens else []) + encode_with_specials(body.prompt)
         return {"tokens": tokens, "count": len(tokens), "max_model_len": sequence_len}
 
     @app.post("/detokenize")
     async def detokenize(request: Request):
-        check_auth(request)
-        body = await read_json(request, DetokenizeRequest)
+        body = await request_body(request, DetokenizeRequest)
         if not all(0 <= t < vocab_size for t in body.tokens):
             raise APIError(400, f"tokens: ids must be in [0, {vocab_size})", param="tokens")
         return {"prompt": tokenizer.decode(body.tokens)}

@@ -21,8 +21,8 @@ import argparse
 import os
 import sys
 
-from nanochat.cli import (ArgumentParser, UserError, existing_dir, exit_on_user_error, float_above, float_at_least,
-                          fraction, int_at_least, window_pattern)
+from nanochat.cli import (add_run_arguments, ArgumentParser, existing_dir, exit_on_user_error, float_above,
+                          float_at_least, fraction, int_at_least, UserError, window_pattern)
 from nanochat.remote import add_push_arguments
 
 
@@ -45,8 +45,7 @@ def step_or_last(text):
 def build_parser():
     parser = ArgumentParser(description="Pretrain a base model (the whole recipe follows from --depth)")
     # Logging / runtime
-    parser.add_argument("--run", type=str, default="dummy", help="wandb run name ('dummy' disables wandb logging)")
-    parser.add_argument("--device-type", type=str, default="", choices=["", "cuda", "cpu", "mps"], help="cuda|cpu|mps (empty = autodetect)")
+    add_run_arguments(parser)
     # FP8 training
     parser.add_argument("--fp8", action="store_true", help="FP8 matmuls for the big Linears (CUDA H100+ only; ignored elsewhere)")
     parser.add_argument("--fp8-recipe", type=str, default="tensorwise", choices=["rowwise", "tensorwise"],

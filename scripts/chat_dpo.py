@@ -35,10 +35,10 @@ import torch
 import torch.distributed as dist
 
 from nanochat import training
-from nanochat.checkpoint_manager import build_model, check_can_save, estimate_checkpoint_bytes, save_checkpoint
-from nanochat.cli import (ArgumentParser, UserError, exit_on_user_error, float_above, float_at_least, fraction,
-                          int_at_least)
-from nanochat.common import compute_cleanup, get_base_dir, print0, warn_if_cpu_is_busy
+from nanochat.checkpoint_manager import build_model, check_can_save, estimate_checkpoint_bytes
+from nanochat.cli import (add_run_arguments, add_start_arguments, ArgumentParser, exit_on_user_error, float_above,
+                          float_at_least, fraction, int_at_least, UserError)
+from nanochat.common import get_base_dir, print0, warn_if_cpu_is_busy
 from nanochat.dpo import (LOSS_TYPES, collate_pairs, dpo_loss, dpo_metric_sums, load_pairs_jsonl, mean_dpo_metrics,
                           pair_logps, render_pair)
 from nanochat.hub import CheckpointPusher
@@ -54,18 +54,8 @@ METRIC_NAMES = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracie
 def build_parser():
     parser = ArgumentParser(description="Direct Preference Optimization (DPO) of a nanochat model",
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    # logging / runtime
-    parser.add_argument("--run", type=str, default="dummy", help="wandb run name ('dummy' disables wandb logging)")
-    parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
-    # model loading and saving
-    parser.add_argument("--source", type=str, default="sft",
-                        help="which checkpoints the policy (and the reference) start from: base|mid|sft|rl|dpo,"
-                             " or a published model: an exported Hugging Face folder or a hub repo id (org/name)")
-    parser.add_argument("--model-tag", type=str, default=None, help="model tag to load from (default: largest d<N>)")
-    parser.add_argument("--model-step", type=int_at_least(0), default=None, help="model step to load from (default: last)")
-    parser.add_argument("--output-tag", type=str, default=None, help="tag to save under (default: the source's tag)")
-    parser.add_argument("--resume-from-step", type=int_at_least(-1), default=-1,
-                        help="resume this run from its checkpoint at this step (same flags, same world size)")
+    add_run_arguments(parser)
+    add_start_arguments(parser, "sft", "which checkpoints the policy (and the reference) start from")
     # data
     parser.add_argument("--train-jsonl", type=str, action="append", default=[], metavar="PATH",
                         help="preference pairs to train on (repeatable; required)")
@@ -379,29 +369,22 @@ class DPORun:
         number = s.start.step_offset + self.step
         meta = training.checkpoint_meta(
             number, None, asdict(self.model.config), s.user_config, args.device_batch_size, s.max_seq_len, None,
-            tokenizer=self.tokenizer, source={"kind": args.source, "tag": s.start.source_tag, "step": s.start.source_step},
-            loop_state={"step": self.step, "step_offset": s.start.step_offset, "num_steps": self.num_steps,
-                        "smooth_train_loss": self.meter.smooth_loss, "total_training_time": self.meter.total_time,
-                        "val_metrics": self.val_metrics, "first_val_metrics": self.first_val_metrics})
-        save_checkpoint(s.start.output_dir, number, self.model.state_dict(), self.optimizer.state_dict(), meta,
-                        rank=rt.rank)
-        self.pusher.push(s.start.output_dir, number)
+            tokenizer=self.tokenizer, **training.fine_tuning_state(
+                s.start, args.source, self.step, self.num_steps, self.meter, val_metrics=self.val_metrics,
+                first_val_metrics=self.first_val_metrics))
+        training.save_run_checkpoint(s.start, self.step, self.model, self.optimizer, meta, rt.rank, self.pusher)
 
     def finish(self):
         """Summary lines, the report section and, last, the final validation metrics as one JSON line."""
         args, s = self.args, self.s
         number = s.start.step_offset + self.step
-        print0(f"Total training time: {self.meter.total_time / 60:.2f}m")
-        print0(f"Saved to {s.start.output_dir} (step {number})")
+        summary = training.fine_tuning_summary(s.start, args.source, self.step, self.meter, self.rt.world_size)
         self.report.log(section="Chat DPO", data=[
             vars(args),
-            {"Source": f"{args.source} {s.start.source_tag} step {s.start.source_step}",
-             "Output": f"{s.start.output_dir} step {number}", "Reference": "precomputed" if args.precompute_ref
-             else "frozen copy", "Training pairs": len(self.train_rows), "Validation pairs": len(self.val_rows),
+            {**summary, "Reference": "precomputed" if args.precompute_ref else "frozen copy",
+             "Training pairs": len(self.train_rows), "Validation pairs": len(self.val_rows),
              "Pairs dropped (prompt fills the context)": self.train_stats["dropped_long_prompt"]
-             + self.val_stats["dropped_long_prompt"],
-             "Number of iterations": self.step, "DDP world size": self.rt.world_size,
-             "Training time (min)": self.meter.total_time / 60},
+             + self.val_stats["dropped_long_prompt"]},
             {f"val {k} before": v for k, v in self.first_val_metrics.items()},
             {f"val {k} after": v for k, v in self.val_metrics.items()},
         ])
@@ -422,15 +405,7 @@ def main(argv=None):
         raise UserError(str(e)) from None
     if not args.val_jsonl:
         print0("NOTE: no --val-jsonl: the validation metrics are measured on the training pairs")
-    dpo = None
-    try:
-        dpo = DPORun(args, train_pairs, val_pairs)  # setup
-        dpo.run()                                    # the loop, saving along the way and at the end
-        return dpo.finish()
-    finally:
-        if dpo is not None:
-            dpo.pusher.close(args.push_wait)  # a bounded wait for uploads still running, even after a crash
-        compute_cleanup()
+    return training.run_to_the_end(lambda: DPORun(args, train_pairs, val_pairs), args.push_wait)
 
 
 if __name__ == "__main__":

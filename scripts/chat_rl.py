@@ -28,9 +28,10 @@ import torch
 import torch.distributed as dist
 
 from nanochat import training
-from nanochat.checkpoint_manager import build_model, check_can_save, estimate_checkpoint_bytes, save_checkpoint
-from nanochat.cli import ArgumentParser, UserError, exit_on_user_error, float_above, float_at_least, int_at_least
-from nanochat.common import compute_cleanup, get_base_dir, print0, warn_if_cpu_is_busy
+from nanochat.checkpoint_manager import build_model, check_can_save, estimate_checkpoint_bytes
+from nanochat.cli import (add_run_arguments, add_start_arguments, ArgumentParser, exit_on_user_error, float_above,
+                          float_at_least, int_at_least, UserError)
+from nanochat.common import get_base_dir, print0, warn_if_cpu_is_busy
 from nanochat.engine import Engine
 from nanochat.hub import CheckpointPusher
 from nanochat.optim import optimizer_step, set_schedule
@@ -50,18 +51,8 @@ EVAL_SEED_STEP = -1   # evaluation samples are seeded like a step of their own, 
 def build_parser():
     parser = ArgumentParser(description="Reinforcement learning (simplified GRPO) on a task with a reward",
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    # logging / runtime
-    parser.add_argument("--run", type=str, default="dummy", help="wandb run name ('dummy' disables wandb logging)")
-    parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
-    # model loading and saving
-    parser.add_argument("--source", type=str, default="sft",
-                        help="which checkpoints to start from: base|mid|sft|rl|dpo,"
-                             " or a published model: an exported Hugging Face folder or a hub repo id (org/name)")
-    parser.add_argument("--model-tag", type=str, default=None, help="model tag to load from (default: largest d<N>)")
-    parser.add_argument("--model-step", type=int_at_least(0), default=None, help="model step to load from (default: last)")
-    parser.add_argument("--output-tag", type=str, default=None, help="tag to save under (default: the source's tag)")
-    parser.add_argument("--resume-from-step", type=int_at_least(-1), default=-1,
-                        help="resume this run from its checkpoint at this step (same flags, same world size)")
+    add_run_arguments(parser)
+    add_start_arguments(parser, "sft")
     # the task
     parser.add_argument("--task", type=str, default="GSM8K", choices=RL_TASKS,
                         help="what to optimize: GSM8K (hub data), or the offline Arithmetic / SpellingBee tasks")
@@ -322,30 +313,21 @@ class RLRun:
         number = s.start.step_offset + self.step
         meta = training.checkpoint_meta(
             number, None, asdict(self.model.config), s.user_config, args.device_batch_size,
-            self.model.config.sequence_len, None, tokenizer=self.tokenizer, task=args.task,
-            source={"kind": args.source, "tag": s.start.source_tag, "step": s.start.source_step},
-            loop_state={"step": self.step, "step_offset": s.start.step_offset, "num_steps": s.num_steps,
-                        "smooth_train_loss": self.meter.smooth_loss, "total_training_time": self.meter.total_time,
-                        "pass_at": self.pass_at, "first_pass_at": self.first_pass_at})
-        save_checkpoint(s.start.output_dir, number, self.model.state_dict(), self.optimizer.state_dict(), meta,
-                        rank=rt.rank)
-        self.pusher.push(s.start.output_dir, number)
+            self.model.config.sequence_len, None, tokenizer=self.tokenizer, task=args.task, **training.fine_tuning_state(
+                s.start, args.source, self.step, s.num_steps, self.meter, pass_at=self.pass_at,
+                first_pass_at=self.first_pass_at))
+        training.save_run_checkpoint(s.start, self.step, self.model, self.optimizer, meta, rt.rank, self.pusher)
 
     def finish(self):
         """Summary lines and the report section; returns what callers and tests look at."""
         args, s = self.args, self.s
-        number = s.start.step_offset + self.step
-        print0(f"Total training time: {self.meter.total_time / 60:.2f}m")
-        print0(f"Saved to {s.start.output_dir} (step {number})")
+        summary = training.fine_tuning_summary(s.start, args.source, self.step, self.meter, self.rt.world_size)
         curve = [{f"{k} before": v for k, v in self.first_pass_at.items()},
                  {f"{k} after": v for k, v in self.pass_at.items()}] if self.pass_at else []
         self.report.log(section="Chat RL", data=[
             vars(args),
-            {"Source": f"{args.source} {s.start.source_tag} step {s.start.source_step}",
-             "Output": f"{s.start.output_dir} step {number}", "Task": args.task,
-             "Training problems": len(self.train_task), "Held-out problems": len(self.eval_task),
-             "Number of iterations": self.step, "DDP world size": self.rt.world_size,
-             "Training time (min)": self.meter.total_time / 60},
+            {**summary, "Task": args.task, "Training problems": len(self.train_task),
+             "Held-out problems": len(self.eval_task)},
             *curve,
         ])
         self.wandb_run.finish()
@@ -355,15 +337,7 @@ class RLRun:
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    rl = None
-    try:
-        rl = RLRun(args)  # setup
-        rl.run()          # the loop, saving along the way and at the end
-        return rl.finish()
-    finally:
-        if rl is not None:
-            rl.pusher.close(args.push_wait)  # a bounded wait for uploads still running, even after a crash
-        compute_cleanup()
+    return training.run_to_the_end(lambda: RLRun(args), args.push_wait)
 
 
 if __name__ == "__main__":

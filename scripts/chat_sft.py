@@ -19,8 +19,8 @@ import argparse
 import os
 import re
 
-from nanochat.cli import (ArgumentParser, UserError, existing_file, exit_on_user_error, float_at_least, fraction,
-                          int_at_least)
+from nanochat.cli import (add_run_arguments, add_start_arguments, ArgumentParser, existing_file, exit_on_user_error,
+                          float_at_least, fraction, int_at_least, UserError)
 from nanochat.remote import add_push_arguments
 
 # -----------------------------------------------------------------------------
@@ -57,23 +57,14 @@ def build_parser():
     parser = ArgumentParser(description="Supervised fine-tuning (SFT) of a nanochat model",
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # logging / runtime
-    parser.add_argument("--run", type=str, default="dummy", help="wandb run name ('dummy' disables wandb logging)")
-    parser.add_argument("--device-type", type=str, default="", choices=["", "cuda", "cpu", "mps"],
-                        help="cuda|cpu|mps (empty = autodetect)")
+    add_run_arguments(parser)
     parser.add_argument("--preset", type=str, default="sft", choices=["sft", "midtrain"],
                         help="sft: the reference SFT; midtrain: nanochat's older midtraining stage (its mixture, "
                              "LRs and schedule, loss on all tokens, output to mid_checkpoints/)")
     # model loading
-    parser.add_argument("--source", type=str, default="base",
-                        help="which checkpoints to start from: base|mid|sft|rl|dpo,"
-                             " or a published model: an exported Hugging Face folder or a hub repo id (org/name)")
-    parser.add_argument("--model-tag", type=str, default=None, help="model tag to load from (default: largest d<N>)")
-    parser.add_argument("--model-step", type=int_at_least(0), default=None, help="model step to load from (default: last)")
-    parser.add_argument("--output-tag", type=str, default=None, help="tag to save under (default: the source's tag)")
+    add_start_arguments(parser, "base")
     parser.add_argument("--load-optimizer", type=int, default=1, choices=[0, 1],
                         help="warm-start the optimizer from the source checkpoint's shard (0=no, 1=yes)")
-    parser.add_argument("--resume-from-step", type=int_at_least(0, off=-1), default=-1,
-                        help="resume this run from its checkpoint at this step (same flags, same world size)")
     # horizon
     parser.add_argument("--num-iterations", type=int_at_least(1, off=-1), default=-1, help="optimization steps (-1 = one full epoch)")
     # batch sizes (None = inherit from the source checkpoint)
@@ -152,7 +143,7 @@ import torch.distributed as dist
 from nanochat.chat_dataloader import ConversationPacker
 from nanochat.chat_eval import ALL_TASKS, evaluate_chat_tasks
 from nanochat.checkpoint_manager import build_model, check_can_save, estimate_checkpoint_bytes, save_checkpoint
-from nanochat.common import compute_cleanup, get_base_dir, print0
+from nanochat.common import get_base_dir, print0
 from nanochat.hub import CheckpointPusher
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.optim import optimizer_step, set_schedule
@@ -529,15 +520,7 @@ class SFTRun:
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        sft = SFTRun(args)  # setup
-        try:
-            sft.run()       # the loop, saving (and pushing) along the way and at the end
-        finally:
-            sft.pusher.close(args.push_wait)  # a bounded wait for uploads still running, even after a crash
-        return sft.finish()
-    finally:
-        compute_cleanup()
+    return training.run_to_the_end(lambda: SFTRun(args), args.push_wait)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import sys
 from tqdm import tqdm
 
 from nanochat.chat_format import assistant_content, assistant_parts_from_tokens
-from nanochat.fileio import iter_jsonl
+from nanochat.fileio import load_jsonl
 from nanochat.checkpoint_manager import load_model
 from nanochat.common import compute_init
 from nanochat.dpo import normalize_pair, prompt_and_answer
@@ -67,13 +67,9 @@ def read_references(paths, offset, limit):
     every bad row (of the whole files) as path:line."""
     rows, errors = [], []
     for path in paths:
-        for line_no, row, problem in iter_jsonl(path):
-            try:
-                if problem:
-                    raise ValueError(problem)
-                rows.append(prompt_and_answer(row))
-            except ValueError as e:
-                errors.append(f"{path}:{line_no}: {e}")
+        file_rows, file_errors = load_jsonl(path, prompt_and_answer)
+        rows += file_rows
+        errors += file_errors
     if errors:
         more = f"\n... and {len(errors) - MAX_ERRORS_SHOWN} more" if len(errors) > MAX_ERRORS_SHOWN else ""
         raise ValueError(f"{len(errors)} bad row(s); fix them:\n" + "\n".join(errors[:MAX_ERRORS_SHOWN]) + more)
