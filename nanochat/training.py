@@ -33,7 +33,7 @@ import torch.distributed as dist
 from nanochat import chunked_loss
 from nanochat.checkpoint_manager import (CHECKPOINT_DIRS, CheckpointNotFoundError, available_steps, checkpoints_root,
                                          find_largest_model, find_last_step, gib, load_checkpoint, meta_path,
-                                         read_meta, save_checkpoint)
+                                         read_meta, save_checkpoint, check_can_save, estimate_checkpoint_bytes)
 from nanochat.cli import UserError
 from nanochat.common import (COMPUTE_DTYPE, DummyWandb, autodetect_device_type, compute_cleanup, compute_init,
                              get_base_dir, get_peak_flops, print0)
@@ -548,6 +548,20 @@ def save_run_checkpoint(start, step, model, optimizer, meta, rank, pusher):
     number = start.step_offset + step
     save_checkpoint(start.output_dir, number, model.state_dict(), optimizer.state_dict(), meta, rank=rank)
     pusher.push(start.output_dir, number)
+
+
+def check_run_can_save(checkpoint_dir, model, optimizer, runtime):
+    """Before step 0, not at the first save hours later: room for one checkpoint in checkpoint_dir, and (rank 0,
+    which writes it) a writable report."""
+    check_can_save(checkpoint_dir, estimate_checkpoint_bytes(model, optimizer))
+    if runtime.master:
+        check_can_save(os.path.join(get_base_dir(), "report"), 2 ** 20)
+
+
+def resumed_meter(loop_state, flops_per_token, runtime):
+    """The step meter of a run, continuing a resumed one's smoothed loss and training time (loop_state: {} fresh)."""
+    return StepMeter(flops_per_token, runtime, smooth_loss=loop_state.get("smooth_train_loss", 0.0),
+                     total_time=loop_state.get("total_training_time", 0.0))
 
 
 def run_to_the_end(make_run, push_wait):

@@ -120,8 +120,7 @@ import torch
 
 from nanochat.attention import HAS_FA3
 from nanochat.checkpoint_manager import (save_checkpoint, load_checkpoint, find_last_loadable_step, patch_model_config,
-                                         patch_state_dict, check_can_save, check_tokenizer_matches,
-                                         estimate_checkpoint_bytes)
+                                         patch_state_dict, check_tokenizer_matches)
 from nanochat.common import compute_cleanup, print0, get_base_dir, COMPUTE_DTYPE, warn_if_cpu_is_busy
 from nanochat.core_eval import evaluate_core
 from nanochat.dataloader import (tokenizing_distributed_data_loader_with_state_bos_bestfit,
@@ -138,8 +137,8 @@ from nanochat.scaling import (B_REF, DEFAULT_ROPE_BASE, build_meta_model, model_
 from nanochat.synthetic_data import synthetic_loader
 from nanochat.tokenizer import get_tokenizer, get_token_bytes
 from nanochat import training
-from nanochat.training import (ManualGC, StepMeter, compile_with_fallback, compute_grad_accum_steps, lr_multiplier,
-                               muon_momentum, muon_weight_decay, should_compile)
+from nanochat.training import (ManualGC, compile_with_fallback, compute_grad_accum_steps, lr_multiplier, muon_momentum,
+                               muon_weight_decay, should_compile)
 
 
 # -----------------------------------------------------------------------------
@@ -320,10 +319,7 @@ class PretrainingRun:
             weight_decay=s.weight_decay_scaled)
         if optimizer_data is not None:
             training.load_optimizer_state(self.optimizer, optimizer_data)  # this run's LRs (e.g. lowered after a NaN)
-        # before step 0, not at the first save hours later: room for one checkpoint, and a writable report
-        check_can_save(s.checkpoint_dir, estimate_checkpoint_bytes(self.model, self.optimizer))
-        if rt.master:
-            check_can_save(os.path.join(get_base_dir(), "report"), 2 ** 20)
+        training.check_run_can_save(s.checkpoint_dir, self.model, self.optimizer, rt)
         self.scaler = training.make_grad_scaler()
         self.setup_data(resume_meta)
         self.train_model = compile_with_fallback(self.model, self.x, self.y) if use_compile else self.model
@@ -332,8 +328,7 @@ class PretrainingRun:
         self.step = resume_meta["step"] if resume_meta else 0
         self.val_bpb = resume_meta["val_bpb"] if resume_meta else None
         self.min_val_bpb = loop.get("min_val_bpb", float("inf"))
-        self.meter = StepMeter(s.flops_per_token, rt, smooth_loss=loop.get("smooth_train_loss", 0.0),
-                               total_time=loop.get("total_training_time", 0.0))
+        self.meter = training.resumed_meter(loop, s.flops_per_token, rt)
         self.core_results, self.losses, self.val_curve = {}, {}, []
 
     def build_model(self):

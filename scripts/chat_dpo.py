@@ -26,7 +26,6 @@ Checkpoints: $NANOCHAT_BASE_DIR/chatdpo_checkpoints/<tag>/ (load_model("dpo"), c
 import argparse
 import copy
 import json
-import os
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -35,17 +34,17 @@ import torch
 import torch.distributed as dist
 
 from nanochat import training
-from nanochat.checkpoint_manager import build_model, check_can_save, estimate_checkpoint_bytes
+from nanochat.checkpoint_manager import build_model
 from nanochat.cli import (add_run_arguments, add_start_arguments, ArgumentParser, exit_on_user_error, float_above,
                           float_at_least, fraction, int_at_least, UserError)
-from nanochat.common import get_base_dir, print0, warn_if_cpu_is_busy
+from nanochat.common import print0, warn_if_cpu_is_busy
 from nanochat.dpo import (LOSS_TYPES, collate_pairs, dpo_loss, dpo_metric_sums, load_pairs_jsonl, mean_dpo_metrics,
                           pair_logps, render_pair)
 from nanochat.hub import CheckpointPusher
 from nanochat.optim import optimizer_step, set_schedule
 from nanochat.remote import add_push_arguments
 from nanochat.report import get_report
-from nanochat.training import MUON_MOMENTUM, ManualGC, StepMeter, progress_lr_multiplier
+from nanochat.training import MUON_MOMENTUM, ManualGC, progress_lr_multiplier
 
 METRIC_NAMES = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                 "logps/chosen", "logps/rejected")
@@ -185,17 +184,13 @@ class DPORun:
             max(1, len(self.train_rows) * args.num_epochs // args.pairs_per_step)
         self.setup_reference()
         self.optimizer = self.setup_optimizer()
-        # before step 0, not at the first save: room for one checkpoint, and a writable report
-        check_can_save(s.start.output_dir, estimate_checkpoint_bytes(self.model, self.optimizer))
-        if rt.master:
-            check_can_save(os.path.join(get_base_dir(), "report"), 2 ** 20)
+        training.check_run_can_save(s.start.output_dir, self.model, self.optimizer, rt)
         self.report = get_report()
         loop = start_meta["loop_state"] if s.resuming else {}
         self.step = self.start_step = loop.get("step", 0)
         self.val_metrics = loop.get("val_metrics", {})
         self.first_val_metrics = loop.get("first_val_metrics", {})
-        self.meter = StepMeter(self.model.estimate_flops(), rt, smooth_loss=loop.get("smooth_train_loss", 0.0),
-                               total_time=loop.get("total_training_time", 0.0))
+        self.meter = training.resumed_meter(loop, self.model.estimate_flops(), rt)
         self.epoch_orders = {}
 
     def setup_reference(self):

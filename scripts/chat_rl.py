@@ -20,7 +20,6 @@ like one. Checkpoints: $NANOCHAT_BASE_DIR/chatrl_checkpoints/<tag>/ (model, opti
 """
 
 import argparse
-import os
 import time
 from dataclasses import asdict, dataclass
 
@@ -28,17 +27,17 @@ import torch
 import torch.distributed as dist
 
 from nanochat import training
-from nanochat.checkpoint_manager import build_model, check_can_save, estimate_checkpoint_bytes
+from nanochat.checkpoint_manager import build_model
 from nanochat.cli import (add_run_arguments, add_start_arguments, ArgumentParser, exit_on_user_error, float_above,
                           float_at_least, int_at_least, UserError)
-from nanochat.common import get_base_dir, print0, warn_if_cpu_is_busy
+from nanochat.common import print0, warn_if_cpu_is_busy
 from nanochat.engine import Engine
 from nanochat.hub import CheckpointPusher
 from nanochat.optim import optimizer_step, set_schedule
 from nanochat.remote import add_push_arguments
 from nanochat.report import get_report
 from nanochat.rl import group_advantages, pass_at_k, policy_gradient_loss, rollout_rows, sample_seed
-from nanochat.training import MUON_MOMENTUM, ManualGC, StepMeter, progress_lr_multiplier, step_loss_scale
+from nanochat.training import MUON_MOMENTUM, ManualGC, progress_lr_multiplier, step_loss_scale
 from tasks.arithmetic import Arithmetic
 from tasks.gsm8k import GSM8K
 from tasks.hub import TaskDataUnavailable
@@ -152,18 +151,14 @@ class RLRun:
         if s.resuming:
             training.warm_start_optimizer(self.optimizer, s.start.start_dir, s.start.start_step, rt, required=True)
         training.scale_learning_rates(self.optimizer, args.init_lr_frac)
-        # before step 0, not at the first save: room for one checkpoint, and a writable report
-        check_can_save(s.start.output_dir, estimate_checkpoint_bytes(self.model, self.optimizer))
-        if rt.master:
-            check_can_save(os.path.join(get_base_dir(), "report"), 2 ** 20)
+        training.check_run_can_save(s.start.output_dir, self.model, self.optimizer, rt)
         self.report = get_report()
         loop = start_meta["loop_state"] if s.resuming else {}
         self.step = self.start_step = loop.get("step", 0)
         self.pass_at = loop.get("pass_at", {})
         self.first_pass_at = loop.get("first_pass_at", {})
         self.rewards = {}  # step -> mean reward, this process's steps (for callers)
-        self.meter = StepMeter(self.model.estimate_flops(), rt, smooth_loss=loop.get("smooth_train_loss", 0.0),
-                               total_time=loop.get("total_training_time", 0.0))
+        self.meter = training.resumed_meter(loop, self.model.estimate_flops(), rt)
 
     def run(self):
         args, s = self.args, self.s

@@ -142,7 +142,7 @@ import torch.distributed as dist
 
 from nanochat.chat_dataloader import ConversationPacker
 from nanochat.chat_eval import ALL_TASKS, evaluate_chat_tasks
-from nanochat.checkpoint_manager import build_model, check_can_save, estimate_checkpoint_bytes, save_checkpoint
+from nanochat.checkpoint_manager import build_model, save_checkpoint
 from nanochat.common import get_base_dir, print0
 from nanochat.hub import CheckpointPusher
 from nanochat.loss_eval import evaluate_bpb
@@ -150,8 +150,8 @@ from nanochat.optim import optimizer_step, set_schedule
 from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes
 from nanochat import training
-from nanochat.training import (ManualGC, StepMeter, compute_grad_accum_steps, linear_ramp,
-                               progress_lr_multiplier, step_loss_scale)
+from nanochat.training import (ManualGC, compute_grad_accum_steps, linear_ramp, progress_lr_multiplier,
+                               step_loss_scale)
 from tasks.arithmetic import Arithmetic
 from tasks.common import TaskMixture
 from tasks.customjson import CustomJSON
@@ -326,10 +326,7 @@ class SFTRun:
         training.print_batch_arithmetic(s.device_batch_size, s.max_seq_len, s.total_batch_size, s.grad_accum_steps)
         training.check_memory_fits(self.model, s.device_batch_size, s.max_seq_len, rt, model_loaded=True)
         self.optimizer = self.setup_optimizer()
-        # before step 0, not at the first save: room for one checkpoint, and a writable report
-        check_can_save(s.output_dir, estimate_checkpoint_bytes(self.model, self.optimizer))
-        if rt.master:
-            check_can_save(os.path.join(get_base_dir(), "report"), 2 ** 20)
+        training.check_run_can_save(s.output_dir, self.model, self.optimizer, rt)
         self.scaler = training.make_grad_scaler()
         self.train_model = self.model  # compiled on CUDA; self.model (uncompiled) saves and runs the chat evals
         if rt.device_type == "cuda":
@@ -344,8 +341,7 @@ class SFTRun:
         self.progress = loop.get("progress", 0.0)
         self.val_bpb = loop.get("val_bpb")
         self.trained_tokens = loop.get("trained_tokens", 0)
-        self.meter = StepMeter(self.model.estimate_flops(), rt, smooth_loss=loop.get("smooth_train_loss", 0.0),
-                               total_time=loop.get("total_training_time", 0.0))
+        self.meter = training.resumed_meter(loop, self.model.estimate_flops(), rt)
         self.chat_results = {}
         self.data_done = False
 
