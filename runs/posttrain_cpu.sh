@@ -39,18 +39,7 @@ mkdir -p "$WORK"
 IDENTITY="$NANOCHAT_BASE_DIR/identity_conversations.jsonl"
 [ -f "$IDENTITY" ] || IDENTITY=nanochat/data/identity_conversations.jsonl
 
-STAGE_LOG=""
-RUN_START=$(date +%s)
-stage() {  # stage "name" command...: run it, print how long it took
-    local name="$1"; shift
-    echo
-    echo "=== [posttrain] $name ==="
-    local t0; t0=$(date +%s)
-    "$@"
-    local dt=$(( $(date +%s) - t0 ))
-    STAGE_LOG+=$(printf '%-28s %4ds' "$name" "$dt")$'\n'
-    echo "=== [posttrain] $name: ${dt}s ==="
-}
+source runs/common.sh  # stage / stage_summary, shared with the other recipes
 
 echo "[posttrain] NANOCHAT_BASE_DIR=$NANOCHAT_BASE_DIR OMP_NUM_THREADS=$OMP_NUM_THREADS"
 echo "[posttrain] load average: $(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null || uptime)"
@@ -81,10 +70,7 @@ stage "chat eval dpo" $PY -m scripts.chat_eval -i dpo -s "$DPO_STEPS" -a "Spelli
 
 stage "report generate" $PY -m nanochat.report generate
 
-echo
-echo "=== [posttrain] stage times ==="
-printf '%s' "$STAGE_LOG"
-printf '%-28s %4ds\n' "total" "$(( $(date +%s) - RUN_START ))"
+stage_summary
 echo
 echo "Report: report.md (and $NANOCHAT_BASE_DIR/report/report.md)"
 echo "Chat with them:"

@@ -30,18 +30,7 @@ if ! ls "$NANOCHAT_BASE_DIR"/chatsft_checkpoints/d*/model_*.pt >/dev/null 2>&1; 
 fi
 SOURCE_TAG=$(basename "$(dirname "$(ls -t "$NANOCHAT_BASE_DIR"/chatsft_checkpoints/d*/model_*.pt | head -1)")")
 
-STAGE_LOG=""
-RUN_START=$(date +%s)
-stage() {  # stage "name" command...: run it, print how long it took
-    local name="$1"; shift
-    echo
-    echo "=== [think_tools] $name ==="
-    local t0; t0=$(date +%s)
-    "$@"
-    local dt=$(( $(date +%s) - t0 ))
-    STAGE_LOG+=$(printf '%-32s %4ds' "$name" "$dt")$'\n'
-    echo "=== [think_tools] $name: ${dt}s ==="
-}
+source runs/common.sh  # stage / stage_summary, shared with the other recipes
 probes() {  # probes TAG: the whole suite in think mode with calculator, python and web_search (offline)
     $PY -m scripts.chat_probe -i sft -g "$1" --think on --with-tools --max-new-tokens "$PROBE_TOKENS" \
         --min-pass 0 --log "$LOG"
@@ -76,10 +65,7 @@ for category in sorted(after["per_category"]):
     print(f"    {category:<26} {before['per_category'].get(category, 0):>14.0%} -> {after['per_category'][category]:.0%}")
 EOF
 
-echo
-echo "=== [think_tools] stage times ==="
-printf '%s' "$STAGE_LOG"
-printf '%-32s %4ds\n' "total" "$(( $(date +%s) - RUN_START ))"
+stage_summary
 echo
 echo "Chat with it (think on by default; /think switches it):"
 echo "    $PY -m scripts.chat_cli -g think --tools calculator,web_search --search-docs nanochat/data/search_docs"
