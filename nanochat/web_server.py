@@ -260,19 +260,17 @@ def create_app(pool, tokenizer, model_name, sequence_len, temperature=0.8, top_k
         result = await until_done_or_disconnected(request, generation, collect_chat(generation, ids, len(prompt)))
         return JSONResponse(result or {})
 
-    async def stream_chat(generation, ids, prompt_tokens, include_usage):
-        completion_id, created = ids
-
-        def chunk(choices, usage_value=None):
-            return sse(chat_chunk(completion_id, model_name, created, choices, usage_value, include_usage))
+    async def stream_events(generation, chunk, opening, delta_choice, finish_choice, prompt_tokens, include_usage):
+        """An OpenAI stream: the opening chunks, one per delta and per finish, the usage chunk if asked for, an error
+        event if the generation fails mid-way (the client sees why, never a cut-off stream), then [DONE]."""
         try:
-            yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                          "finish_reason": None} for i in range(len(generation.streams))])
+            for choices in opening:
+                yield chunk(choices)
             async for event in generation.events():
                 if event[0] == "delta":
-                    yield chunk([chat_delta(event[1], event[2], event[3])])
+                    yield chunk([delta_choice(event)])
                 elif event[0] == "finish":
-                    yield chunk([{"index": event[1], "delta": {}, "logprobs": None, "finish_reason": event[2]}])
+                    yield chunk([finish_choice(event)])
             if include_usage:
                 yield chunk([], usage(prompt_tokens, sum(generation.token_counts)))
         except APIError as e:
@@ -280,6 +278,17 @@ def create_app(pool, tokenizer, model_name, sequence_len, temperature=0.8, top_k
         finally:
             generation.cancel()
         yield "data: [DONE]\n\n"
+
+    def stream_chat(generation, ids, prompt_tokens, include_usage):
+        completion_id, created = ids
+
+        def chunk(choices, usage_value=None):
+            return sse(chat_chunk(completion_id, model_name, created, choices, usage_value, include_usage))
+        opening = [[{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                     "finish_reason": None} for i in range(len(generation.streams))]]
+        return stream_events(generation, chunk, opening, lambda e: chat_delta(e[1], e[2], e[3]),
+                             lambda e: {"index": e[1], "delta": {}, "logprobs": None, "finish_reason": e[2]},
+                             prompt_tokens, include_usage)
 
     async def collect_chat(generation, ids, prompt_tokens):
         items = [[] for _ in generation.streams]
@@ -391,31 +400,20 @@ def create_app(pool, tokenizer, model_name, sequence_len, temperature=0.8, top_k
                 "system_fingerprint": None, "choices": choices,
                 "usage": usage(prompt_tokens, sum(generation.token_counts))}
 
-    async def stream_completion(generation, ids, prompts, body, include_usage):
+    def stream_completion(generation, ids, prompts, body, include_usage):
         def chunk(choices, usage_value=None):
             data = {"id": ids[0], "object": "text_completion", "created": ids[1], "model": model_name,
                     "system_fingerprint": None, "choices": choices}
             if include_usage:
                 data["usage"] = usage_value
             return sse(data)
-        try:
-            if body.echo:
-                for choice in range(len(generation.streams)):
-                    yield chunk([{"text": prompts[choice // generation.n][1], "index": choice, "logprobs": None,
-                                  "finish_reason": None}])
-            async for event in generation.events():
-                if event[0] == "delta":
-                    yield chunk([{"text": event[3], "index": event[1], "logprobs": None, "finish_reason": None}])
-                elif event[0] == "finish":
-                    yield chunk([{"text": "", "index": event[1], "logprobs": None, "finish_reason": event[2]}])
-            if include_usage:
-                prompt_tokens = sum(len(p[0]) for p in prompts) * generation.n
-                yield chunk([], usage(prompt_tokens, sum(generation.token_counts)))
-        except APIError as e:
-            yield sse(e.body())
-        finally:
-            generation.cancel()
-        yield "data: [DONE]\n\n"
+        opening = [[{"text": prompts[choice // generation.n][1], "index": choice, "logprobs": None,
+                     "finish_reason": None}] for choice in range(len(generation.streams))] if body.echo else []
+        prompt_tokens = sum(len(p[0]) for p in prompts) * generation.n
+        return stream_events(generation, chunk, opening,
+                             lambda e: {"text": e[3], "index": e[1], "logprobs": None, "finish_reason": None},
+                             lambda e: {"text": "", "index": e[1], "logprobs": None, "finish_reason": e[2]},
+                             prompt_tokens, include_usage)
 
     # --- nanochat's own streaming endpoint (its old UI and clients)
 

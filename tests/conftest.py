@@ -20,6 +20,8 @@ import random
 import re
 import shutil
 import socket
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -533,3 +535,24 @@ def write_toy_eval_bundle(root):
 def write_eval_bundle():
     """write(root) -> {task label: rows}: a three-task CORE bundle (core.yaml, eval_meta_data.csv, eval_data/)."""
     return write_toy_eval_bundle
+
+
+# -----------------------------------------------------------------------------
+# Two gloo ranks on this machine
+
+@pytest.fixture
+def torchrun_two_ranks(tmp_path):
+    """run(driver_source, *driver_args) -> (stdout, stderr): the driver script run by `torchrun --standalone
+    --nproc_per_node 2` from the repo root, one thread per rank; fails the test with its output if it fails."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def run(driver_source, *driver_args):
+        driver = tmp_path / f"driver_{len(list(tmp_path.glob('driver_*.py')))}.py"
+        driver.write_text(driver_source)
+        env = dict(os.environ, PYTHONPATH=repo, OMP_NUM_THREADS="1")
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                               str(driver), *map(str, driver_args)], cwd=repo, env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return proc.stdout, proc.stderr
+    return run

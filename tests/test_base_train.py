@@ -5,8 +5,6 @@ import dataclasses
 import json
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -197,21 +195,16 @@ dist.destroy_process_group()
 
 
 @pytest.mark.slow
-def test_two_gloo_ranks_equal_one_rank_with_grad_accum(base, text_dir, tmp_path, capsys):
+def test_two_gloo_ranks_equal_one_rank_with_grad_accum(base, text_dir, tmp_path, capsys, torchrun_two_ranks):
     """Same total batch: 1 rank x 2 micro-steps vs 2 ranks x 1 micro-step (gradients averaged inside the
     optimizer). Synthetic data hands global micro-batch g to rank g % world, so both see identical batches.
     The same torchrun job also checks that a 2-rank run on text (each rank its own stripe) resumes exactly."""
     common = TINY + ["--num-iterations", "4"]
     single = bt.main(common + ["--synthetic-data", "--eval-every", "4", "--eval-tokens", "256", "--model-tag", "one"])
     single_log = capsys.readouterr().out
-    driver, out_path = tmp_path / "driver.py", tmp_path / "dist_losses.json"
-    driver.write_text(DIST_DRIVER)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(driver),
-           json.dumps(common), text_dir, str(out_path)]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "gradient accumulation steps: 1" in proc.stdout and "gradient accumulation steps: 2" in single_log
+    out_path = tmp_path / "dist_losses.json"
+    stdout, _ = torchrun_two_ranks(DIST_DRIVER, json.dumps(common), text_dir, out_path)
+    assert "gradient accumulation steps: 1" in stdout and "gradient accumulation steps: 2" in single_log
     with open(out_path) as f:
         dist_out = {k: {int(s): v for s, v in d.items()} for k, d in json.load(f).items()}
     assert sorted(dist_out["synthetic"]) == [0, 1, 2, 3]

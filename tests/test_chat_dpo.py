@@ -5,8 +5,6 @@ malformed pair files stop the run with file:line, and the result loads as load_m
 import json
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -117,17 +115,12 @@ if os.environ["RANK"] == "0":
 
 
 @pytest.mark.slow
-def test_two_gloo_ranks_equal_one_rank(sft, tmp_path):
+def test_two_gloo_ranks_equal_one_rank(sft, tmp_path, torchrun_two_ranks):
     """--pairs-per-step 4, 2 pairs per forward: one rank x 2 micro-steps or two ranks x 1, the same update."""
     common = tiny_args(sft, "--num-iterations", "3", "--eval-every", "-1")
     single = chat_dpo.main(common + ["--output-tag", "one"])
-    driver, out = tmp_path / "driver.py", tmp_path / "result.json"
-    driver.write_text(DIST_DRIVER)
-    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(driver), json.dumps(common + ["--output-tag", "two"]), str(out)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = tmp_path / "result.json"
+    torchrun_two_ranks(DIST_DRIVER, json.dumps(common + ["--output-tag", "two"]), out)
     double = json.load(open(out))
     # each rank's block of pairs is one of the single rank's micro-batches (same padding, same forward), and the
     # mean over ranks of (2 x a micro-batch's gradient) is the single rank's sum, with no other rounding: the weights

@@ -4,8 +4,6 @@ and whole runs on a tiny model: resume == uninterrupted (bit-identical), 2 gloo 
 import itertools
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -159,20 +157,15 @@ if os.environ["RANK"] == "0":
 
 
 @pytest.mark.slow
-def test_two_gloo_ranks_equal_one_rank(sft, tmp_path):
+def test_two_gloo_ranks_equal_one_rank(sft, tmp_path, torchrun_two_ranks):
     """--examples-per-step 2: one rank samples both questions, or each of two ranks one; the samples are seeded
     by (step, question, chunk) and the loss is normalized over the whole step's tokens. With one micro-batch per
     question, the mean over ranks of (2 x a question's gradient) is the single rank's sum with no other rounding:
     the weights are bit-equal."""
     common = TINY + ["--num-iterations", "3", "--eval-every", "3", "--device-batch-size", "4"]
     single = chat_rl.main(common + ["--output-tag", "one"])
-    driver, out = tmp_path / "driver.py", tmp_path / "result.json"
-    driver.write_text(DIST_DRIVER)
-    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(driver), json.dumps(common + ["--output-tag", "two"]), str(out), REPO],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = tmp_path / "result.json"
+    torchrun_two_ranks(DIST_DRIVER, json.dumps(common + ["--output-tag", "two"]), out, REPO)
     double = json.load(open(out))
     a, b = load_weights(sft, "one", 3), load_weights(sft, "two", 3)
     for k in a:

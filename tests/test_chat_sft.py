@@ -5,8 +5,6 @@ import json
 import math
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -340,23 +338,17 @@ with open(sys.argv[2] + f".rank{os.environ['RANK']}", "w") as f:
 """
 
 
-def test_two_ranks_cover_the_epoch_once_and_stop_together(base, tmp_path):
+def test_two_ranks_cover_the_epoch_once_and_stop_together(base, tmp_path, torchrun_two_ranks):
     # 11 conversations, rank-strided: rank 0 gets 6, rank 1 gets 5, and the long ones end up on rank 0, so
     # rank 1 runs out first and must keep stepping on all-padding batches (zero loss) until rank 0 is done
     rows = _qa_rows(11)
     for i in (0, 2, 4):
         rows[i][1]["content"] = "a long answer " * 12
     f = _write_jsonl(tmp_path / "mine.jsonl", rows)
-    driver, out = tmp_path / "driver.py", tmp_path / "result"
-    driver.write_text(DIST_DRIVER)
+    out = tmp_path / "result"
     args = _tiny_args("--custom-only", "--extra-train-jsonl", f, "--device-batch-size", "1",
                       "--total-batch-size", str(2 * T), "--eval-every", "-1")
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, PYTHONPATH=repo, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(driver), json.dumps(args), str(out)], cwd=repo, env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    torchrun_two_ranks(DIST_DRIVER, json.dumps(args), out)
     r0, r1 = (json.load(open(f"{out}.rank{r}")) for r in (0, 1))
     assert r0["consumed"] + r1["consumed"] == len(rows) and (r0["consumed"], r1["consumed"]) == (6, 5)
     assert r0["step"] == r1["step"] and r0["trained_tokens"] == r1["trained_tokens"]  # all-reduced count
