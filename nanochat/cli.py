@@ -164,3 +164,18 @@ def add_start_arguments(parser, default_source, what="which checkpoints to start
     parser.add_argument("--output-tag", type=str, default=None, help="tag to save under (default: the source's tag)")
     parser.add_argument("--resume-from-step", type=int_at_least(0, off=-1), default=-1,
                         help="resume this run from its checkpoint at this step (same flags, same world size)")
+
+
+def add_lr_arguments(parser, embedding=None, unembedding=None, matrix=None, weight_decay=0.0):
+    """The learning rates of a fine-tuning trainer's parameter groups and the Muon weight decay (an LR of None:
+    inherit the source checkpoint's)."""
+    def default(value):
+        return " (default: inherit)" if value is None else ""
+    parser.add_argument("--embedding-lr", type=float_at_least(0), default=embedding,
+                        help=f"LR of the embeddings (AdamW){default(embedding)}")
+    parser.add_argument("--unembedding-lr", type=float_at_least(0), default=unembedding,
+                        help=f"LR of lm_head (AdamW){default(unembedding)}")
+    parser.add_argument("--matrix-lr", type=float_at_least(0), default=matrix,
+                        help=f"LR of the Muon matrices{default(matrix)}")
+    parser.add_argument("--weight-decay", type=float_at_least(0), default=weight_decay,
+                        help="weight decay of the Muon matrices")

@@ -69,6 +69,13 @@ stage_summary() {
     printf '%-32s %6ds\n' "total" "$(( $(date +%s) - RUN_START ))"
 }
 
+# results_dir DIR: the sweep's output folder (created) as RESULTS_DIR, and its CSV as CSV
+results_dir() {
+    RESULTS_DIR="$1"
+    CSV="$RESULTS_DIR/results.csv"
+    mkdir -p "$RESULTS_DIR"
+}
+
 # pretraining text for tiny mode: DATA_DIR if given, else the offline corpus (built once, no network)
 tiny_data_flags() {
     if [ -n "${DATA_DIR:-}" ]; then

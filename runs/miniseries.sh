@@ -12,9 +12,7 @@
 source "$(dirname "$0")/common.sh"
 
 SERIES="${ARGS[0]:-${SERIES_NAME:-$(date +%b%d | tr '[:upper:]' '[:lower:]')}}"
-RESULTS_DIR="$NANOCHAT_BASE_DIR/${SERIES}_miniseries_results"
-CSV="$RESULTS_DIR/results.csv"
-mkdir -p "$RESULTS_DIR"
+results_dir "$NANOCHAT_BASE_DIR/${SERIES}_miniseries_results"
 
 if [ "$TINY" = 1 ]; then
     DEPTHS=(${DEPTHS:-2 3})

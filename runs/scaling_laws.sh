@@ -13,9 +13,7 @@
 source "$(dirname "$0")/common.sh"
 
 LABEL="${ARGS[0]:-$(date +%b%d | tr '[:upper:]' '[:lower:]')}"
-RESULTS_DIR="$NANOCHAT_BASE_DIR/scaling_laws_results_${LABEL}"
-CSV="$RESULTS_DIR/results.csv"
-mkdir -p "$RESULTS_DIR"
+results_dir "$NANOCHAT_BASE_DIR/scaling_laws_results_${LABEL}"
 
 if [ "$TINY" = 1 ]; then
     FLOPS_BUDGETS=(${FLOPS_BUDGETS:-5e9 1e10})

@@ -35,8 +35,8 @@ import torch.distributed as dist
 
 from nanochat import training
 from nanochat.checkpoint_manager import build_model
-from nanochat.cli import (add_run_arguments, add_start_arguments, ArgumentParser, exit_on_user_error, float_above,
-                          float_at_least, fraction, int_at_least, UserError)
+from nanochat.cli import (add_lr_arguments, add_run_arguments, add_start_arguments, ArgumentParser,
+                          exit_on_user_error, float_above, float_at_least, fraction, int_at_least, UserError)
 from nanochat.common import print0, warn_if_cpu_is_busy
 from nanochat.dpo import (LOSS_TYPES, collate_pairs, dpo_loss, dpo_metric_sums, load_pairs_jsonl, mean_dpo_metrics,
                           pair_logps, render_pair)
@@ -77,10 +77,7 @@ def build_parser():
     parser.add_argument("--pairs-per-step", type=int_at_least(1), default=8, help="pairs per optimizer step, over all ranks")
     parser.add_argument("--device-batch-size", type=int_at_least(1), default=4, help="pairs per forward/backward (2 rows each)")
     # optimization (None = inherit from the source checkpoint)
-    parser.add_argument("--embedding-lr", type=float_at_least(0), default=None, help="LR of the embeddings (default: inherit)")
-    parser.add_argument("--unembedding-lr", type=float_at_least(0), default=None, help="LR of lm_head (default: inherit)")
-    parser.add_argument("--matrix-lr", type=float_at_least(0), default=None, help="LR of the Muon matrices (default: inherit)")
-    parser.add_argument("--weight-decay", type=float_at_least(0), default=0.0, help="weight decay of the Muon matrices")
+    add_lr_arguments(parser)
     parser.add_argument("--init-lr-frac", type=float_above(0), default=0.02,
                         help="initial LR as a fraction of the source's LRs (small: DPO nudges a trained model)")
     parser.add_argument("--warmup-ratio", type=fraction, default=0.0, help="fraction of training for LR warmup")

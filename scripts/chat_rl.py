@@ -28,8 +28,8 @@ import torch.distributed as dist
 
 from nanochat import training
 from nanochat.checkpoint_manager import build_model
-from nanochat.cli import (add_run_arguments, add_start_arguments, ArgumentParser, exit_on_user_error, float_above,
-                          float_at_least, int_at_least, UserError)
+from nanochat.cli import (add_lr_arguments, add_run_arguments, add_start_arguments, ArgumentParser,
+                          exit_on_user_error, float_above, float_at_least, int_at_least, UserError)
 from nanochat.common import print0, warn_if_cpu_is_busy
 from nanochat.engine import Engine
 from nanochat.hub import CheckpointPusher
@@ -70,10 +70,7 @@ def build_parser():
     parser.add_argument("--temperature", type=float_at_least(0), default=1.0, help="sampling temperature")
     parser.add_argument("--top-k", type=int_at_least(0), default=50, help="top-k sampling (0 = off)")
     # optimization
-    parser.add_argument("--embedding-lr", type=float_at_least(0), default=0.2, help="LR of the embeddings (Adam)")
-    parser.add_argument("--unembedding-lr", type=float_at_least(0), default=0.004, help="LR of lm_head (Adam)")
-    parser.add_argument("--matrix-lr", type=float_at_least(0), default=0.02, help="LR of the matrices (Muon)")
-    parser.add_argument("--weight-decay", type=float_at_least(0), default=0.0, help="weight decay of the matrices (Muon)")
+    add_lr_arguments(parser, embedding=0.2, unembedding=0.004, matrix=0.02)
     parser.add_argument("--init-lr-frac", type=float_above(0), default=0.05, help="initial LR as a fraction of the base LRs")
     # evaluation and saving
     parser.add_argument("--eval-every", type=int_at_least(-1), default=60, help="pass@k every N steps and at the end (-1 = never)")

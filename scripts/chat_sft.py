@@ -19,8 +19,8 @@ import argparse
 import os
 import re
 
-from nanochat.cli import (add_run_arguments, add_start_arguments, ArgumentParser, existing_file, exit_on_user_error,
-                          float_at_least, fraction, int_at_least, UserError)
+from nanochat.cli import (add_lr_arguments, add_run_arguments, add_start_arguments, ArgumentParser, existing_file,
+                          exit_on_user_error, float_at_least, fraction, int_at_least, UserError)
 from nanochat.remote import add_push_arguments
 
 # -----------------------------------------------------------------------------
@@ -72,10 +72,7 @@ def build_parser():
     parser.add_argument("--device-batch-size", type=int_at_least(1), default=None, help="rows per device (default: inherit)")
     parser.add_argument("--total-batch-size", type=int_at_least(1), default=None, help="tokens per step (default: inherit)")
     # optimization (None = inherit from the source checkpoint)
-    parser.add_argument("--embedding-lr", type=float_at_least(0), default=None, help="LR of the embeddings (default: inherit)")
-    parser.add_argument("--unembedding-lr", type=float_at_least(0), default=None, help="LR of lm_head (default: inherit)")
-    parser.add_argument("--matrix-lr", type=float_at_least(0), default=None, help="LR of the Muon matrices (default: inherit)")
-    parser.add_argument("--weight-decay", type=float_at_least(0), default=0.0, help="weight decay of the Muon matrices")
+    add_lr_arguments(parser)
     parser.add_argument("--init-lr-frac", type=float_at_least(0), default=0.8, help="initial LR as a fraction of the base LR")
     parser.add_argument("--warmup-ratio", type=fraction, default=0.0, help="fraction of training for LR warmup")
     parser.add_argument("--warmdown-ratio", type=fraction, default=0.5, help="fraction of training for LR warmdown")

@@ -540,10 +540,21 @@ def write_eval_bundle():
 # -----------------------------------------------------------------------------
 # Two gloo ranks on this machine
 
+MAIN_DRIVER = """
+import importlib, json, os, sys
+result = importlib.import_module(sys.argv[1]).main(json.loads(sys.argv[2]))
+if os.environ["RANK"] == "0":
+    with open(sys.argv[3], "w") as f:
+        json.dump(result, f)
+"""
+
+
 @pytest.fixture
 def torchrun_two_ranks(tmp_path):
     """run(driver_source, *driver_args) -> (stdout, stderr): the driver script run by `torchrun --standalone
-    --nproc_per_node 2` from the repo root, one thread per rank; fails the test with its output if it fails."""
+    --nproc_per_node 2` from the repo root, one thread per rank; fails the test with its output if it fails.
+    MAIN_DRIVER is a driver for a script's main(argv): it takes `scripts.X`, the argv as JSON and a path, and
+    rank 0 writes main's result there as JSON."""
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
     def run(driver_source, *driver_args):
@@ -555,4 +566,5 @@ def torchrun_two_ranks(tmp_path):
                               timeout=300)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         return proc.stdout, proc.stderr
+    run.MAIN_DRIVER = MAIN_DRIVER
     return run

@@ -104,23 +104,13 @@ def test_malformed_pair_files_fail_with_file_and_line(sft, tmp_path, capsys):
     assert info.value.code == 2 and "--train-jsonl" in capsys.readouterr().err
 
 
-DIST_DRIVER = """
-import json, os, sys
-from scripts import chat_dpo
-result = chat_dpo.main(json.loads(sys.argv[1]))
-if os.environ["RANK"] == "0":
-    with open(sys.argv[2], "w") as f:
-        json.dump(result, f)
-"""
-
-
 @pytest.mark.slow
 def test_two_gloo_ranks_equal_one_rank(sft, tmp_path, torchrun_two_ranks):
     """--pairs-per-step 4, 2 pairs per forward: one rank x 2 micro-steps or two ranks x 1, the same update."""
     common = tiny_args(sft, "--num-iterations", "3", "--eval-every", "-1")
     single = chat_dpo.main(common + ["--output-tag", "one"])
     out = tmp_path / "result.json"
-    torchrun_two_ranks(DIST_DRIVER, json.dumps(common + ["--output-tag", "two"]), out)
+    torchrun_two_ranks(torchrun_two_ranks.MAIN_DRIVER, "scripts.chat_dpo", json.dumps(common + ["--output-tag", "two"]), out)
     double = json.load(open(out))
     # each rank's block of pairs is one of the single rank's micro-batches (same padding, same forward), and the
     # mean over ranks of (2 x a micro-batch's gradient) is the single rank's sum, with no other rounding: the weights

@@ -20,29 +20,19 @@ class NanochatGPTConfig(PretrainedConfig):
         "max_position_embeddings": "sequence_len",
     }
 
-    def __init__(self, sequence_len=2048, vocab_size=32768, n_layer=12, n_head=6, n_kv_head=6, n_embd=768,
-                 window_pattern="SSSL", short_window=0, rope_base=100000.0,
-                 padded_vocab_size=32768, window_sizes=None, value_embed_layers=None, backout_layer=6,
-                 qk_scale=1.2, logit_softcap=15.0, smear_gate_channels=24, ve_gate_channels=12,
-                 initializer_range=0.02, **kwargs):
-        self.sequence_len = sequence_len
-        self.vocab_size = vocab_size
-        self.n_layer = n_layer
-        self.n_head = n_head
-        self.n_kv_head = n_kv_head
-        self.n_embd = n_embd
-        self.window_pattern = window_pattern
-        self.short_window = short_window
-        self.rope_base = rope_base
-        self.padded_vocab_size = padded_vocab_size
-        self.window_sizes = list(window_sizes) if window_sizes is not None else [sequence_len] * n_layer
-        self.value_embed_layers = list(value_embed_layers) if value_embed_layers is not None else []
-        self.backout_layer = backout_layer
-        self.qk_scale = qk_scale
-        self.logit_softcap = logit_softcap
-        self.smear_gate_channels = smear_gate_channels
-        self.ve_gate_channels = ve_gate_channels
-        self.initializer_range = initializer_range
+    # nanochat's GPTConfig fields, then the layout the exporter writes out (see the module docstring)
+    FIELDS = dict(sequence_len=2048, vocab_size=32768, n_layer=12, n_head=6, n_kv_head=6, n_embd=768,
+                  window_pattern="SSSL", short_window=0, rope_base=100000.0,
+                  padded_vocab_size=32768, window_sizes=None, value_embed_layers=None, backout_layer=6,
+                  qk_scale=1.2, logit_softcap=15.0, smear_gate_channels=24, ve_gate_channels=12,
+                  initializer_range=0.02)
+
+    def __init__(self, **kwargs):
+        for name, default in self.FIELDS.items():
+            setattr(self, name, kwargs.pop(name, default))
+        if self.window_sizes is None:
+            self.window_sizes = [self.sequence_len] * self.n_layer
+        self.window_sizes, self.value_embed_layers = list(self.window_sizes), list(self.value_embed_layers or [])
         kwargs.setdefault("tie_word_embeddings", False)
         # no KV cache in this modeling code: generate() recomputes the sequence (see NanochatGPTForCausalLM)
         kwargs.setdefault("use_cache", False)
