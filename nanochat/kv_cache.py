@@ -10,6 +10,8 @@ like the full-sequence forward does.
 
 import torch
 
+from nanochat.common import COMPUTE_DTYPE
+
 
 class KVCache:
 
@@ -29,7 +31,6 @@ class KVCache:
     @classmethod
     def for_model(cls, model, batch_size, seq_len, device=None):
         """A cache shaped for this GPT's config (its kv heads, head dim, layers), in the compute dtype."""
-        from nanochat.common import COMPUTE_DTYPE
         config = model.config
         return cls(batch_size=batch_size, num_heads=config.n_kv_head, seq_len=seq_len,
                    head_dim=config.n_embd // config.n_head, num_layers=config.n_layer,
@@ -102,7 +103,6 @@ class RaggedKVCache:
 
     @classmethod
     def for_model(cls, model, max_rows, seq_len=None, device=None):
-        from nanochat.common import COMPUTE_DTYPE
         config = model.config
         return cls(max_rows=max_rows, num_heads=config.n_kv_head, seq_len=seq_len or config.sequence_len,
                    head_dim=config.n_embd // config.n_head, num_layers=config.n_layer,

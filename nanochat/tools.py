@@ -28,6 +28,7 @@ import math
 import operator
 from dataclasses import dataclass
 
+from nanochat.execution import execute_code
 from nanochat.web_search import DEFAULT_TOOL_OUTPUT_CHARS, run_web_search
 
 # -----------------------------------------------------------------------------
@@ -160,7 +161,6 @@ def _print_last_expression(code):
 
 def python_tool(code, timeout=5.0, maximum_memory_bytes=256 * 1024 * 1024):
     """Run the code in the sandbox; return what it printed, or the error, trimmed to a readable length."""
-    from nanochat.execution import execute_code
     result = execute_code(_print_last_expression(code), timeout=timeout, maximum_memory_bytes=maximum_memory_bytes)
     text = result.stdout.strip()
     if not result.success:
