@@ -144,17 +144,167 @@ async def until_done_or_disconnected(http_request, generation, coroutine):
         generation.cancel()
 
 
+class Server:
+    """What the endpoints share: the replicas, the tokenizer, the model's name and context, the defaults for what a
+    request does not say (nanochat's -t/-k/-m), the API key, and the checks and prompt building every endpoint
+    does the same way."""
+
+    def __init__(self, pool, tokenizer, model_name, sequence_len, temperature, top_k, max_tokens, api_key, max_n):
+        self.pool, self.tokenizer, self.model_name, self.sequence_len = pool, tokenizer, model_name, sequence_len
+        self.temperature, self.top_k, self.max_tokens = temperature, top_k, max_tokens
+        self.api_key, self.max_n = api_key, max_n
+        self.engine = pool.schedulers[0].engine
+        self.started = now()
+        self.status_counts = Counter()
+        self.bos, self.vocab_size = tokenizer.get_bos_token_id(), tokenizer.get_vocab_size()
+        self.special_names = sorted(tokenizer.get_special_tokens(), key=len, reverse=True)
+
+    # --- checks
+
+    def check_auth(self, request):
+        if self.api_key is not None and request.headers.get("authorization", "") != f"Bearer {self.api_key}":
+            raise APIError(401, "invalid or missing API key (send Authorization: Bearer <key>)",
+                           code="invalid_api_key")
+
+    def check_model(self, name):
+        if name is not None and name != self.model_name:
+            raise APIError(404, f"the model {name!r} does not exist; this server serves {self.model_name!r}",
+                           param="model", code="model_not_found")
+
+    async def request_body(self, request, model_cls):
+        """The authorized request's body, validated (400 in OpenAI's shape when it is not), for this model."""
+        self.check_auth(request)
+        body = await read_json(request, model_cls)
+        self.check_model(getattr(body, "model", None))
+        return body
+
+    # --- prompts and sampling
+
+    def sampling(self, body, default_max_tokens, prompt_len):
+        """GenerationRequest keyword arguments shared by every endpoint, checked against the context."""
+        if body.n > self.max_n:
+            raise APIError(400, f"n: at most {self.max_n} (the server's --max-batch)", param="n")
+        top_k = self.top_k if body.top_k is None else body.top_k
+        room = self.sequence_len - prompt_len
+        wanted = body.requested_max_tokens(default_max_tokens)
+        return dict(num_samples=body.n, temperature=self.temperature if body.temperature is None else body.temperature,
+                    top_k=top_k or None, top_p=body.top_p, seed=body.seed, max_tokens=min(wanted, room))
+
+    def chat_prompt(self, messages, wanted_tokens, think=None):
+        """Fit the chat into the context as chat_cli does (oldest exchanges dropped, system kept), with room for
+        the think prefill; refuse if the system or the last user message itself would have to be cut. Returns
+        (prompt ids, prefill length)."""
+        prefill = len(self.engine.think_prefill_tokens(think))
+        reserve = max(1, min(wanted_tokens, self.sequence_len // 2)) + prefill
+        try:
+            prompt, kept = fit_conversation_to_context(self.tokenizer, messages, self.sequence_len,
+                                                       max_new_tokens=reserve)
+        except ValueError as e:
+            raise APIError(400, str(e), param="messages", code="context_length_exceeded")
+        cut = kept[-1] != messages[-1] or (messages[0]["role"] == "system" and kept[0] != messages[0])
+        if cut:
+            raise APIError(400, f"the prompt is too long: the last message (with the system message) does not fit "
+                                f"this model's context of {self.sequence_len} tokens with room for {reserve} new "
+                                f"tokens; shorten it or lower max_tokens", param="messages",
+                           code="context_length_exceeded")
+        return prompt, prefill
+
+    def completion_prompts(self, prompt):
+        """-> [(token ids, echo text, number of leading ids not echoed)] for a str / [str] / [int] / [[int]]."""
+        if isinstance(prompt, str):
+            prompt = [prompt]
+        if not prompt:
+            raise APIError(400, "prompt: must not be empty", param="prompt")
+        if all(isinstance(p, int) for p in prompt):
+            prompt = [prompt]
+        if len(prompt) > MAX_PROMPTS:
+            raise APIError(400, f"prompt: at most {MAX_PROMPTS} prompts per request", param="prompt")
+        result = []
+        for p in prompt:
+            if isinstance(p, str):  # text: starts a document like in training (the BOS is not echoed)
+                result.append(([self.bos] + self.tokenizer.encode(p), p, 1))
+            else:
+                if not p or not all(0 <= t < self.vocab_size for t in p):
+                    raise APIError(400, f"prompt: token ids must be a non-empty list in [0, {self.vocab_size})",
+                                   param="prompt")
+                result.append((list(p), self.tokenizer.decode(list(p)), 0))
+        return result
+
+    def encode_with_specials(self, text):
+        ids, rest = [], text
+        while rest:
+            hits = [(rest.find(name), name) for name in self.special_names if name in rest]
+            if not hits:
+                ids += self.tokenizer.encode(rest)
+                break
+            at, name = min(hits)
+            ids += self.tokenizer.encode(rest[:at]) + [self.tokenizer.encode_special(name)]
+            rest = rest[at + len(name):]
+        return ids
+
+    def logprobs_block(self, entries, tokens, start_offset):
+        """OpenAI's legacy logprobs object for tokens and their (logprob, top) entries (None: not scored)."""
+        block = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        offset = start_offset
+        for token, entry in zip(tokens, entries):
+            text = self.tokenizer.decode([token])
+            block["tokens"].append(text)
+            block["text_offset"].append(offset)
+            offset += len(text)
+            block["token_logprobs"].append(None if entry is None else entry[0])
+            block["top_logprobs"].append(None if entry is None else
+                                         {self.tokenizer.decode([t]): lp for t, lp in entry[1]})
+        return block
+
+    def response(self, ids, kind, choices, generation, prompt_tokens):
+        """The body of a finished chat.completion / text_completion."""
+        return {"id": ids[0], "object": kind, "created": ids[1], "model": self.model_name,
+                "system_fingerprint": None, "choices": choices,
+                "usage": usage(prompt_tokens, sum(generation.token_counts))}
+
+
+async def stream_events(generation, chunk, opening, delta_choice, finish_choice, prompt_tokens, include_usage):
+    """An OpenAI stream: the opening chunks, one per delta and per finish, the usage chunk if asked for, an error
+    event if the generation fails mid-way (the client sees why, never a cut-off stream), then [DONE]."""
+    try:
+        for choices in opening:
+            yield chunk(choices)
+        async for event in generation.events():
+            if event[0] == "delta":
+                yield chunk([delta_choice(event)])
+            elif event[0] == "finish":
+                yield chunk([finish_choice(event)])
+        if include_usage:
+            yield chunk([], usage(prompt_tokens, sum(generation.token_counts)))
+    except APIError as e:
+        yield sse(e.body())
+    finally:
+        generation.cancel()
+    yield "data: [DONE]\n\n"
+
+
+def event_stream_response(events):
+    return StreamingResponse(events, media_type="text/event-stream")
+
+
 def create_app(pool, tokenizer, model_name, sequence_len, temperature=0.8, top_k=50, max_tokens=512,
                api_key=None, max_n=8):
     """temperature / top_k / max_tokens: defaults for requests that do not say (nanochat's -t/-k/-m)."""
+    server = Server(pool, tokenizer, model_name, sequence_len, temperature, top_k, max_tokens, api_key, max_n)
     app = FastAPI(title="nanochat", docs_url=None, redoc_url=None, openapi_url=None)
-    status_counts = Counter()
-    app.add_middleware(StatusCounter, counts=status_counts)
-    started = now()
-    bos = tokenizer.get_bos_token_id()
-    vocab_size = tokenizer.get_vocab_size()
-    special_names = sorted(tokenizer.get_special_tokens(), key=len, reverse=True)
+    app.add_middleware(StatusCounter, counts=server.status_counts)
+    add_error_handlers(app)
+    add_status_routes(app, server)
+    add_chat_routes(app, server)
+    add_completion_routes(app, server)
+    add_nanochat_route(app, server)
+    add_tokenizer_routes(app, server)
+    return app
 
+
+def add_error_handlers(app):
+    """Every error in OpenAI's shape; FastAPI's 422 for a bad body becomes 400 (the official client retries 5xx, so
+    bad input must never be one)."""
     @app.exception_handler(APIError)
     async def api_error(_, e):
         headers = {"Retry-After": "1"} if e.status == 429 else None
@@ -173,54 +323,8 @@ def create_app(pool, tokenizer, model_name, sequence_len, temperature=0.8, top_k
         logger.exception("unexpected error")
         return JSONResponse(APIError(500, f"internal error: {type(e).__name__}").body(), status_code=500)
 
-    def check_auth(request):
-        if api_key is not None and request.headers.get("authorization", "") != f"Bearer {api_key}":
-            raise APIError(401, "invalid or missing API key (send Authorization: Bearer <key>)",
-                           code="invalid_api_key")
 
-    async def request_body(request, model_cls):
-        """The authorized request's body, validated (400 in OpenAI's shape when it is not), for this model."""
-        check_auth(request)
-        body = await read_json(request, model_cls)
-        check_model(getattr(body, "model", None))
-        return body
-
-    def check_model(name):
-        if name is not None and name != model_name:
-            raise APIError(404, f"the model {name!r} does not exist; this server serves {model_name!r}",
-                           param="model", code="model_not_found")
-
-    def sampling(body, default_max_tokens, prompt_len):
-        """GenerationRequest keyword arguments shared by every endpoint, checked against the context."""
-        if body.n > max_n:
-            raise APIError(400, f"n: at most {max_n} (the server's --max-batch)", param="n")
-        top_k_value = top_k if body.top_k is None else body.top_k
-        room = sequence_len - prompt_len
-        wanted = body.requested_max_tokens(default_max_tokens)
-        return dict(num_samples=body.n, temperature=temperature if body.temperature is None else body.temperature,
-                    top_k=top_k_value or None, top_p=body.top_p, seed=body.seed, max_tokens=min(wanted, room))
-
-    engine = pool.schedulers[0].engine
-
-    def chat_prompt(messages, wanted_tokens, think=None):
-        """Fit the chat into the context as chat_cli does (oldest exchanges dropped, system kept), with room for
-        the think prefill; refuse if the system or the last user message itself would have to be cut. Returns
-        (prompt ids, prefill length)."""
-        prefill = len(engine.think_prefill_tokens(think))
-        reserve = max(1, min(wanted_tokens, sequence_len // 2)) + prefill
-        try:
-            prompt, kept = fit_conversation_to_context(tokenizer, messages, sequence_len, max_new_tokens=reserve)
-        except ValueError as e:
-            raise APIError(400, str(e), param="messages", code="context_length_exceeded")
-        cut = kept[-1] != messages[-1] or (messages[0]["role"] == "system" and kept[0] != messages[0])
-        if cut:
-            raise APIError(400, f"the prompt is too long: the last message (with the system message) does not fit "
-                                f"this model's context of {sequence_len} tokens with room for {reserve} new tokens; "
-                                f"shorten it or lower max_tokens", param="messages", code="context_length_exceeded")
-        return prompt, prefill
-
-    # --- pages and status
-
+def add_status_routes(app, server):
     @app.get("/", response_class=HTMLResponse)
     async def ui():
         with open(UI_PATH, encoding="utf-8") as f:
@@ -228,62 +332,43 @@ def create_app(pool, tokenizer, model_name, sequence_len, temperature=0.8, top_k
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "ready": True, "model": model_name, "num_replicas": len(pool.schedulers)}
+        return {"status": "ok", "ready": True, "model": server.model_name, "num_replicas": len(server.pool.schedulers)}
 
     @app.get("/stats")
     async def stats():
-        return {**pool.stats(), "model": model_name, "responses_by_status": dict(status_counts)}
+        return {**server.pool.stats(), "model": server.model_name, "responses_by_status": dict(server.status_counts)}
 
     @app.get("/v1/models")
     async def models(request: Request):
-        check_auth(request)
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": started,
-                                            "owned_by": "nanochat", "max_model_len": sequence_len}]}
+        server.check_auth(request)
+        return {"object": "list", "data": [{"id": server.model_name, "object": "model", "created": server.started,
+                                            "owned_by": "nanochat", "max_model_len": server.sequence_len}]}
 
-    # --- chat
 
+def add_chat_routes(app, server):
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        body = await request_body(request, ChatRequest)
+        body = await server.request_body(request, ChatRequest)
         stop = body.stop_strings()
         messages = conversation_from_messages(body.messages)
         think = body.think_mode()
-        prompt, prefill = chat_prompt(messages, body.requested_max_tokens(max_tokens), think)
-        kwargs = sampling(body, max_tokens, len(prompt) + prefill)
-        request = GenerationRequest(prompt, use_tools=True, chat=True, think=think, search=body.search, **kwargs)
-        generation = Generation(pool, tokenizer, [request], stop=stop)
+        prompt, prefill = server.chat_prompt(messages, body.requested_max_tokens(server.max_tokens), think)
+        kwargs = server.sampling(body, server.max_tokens, len(prompt) + prefill)
+        generation_request = GenerationRequest(prompt, use_tools=True, chat=True, think=think, search=body.search,
+                                               **kwargs)
+        generation = Generation(server.pool, server.tokenizer, [generation_request], stop=stop)
         ids = (new_id("chatcmpl"), now())
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(stream_chat(generation, ids, len(prompt), include_usage),
-                                     media_type="text/event-stream")
+            return event_stream_response(stream_chat(generation, ids, len(prompt), include_usage))
         result = await until_done_or_disconnected(request, generation, collect_chat(generation, ids, len(prompt)))
         return JSONResponse(result or {})
-
-    async def stream_events(generation, chunk, opening, delta_choice, finish_choice, prompt_tokens, include_usage):
-        """An OpenAI stream: the opening chunks, one per delta and per finish, the usage chunk if asked for, an error
-        event if the generation fails mid-way (the client sees why, never a cut-off stream), then [DONE]."""
-        try:
-            for choices in opening:
-                yield chunk(choices)
-            async for event in generation.events():
-                if event[0] == "delta":
-                    yield chunk([delta_choice(event)])
-                elif event[0] == "finish":
-                    yield chunk([finish_choice(event)])
-            if include_usage:
-                yield chunk([], usage(prompt_tokens, sum(generation.token_counts)))
-        except APIError as e:
-            yield sse(e.body())
-        finally:
-            generation.cancel()
-        yield "data: [DONE]\n\n"
 
     def stream_chat(generation, ids, prompt_tokens, include_usage):
         completion_id, created = ids
 
         def chunk(choices, usage_value=None):
-            return sse(chat_chunk(completion_id, model_name, created, choices, usage_value, include_usage))
+            return sse(chat_chunk(completion_id, server.model_name, created, choices, usage_value, include_usage))
         opening = [[{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                      "finish_reason": None} for i in range(len(generation.streams))]]
         return stream_events(generation, chunk, opening, lambda e: chat_delta(e[1], e[2], e[3]),
@@ -300,75 +385,36 @@ def create_app(pool, tokenizer, model_name, sequence_len, temperature=0.8, top_k
                 reasons[event[1]] = event[2]
         choices = [{"index": i, "message": chat_message(items[i]), "logprobs": None, "finish_reason": reasons[i]}
                    for i in range(len(items))]
-        return {"id": ids[0], "object": "chat.completion", "created": ids[1], "model": model_name,
-                "system_fingerprint": None, "choices": choices,
-                "usage": usage(prompt_tokens, sum(generation.token_counts))}
+        return server.response(ids, "chat.completion", choices, generation, prompt_tokens)
 
-    # --- completions (text in, text out; echo + logprobs for scoring)
 
+def add_completion_routes(app, server):
+    """Text in, text out; echo + logprobs score a prompt (lm-evaluation-harness's loglikelihood tasks)."""
     @app.post("/v1/completions")
     async def completions(request: Request):
-        body = await request_body(request, CompletionRequest)
+        body = await server.request_body(request, CompletionRequest)
         stop = body.stop_strings()
-        prompts = completion_prompts(body.prompt)
+        prompts = server.completion_prompts(body.prompt)
         wanted = body.requested_max_tokens(16)
         if wanted == 0 and not body.echo:
             raise APIError(400, "max_tokens: 0 only makes sense with echo (to score the prompt)", param="max_tokens")
         requests = []
         for ids, _, _ in prompts:
-            if len(ids) + wanted > sequence_len:
-                raise APIError(400, f"this model's maximum context length is {sequence_len} tokens, but {len(ids)} "
-                                    f"prompt tokens + {wanted} max_tokens were requested", param="prompt",
+            if len(ids) + wanted > server.sequence_len:
+                raise APIError(400, f"this model's maximum context length is {server.sequence_len} tokens, but "
+                                    f"{len(ids)} prompt tokens + {wanted} max_tokens were requested", param="prompt",
                                code="context_length_exceeded")
-            kwargs = sampling(body, 16, len(ids))
+            kwargs = server.sampling(body, 16, len(ids))
             requests.append(GenerationRequest(ids, use_tools=False, logprobs=body.logprobs,
                                               prompt_logprobs=body.echo and body.logprobs is not None, **kwargs))
-        generation = Generation(pool, tokenizer, requests, stop=stop, raw=True)
+        generation = Generation(server.pool, server.tokenizer, requests, stop=stop, raw=True)
         ids = (new_id("cmpl"), now())
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(stream_completion(generation, ids, prompts, body, include_usage),
-                                     media_type="text/event-stream")
+            return event_stream_response(stream_completion(generation, ids, prompts, body, include_usage))
         result = await until_done_or_disconnected(request, generation,
                                                   collect_completion(generation, ids, prompts, body))
         return JSONResponse(result or {})
-
-    def completion_prompts(prompt):
-        """-> [(token ids, echo text, number of leading ids not echoed)] for a str / [str] / [int] / [[int]]."""
-        if isinstance(prompt, str):
-            prompt = [prompt]
-        if not prompt:
-            raise APIError(400, "prompt: must not be empty", param="prompt")
-        if all(isinstance(p, int) for p in prompt):
-            prompt = [prompt]
-        if len(prompt) > MAX_PROMPTS:
-            raise APIError(400, f"prompt: at most {MAX_PROMPTS} prompts per request", param="prompt")
-        result = []
-        for p in prompt:
-            if isinstance(p, str):  # text: starts a document like in training (the BOS is not echoed)
-                result.append(([bos] + tokenizer.encode(p), p, 1))
-            else:
-                if not p or not all(0 <= t < vocab_size for t in p):
-                    raise APIError(400, f"prompt: token ids must be a non-empty list in [0, {vocab_size})",
-                                   param="prompt")
-                result.append((list(p), tokenizer.decode(list(p)), 0))
-        return result
-
-    def token_text(token):
-        return tokenizer.decode([token])
-
-    def logprobs_block(entries, tokens, start_offset):
-        """OpenAI's legacy logprobs object for tokens and their (logprob, top) entries (None: not scored)."""
-        block = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-        offset = start_offset
-        for token, entry in zip(tokens, entries):
-            text = token_text(token)
-            block["tokens"].append(text)
-            block["text_offset"].append(offset)
-            offset += len(text)
-            block["token_logprobs"].append(None if entry is None else entry[0])
-            block["top_logprobs"].append(None if entry is None else {token_text(t): lp for t, lp in entry[1]})
-        return block
 
     async def collect_completion(generation, ids, prompts, body):
         n = generation.n
@@ -386,23 +432,20 @@ def create_app(pool, tokenizer, model_name, sequence_len, temperature=0.8, top_k
         choices = []
         for choice, stream in enumerate(generation.streams):
             prompt_ids, prompt_text, skip = prompts[choice // n]
-            text = stream.text()
             logprobs = None
             if body.logprobs is not None:
-                logprobs = logprobs_block(entries[choice], tokens[choice], len(prompt_text) if body.echo else 0)
+                logprobs = server.logprobs_block(entries[choice], tokens[choice], len(prompt_text) if body.echo else 0)
                 if body.echo:
-                    echoed = logprobs_block(prompt_scores.get(choice // n, [])[skip:], prompt_ids[skip:], 0)
+                    echoed = server.logprobs_block(prompt_scores.get(choice // n, [])[skip:], prompt_ids[skip:], 0)
                     logprobs = {k: echoed[k] + logprobs[k] for k in logprobs}
-            choices.append({"text": (prompt_text if body.echo else "") + text, "index": choice,
+            choices.append({"text": (prompt_text if body.echo else "") + stream.text(), "index": choice,
                             "logprobs": logprobs, "finish_reason": reasons[choice]})
         prompt_tokens = sum(len(p[0]) for p in prompts) * n
-        return {"id": ids[0], "object": "text_completion", "created": ids[1], "model": model_name,
-                "system_fingerprint": None, "choices": choices,
-                "usage": usage(prompt_tokens, sum(generation.token_counts))}
+        return server.response(ids, "text_completion", choices, generation, prompt_tokens)
 
     def stream_completion(generation, ids, prompts, body, include_usage):
         def chunk(choices, usage_value=None):
-            data = {"id": ids[0], "object": "text_completion", "created": ids[1], "model": model_name,
+            data = {"id": ids[0], "object": "text_completion", "created": ids[1], "model": server.model_name,
                     "system_fingerprint": None, "choices": choices}
             if include_usage:
                 data["usage"] = usage_value
@@ -415,72 +458,60 @@ def create_app(pool, tokenizer, model_name, sequence_len, temperature=0.8, top_k
                              lambda e: {"text": "", "index": e[1], "logprobs": None, "finish_reason": e[2]},
                              prompt_tokens, include_usage)
 
-    # --- nanochat's own streaming endpoint (its old UI and clients)
 
+def add_nanochat_route(app, server):
+    """nanochat's own streaming endpoint ({"token": ...} ... {"done": true}), for its old UI and clients."""
     @app.post("/chat/completions")
     async def nanochat_chat(request: Request):
-        body = await request_body(request, NanochatChatRequest)
+        body = await server.request_body(request, NanochatChatRequest)
         messages = conversation_from_messages(body.messages)
-        wanted = body.max_tokens or max_tokens
+        wanted = body.max_tokens or server.max_tokens
         think = body.think_mode()
-        prompt, prefill = chat_prompt(messages, wanted, think)
-        request_kwargs = dict(num_samples=1, max_tokens=min(wanted, sequence_len - len(prompt) - prefill),
-                              temperature=temperature if body.temperature is None else body.temperature,
-                              top_k=(top_k if body.top_k is None else body.top_k) or None)
-        request = GenerationRequest(prompt, use_tools=True, chat=True, think=think, search=body.search,
-                                    **request_kwargs)
-        generation = Generation(pool, tokenizer, [request])
-        replica = pool.schedulers.index(generation.replicas[0])
+        prompt, prefill = server.chat_prompt(messages, wanted, think)
+        request_kwargs = dict(num_samples=1, max_tokens=min(wanted, server.sequence_len - len(prompt) - prefill),
+                              temperature=server.temperature if body.temperature is None else body.temperature,
+                              top_k=(server.top_k if body.top_k is None else body.top_k) or None)
+        generation_request = GenerationRequest(prompt, use_tools=True, chat=True, think=think, search=body.search,
+                                               **request_kwargs)
+        generation = Generation(server.pool, server.tokenizer, [generation_request])
+        replica = server.pool.schedulers.index(generation.replicas[0])
+        return event_stream_response(token_events(generation, replica))
 
-        async def events():
-            text = TokenTextStream(tokenizer)
-            try:
-                async for event in generation.events():
-                    if event[0] == "token":
-                        piece = text.feed(event[2])
-                        if piece:
-                            yield sse({"token": piece, "gpu": replica})
-                tail = text.close()
-                if tail:
-                    yield sse({"token": tail, "gpu": replica})
-            except APIError as e:
-                yield sse(e.body())
-            finally:
-                generation.cancel()
-            yield sse({"done": True})
-        return StreamingResponse(events(), media_type="text/event-stream")
+    async def token_events(generation, replica):
+        text = TokenTextStream(server.tokenizer)
+        try:
+            async for event in generation.events():
+                if event[0] == "token":
+                    piece = text.feed(event[2])
+                    if piece:
+                        yield sse({"token": piece, "gpu": replica})
+            tail = text.close()
+            if tail:
+                yield sse({"token": tail, "gpu": replica})
+        except APIError as e:
+            yield sse(e.body())
+        finally:
+            generation.cancel()
+        yield sse({"done": True})
 
-    # --- vLLM's tokenizer endpoints (lm-evaluation-harness's "remote" tokenizer backend)
 
-    def encode_with_specials(text):
-        ids, rest = [], text
-        while rest:
-            hits = [(rest.find(name), name) for name in special_names if name in rest]
-            if not hits:
-                ids += tokenizer.encode(rest)
-                break
-            at, name = min(hits)
-            ids += tokenizer.encode(rest[:at]) + [tokenizer.encode_special(name)]
-            rest = rest[at + len(name):]
-        return ids
-
+def add_tokenizer_routes(app, server):
+    """vLLM's tokenizer endpoints (lm-evaluation-harness's "remote" tokenizer backend)."""
     @app.get("/tokenizer_info")
     async def tokenizer_info(request: Request):
-        check_auth(request)
+        server.check_auth(request)
         return {"tokenizer_class": "nanochat", "bos_token": "<|bos|>", "eos_token": "<|bos|>", "pad_token": None,
-                "model_max_length": sequence_len, "vocab_size": vocab_size}
+                "model_max_length": server.sequence_len, "vocab_size": server.vocab_size}
 
     @app.post("/tokenize")
     async def tokenize(request: Request):
-        body = await request_body(request, TokenizeRequest)
-        tokens = ([bos] if body.add_special_tokens else []) + encode_with_specials(body.prompt)
-        return {"tokens": tokens, "count": len(tokens), "max_model_len": sequence_len}
+        body = await server.request_body(request, TokenizeRequest)
+        tokens = ([server.bos] if body.add_special_tokens else []) + server.encode_with_specials(body.prompt)
+        return {"tokens": tokens, "count": len(tokens), "max_model_len": server.sequence_len}
 
     @app.post("/detokenize")
     async def detokenize(request: Request):
-        body = await request_body(request, DetokenizeRequest)
-        if not all(0 <= t < vocab_size for t in body.tokens):
-            raise APIError(400, f"tokens: ids must be in [0, {vocab_size})", param="tokens")
-        return {"prompt": tokenizer.decode(body.tokens)}
-
-    return app
+        body = await server.request_body(request, DetokenizeRequest)
+        if not all(0 <= t < server.vocab_size for t in body.tokens):
+            raise APIError(400, f"tokens: ids must be in [0, {server.vocab_size})", param="tokens")
+        return {"prompt": server.tokenizer.decode(body.tokens)}
