@@ -135,8 +135,8 @@ def get_dist_info():
     return False, 0, 0, 1
 
 
-def compute_init(device_type=""):
-    """Seed, pick the device, and join the process group when launched by torchrun
+def compute_init(device_type="", seed=42):
+    """Seed (42 is nanochat's only seed), pick the device, and join the process group when launched by torchrun
     (NCCL on CUDA, gloo on CPU). Returns (ddp, rank, local_rank, world_size, device)."""
     device_type = device_type or autodetect_device_type()
     if device_type == "cuda" and not torch.cuda.is_available():
@@ -144,9 +144,9 @@ def compute_init(device_type=""):
                            "Install a CUDA build of torch or pass --device-type cpu.")
     if device_type == "mps" and not torch.backends.mps.is_available():
         raise RuntimeError("--device-type mps was requested but MPS is not available. Pass --device-type cpu.")
-    torch.manual_seed(42)
+    torch.manual_seed(seed)
     if device_type == "cuda":
-        torch.cuda.manual_seed(42)
+        torch.cuda.manual_seed(seed)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.set_float32_matmul_precision("high")

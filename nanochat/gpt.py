@@ -276,7 +276,10 @@ class GPT(nn.Module):
 
     def setup_optimizer(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0, scalar_lr=0.5):
         """nanochat's parameter groups: AdamW for embeddings, lm_head and scalars, Muon (grouped by shape) for
-        every matrix inside the blocks (VE gates included). AdamW LRs for tables scale as 1/sqrt(d_model/768)."""
+        every matrix inside the blocks (VE gates included). AdamW LRs for tables scale as 1/sqrt(d_model/768).
+        Every LR derives from an argument, so a caller's scaling (base_train's sqrt(batch / 2^19)) reaches every group;
+        nanochat's fixed 0.2 for smear/backout (= 0.4 * the default scalar_lr) escaped it, and at small batch
+        backout_lambda overtook the last resid_lambda, flipping the sign of what lm_head sees (dev/LEARNING.md)."""
         dmodel_scale = (self.config.n_embd / 768) ** -0.5
         print0(f"Scaling the LR for the AdamW parameters ∝1/√({self.config.n_embd}/768) = {dmodel_scale:.6f}")
         matrix_params = list(self.transformer.h.parameters())
@@ -291,7 +294,7 @@ class GPT(nn.Module):
                  betas=(0.8, 0.995), weight_decay=0.01),
             dict(adamw, params=[self.resid_lambdas], lr=0.01 * scalar_lr, betas=(0.8, 0.95), weight_decay=0.05),
             dict(adamw, params=[self.x0_lambdas], lr=scalar_lr, betas=(0.96, 0.95), weight_decay=0.0),
-            dict(adamw, params=smear_params, lr=0.2, betas=(0.8, 0.95), weight_decay=0.0),
+            dict(adamw, params=smear_params, lr=0.4 * scalar_lr, betas=(0.8, 0.95), weight_decay=0.0),
         ]
         param_groups = [g for g in param_groups if g["params"]]  # e.g. no value embeddings in a 0-layer model
         for shape in sorted({p.shape for p in matrix_params}):

@@ -70,10 +70,10 @@ class Runtime:
             torch.cuda.synchronize()
 
 
-def init_runtime(device_type=""):
+def init_runtime(device_type="", seed=42):
     """Seed, pick the device (autodetected when empty) and join torchrun's process group (nanochat.common)."""
     device_type = device_type or autodetect_device_type()
-    ddp, rank, _, world_size, device = compute_init(device_type)
+    ddp, rank, _, world_size, device = compute_init(device_type, seed)
     peak_flops = get_peak_flops(torch.cuda.get_device_name(0)) if device_type == "cuda" else 0.0
     return Runtime(device_type, device, ddp, rank, world_size, peak_flops)
 

@@ -66,7 +66,8 @@ stage "tokenizer eval" $PY -m scripts.tok_eval
 
 # -----------------------------------------------------------------------------
 # Base model: 4 layers, 256 wide, 512-token context, 8K tokens per step. base_train scales LRs by
-# sqrt(batch / 524288) = 1/8 here; a run this short wants them 4x the defaults (effective 0.01 for Muon)
+# sqrt(batch / 524288) = 1/8 here; a run this short wants them 4x the defaults (effective 0.01 for Muon), except the
+# scalars' (--scalar-lr), which do better left at the default (dev/LEARNING.md)
 stage "base training" $PY -m scripts.base_train \
     --depth=4 --head-dim=64 --window-pattern=L --max-seq-len=512 \
     --device-batch-size=16 --total-batch-size=8192 --num-iterations="$BASE_STEPS" --warmup-steps=10 \

@@ -46,6 +46,8 @@ def build_parser():
     parser = ArgumentParser(description="Pretrain a base model (the whole recipe follows from --depth)")
     # Logging / runtime
     add_run_arguments(parser)
+    parser.add_argument("--seed", type=int, default=42,
+                        help="seed of the weight init (42, nanochat's, keeps runs bit-identical; vary it to compare recipes)")
     # FP8 training
     parser.add_argument("--fp8", action="store_true", help="FP8 matmuls for the big Linears (CUDA H100+ only; ignored elsewhere)")
     parser.add_argument("--fp8-recipe", type=str, default="tensorwise", choices=["rowwise", "tensorwise"],
@@ -294,7 +296,7 @@ class PretrainingRun:
 
     def __init__(self, args, explicit):
         self.args = args
-        self.rt = rt = training.init_runtime(args.device_type)
+        self.rt = rt = training.init_runtime(args.device_type, args.seed)
         if rt.device_type == "cuda":
             print0(f"GPU: {torch.cuda.get_device_name(0)} | peak bf16 FLOP/s: {rt.peak_flops:.2e}" +
                    ("" if rt.peak_flops else " (unknown GPU: MFU reads 0)"))

@@ -11,9 +11,12 @@ import torch
 
 from nanochat.checkpoint_manager import load_model
 from nanochat.dataloader import tokenizing_distributed_data_loader_bos_bestfit
+from nanochat.gpt import GPT
 from nanochat.loss_eval import evaluate_bpb
+from nanochat.optim import set_schedule
 from nanochat.samples import SAMPLE_PROMPTS
-from nanochat.scaling import build_meta_model, model_config_for_depth, ntk_rope_base, plan_training
+from nanochat.scaling import B_REF, build_meta_model, model_config_for_depth, ntk_rope_base, plan_training
+from nanochat.training import lr_multiplier, muon_momentum
 from nanochat.tokenizer import get_token_bytes
 from scripts import base_eval
 from scripts import base_train as bt
@@ -102,6 +105,92 @@ def test_ntk_rope_base():
 
 
 # -----------------------------------------------------------------------------
+# LR scaling with the total batch size: every optimizer group follows sqrt(B / B_REF)
+
+@pytest.mark.parametrize("total_batch_size", [B_REF, 2048])
+def test_every_group_lr_follows_the_batch_scaling(base, total_batch_size):
+    out = bt.main(TINY + ["--synthetic-data", "--num-iterations", "0", "--total-batch-size", str(total_batch_size)])
+    groups = torch.load(os.path.join(out["checkpoint_dir"], "optim_000000_rank0.pt"))["param_groups"]
+    dmodel_scale = (64 / 768) ** -0.5
+    # the LRs before the fix, default flags: lm_head, wte, value embeds, resid lambdas, x0 lambdas, smear/backout
+    reference_adamw = [0.008 * dmodel_scale, 0.3 * dmodel_scale, 0.5 * 0.3 * dmodel_scale, 0.01 * 0.5, 0.5, 0.2]
+    adamw = [g["lr"] for g in groups if g["kind"] == "adamw"]
+    muon = [g["lr"] for g in groups if g["kind"] == "muon"]
+    assert len(muon) == 4 and all(g["lr"] == g["initial_lr"] for g in groups)
+    if total_batch_size == B_REF:  # the speedrun's LRs, to the bit
+        assert adamw == reference_adamw and muon == [0.02] * 4
+    else:
+        scale = (total_batch_size / B_REF) ** 0.5
+        assert adamw == pytest.approx([lr * scale for lr in reference_adamw], rel=1e-12)
+        assert muon == pytest.approx([0.02 * scale] * 4, rel=1e-12)
+
+
+def zipf_bigram_batches(vocab_size, B, T, seed):
+    """Text-like tokens: Zipf-distributed, and half of them the fixed successor of the previous token."""
+    g = torch.Generator().manual_seed(seed)
+    zipf = 1.0 / torch.arange(1, vocab_size + 1)
+    successor = torch.randint(0, vocab_size, (vocab_size,), generator=g)
+    while True:
+        x = torch.multinomial(zipf, B * (T + 1), replacement=True, generator=g).view(B, T + 1)
+        follow = torch.rand(B, T + 1, generator=g) < 0.5
+        for t in range(T):
+            x[:, t + 1] = torch.where(follow[:, t + 1], successor[x[:, t]], x[:, t + 1])
+        yield x[:, :-1], x[:, 1:]
+
+
+def train_small_batch_d4(fixed_smear_lr, seed, steps=30, warmup_steps=20, B=4, T=32):
+    """A d4 (backout after block 2, so x_final = (resid_lambdas[3] - backout_lambda) * x_mid + ...) trained at a
+    total batch of B*T = 128 tokens with base_train's LRs, scaling and schedules. fixed_smear_lr: the smear/backout
+    group keeps nanochat's fixed 0.2 while every other group is scaled (by 1/64 here).
+    Returns per step (loss, backout_lambda, resid_lambdas[-1])."""
+    args = bt.build_parser().parse_args([])
+    scale = (B * T / B_REF) ** 0.5
+    torch.manual_seed(seed)
+    with torch.device("meta"):
+        model = GPT(model_config_for_depth(4, 16, 32, T, 1024, "L"))
+    model.to_empty(device="cpu")
+    model.init_weights()
+    optimizer = model.setup_optimizer(unembedding_lr=args.unembedding_lr * scale, embedding_lr=args.embedding_lr * scale,
+                                      scalar_lr=args.scalar_lr * scale, matrix_lr=args.matrix_lr * scale,
+                                      weight_decay=args.weight_decay)
+    if fixed_smear_lr:
+        group = next(g for g in optimizer.param_groups if any(p is model.backout_lambda for p in g["params"]))
+        group["lr"] = group["initial_lr"] = 0.2
+    batches = zipf_bigram_batches(1024, B, T, seed)
+    trace = []
+    for step in range(steps):
+        x, y = next(batches)
+        loss = model(x, y)
+        loss.backward()
+        set_schedule(optimizer, lr_multiplier(step, steps, warmup_steps, 0.0, 0.0), muon_momentum(step, steps, 0.0))
+        optimizer.step()
+        model.zero_grad(set_to_none=True)
+        trace.append((loss.item(), model.backout_lambda.item(), model.resid_lambdas[-1].item()))
+    return trace
+
+
+def test_small_batch_backout_flip_needs_the_fixed_smear_lr():
+    """nanochat's fixed smear/backout LR at a small batch: backout_lambda overtakes the last resid_lambda during the
+    warmup, the mid residual reaches lm_head with its sign flipped and the loss jumps above the step-0 loss.
+    With the group scaled like the others it stays far below."""
+    fixed = train_small_batch_d4(fixed_smear_lr=True, seed=0)
+    assert any(backout > resid for _, backout, resid in fixed)
+    assert max(loss for loss, _, _ in fixed[5:]) > fixed[0][0] + 0.03
+    scaled = train_small_batch_d4(fixed_smear_lr=False, seed=0)
+    assert all(backout < resid - 0.5 for _, backout, resid in scaled)
+    assert max(loss for loss, _, _ in scaled[5:]) < scaled[0][0] + 0.01
+
+
+def test_seed_sets_the_init(base):
+    def init(seed, tag):
+        out = bt.main(TINY + ["--synthetic-data", "--num-iterations", "0", "--seed", seed, "--model-tag", tag])
+        return load_weights(out["checkpoint_dir"], 0)
+    default, again, other = init("42", "a"), init("42", "b"), init("7", "c")
+    assert_weights_close(default, again)
+    assert not torch.equal(default["transformer.wte.weight"], other["transformer.wte.weight"])
+
+
+# -----------------------------------------------------------------------------
 # bits per byte
 
 class FixedLossModel(torch.nn.Module):
@@ -179,7 +268,6 @@ def test_resume_equals_uninterrupted(base, text_dir):
 DIST_DRIVER = """
 import json, os, sys
 import torch.distributed as dist
-from nanochat.scaling import build_meta_model, model_config_for_depth, ntk_rope_base, plan_training
 from scripts import base_train as bt
 bt.compute_cleanup = lambda: None  # keep one process group for the three runs (re-initializing can hang)
 common, text_dir, out_path = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
