@@ -4,11 +4,12 @@ Categorical: the model answers with one of the item's letters (usually A-D, some
 Local data: NANOCHAT_TASK_DATA_ARC or data_path= (e.g. a folder with ARC-Easy-validation.jsonl).
 """
 
-from tasks.common import Task, render_mc
+from tasks.common import RowsTask, render_mc
 from tasks.hub import load_task_rows
 
 
-class ARC(Task):
+class ARC(RowsTask):
+    eval_type = "categorical"
 
     def __init__(self, subset, split, data_path=None, **kwargs):
         super().__init__(**kwargs)
@@ -17,13 +18,6 @@ class ARC(Task):
         self.subset = subset
         self.split = split
         self.rows = load_task_rows("arc", "allenai/ai2_arc", subset, split, data_path=data_path)
-
-    @property
-    def eval_type(self):
-        return "categorical"
-
-    def num_examples(self):
-        return len(self.rows)
 
     def get_example(self, index):
         row = self.rows[index]

@@ -77,6 +77,15 @@ class Task:
 HASH_ANSWER_RE = re.compile(r"#### (\-?[0-9\.\,]+)")
 
 
+class RowsTask(Task):
+    """A task over the rows of a public dataset (tasks.hub.load_task_rows: a local file or the hub). A subclass fills
+    self.rows in __init__, sets eval_type (a class attribute) and turns a row into a conversation in get_example."""
+    rows = ()
+
+    def num_examples(self):
+        return len(self.rows)
+
+
 def extract_answer(completion):
     """The number after the first '#### ' with commas removed (GSM8K's official normalization), or None."""
     match = HASH_ANSWER_RE.search(completion)

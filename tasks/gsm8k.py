@@ -13,7 +13,7 @@ Local data: NANOCHAT_TASK_DATA_GSM8K or data_path= (e.g. a folder with train.jso
 
 import re
 
-from tasks.common import Task, extract_answer, same_number
+from tasks.common import RowsTask, extract_answer, same_number
 from tasks.hub import load_task_rows
 
 TOOL_CALL_RE = re.compile(r"(<<[^>]+>>)")
@@ -33,7 +33,8 @@ def answer_to_parts(answer):
     return parts
 
 
-class GSM8K(Task):
+class GSM8K(RowsTask):
+    eval_type = "generative"
 
     def __init__(self, subset, split, data_path=None, **kwargs):
         super().__init__(**kwargs)
@@ -42,13 +43,6 @@ class GSM8K(Task):
         self.subset = subset
         self.split = split
         self.rows = load_task_rows("gsm8k", "openai/gsm8k", subset, split, data_path=data_path, default_config="main")
-
-    @property
-    def eval_type(self):
-        return "generative"
-
-    def num_examples(self):
-        return len(self.rows)
 
     def get_example(self, index):
         row = self.rows[index]

@@ -7,7 +7,7 @@ Local data: NANOCHAT_TASK_DATA_HUMANEVAL or data_path= (e.g. HumanEval.jsonl).
 import re
 
 from nanochat.execution import execute_code
-from tasks.common import Task
+from tasks.common import RowsTask
 from tasks.hub import load_task_rows
 
 CODE_BLOCK_RE = re.compile(r"```(?:python)?\s*\n(.*?)\n```", re.DOTALL)
@@ -31,20 +31,14 @@ def extract_program(completion):
     return blocks[0].strip() if blocks else completion.strip()
 
 
-class HumanEval(Task):
+class HumanEval(RowsTask):
+    eval_type = "generative"
 
     def __init__(self, data_path=None, **kwargs):
         super().__init__(**kwargs)
         self.rows = load_task_rows("humaneval", "openai/openai_humaneval", "openai_humaneval", "test",
                                    data_path=data_path, default_config="openai_humaneval",
                                    extra_filenames=("HumanEval.jsonl", "HumanEval.jsonl.gz"))
-
-    @property
-    def eval_type(self):
-        return "generative"
-
-    def num_examples(self):
-        return len(self.rows)
 
     def get_example(self, index):
         row = self.rows[index]

@@ -4,11 +4,12 @@ Categorical: the model answers with one of the letters A-D.
 Local data: NANOCHAT_TASK_DATA_MMLU or data_path= (e.g. a folder with dev.jsonl / validation.jsonl).
 """
 
-from tasks.common import Task, render_mc
+from tasks.common import RowsTask, render_mc
 from tasks.hub import load_task_rows
 
 
-class MMLU(Task):
+class MMLU(RowsTask):
+    eval_type = "categorical"
     letters = ("A", "B", "C", "D")
     groups = ("abstract_algebra", "anatomy", "astronomy", "business_ethics", "clinical_knowledge",
               "college_biology", "college_chemistry", "college_computer_science", "college_mathematics",
@@ -35,13 +36,6 @@ class MMLU(Task):
         self.subset = subset
         self.split = split
         self.rows = load_task_rows("mmlu", "cais/mmlu", subset, split, data_path=data_path, default_config="all")
-
-    @property
-    def eval_type(self):
-        return "categorical"
-
-    def num_examples(self):
-        return len(self.rows)
 
     def get_example(self, index):
         row = self.rows[index]

@@ -4,11 +4,11 @@ train ~460K conversations, test ~24K. Conversations may start with a system mess
 Local data: NANOCHAT_TASK_DATA_SMOLTALK or data_path= (parquet/jsonl with a `messages` column).
 """
 
-from tasks.common import Task
+from tasks.common import RowsTask
 from tasks.hub import load_task_rows
 
 
-class SmolTalk(Task):
+class SmolTalk(RowsTask):
 
     def __init__(self, split, data_path=None, **kwargs):
         super().__init__(**kwargs)
@@ -16,9 +16,6 @@ class SmolTalk(Task):
         self.split = split
         self.rows = load_task_rows("smoltalk", "HuggingFaceTB/smol-smoltalk", "default", split,
                                    data_path=data_path, default_config="default")
-
-    def num_examples(self):
-        return len(self.rows)
 
     def get_example(self, index):
         messages = self.rows[index]["messages"]
