@@ -22,10 +22,10 @@ import sys
 def checkpoint_row(model_tag, step=None):
     """The CSV fields of base_checkpoints/<model_tag> at `step` (default: its last)."""
     # torch takes seconds to import: `has` and `plot`, run by the recipes between trainings, do without it
-    from nanochat.checkpoint_manager import checkpoints_root, find_last_step, patch_model_config  # noqa: E402
-    from nanochat.gpt import GPTConfig  # noqa: E402
-    from nanochat.scaling import build_meta_model  # noqa: E402
-    from nanochat.training import read_checkpoint_meta  # noqa: E402
+    from nanochat.checkpoint_manager import checkpoints_root, find_last_step, patch_model_config
+    from nanochat.gpt import GPTConfig
+    from nanochat.scaling import build_meta_model
+    from nanochat.training import read_checkpoint_meta
     directory = os.path.join(checkpoints_root("base"), model_tag)
     step = find_last_step(directory) if step is None else step
     meta = read_checkpoint_meta(directory, step)
@@ -85,9 +85,9 @@ def has_row(csv_path, labels):
 def plot(csv_path, x, ys, out, group=None):
     """One panel per column in `ys` against x (log x), one line per value of `group` (else the points are labelled
     with their depth); a column without values (e.g. CORE not evaluated) gets a panel that says so. Returns out."""
-    import matplotlib  # noqa: E402  (seconds to import; only plotting needs it)
+    import matplotlib  # seconds to import; only plotting needs it
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: E402
+    import matplotlib.pyplot as plt
     rows = read_rows(csv_path)
     if not rows:
         raise ValueError(f"{csv_path} has no rows to plot")
