@@ -192,8 +192,28 @@ def test_a_slow_tool_parks_its_row_and_the_others_go_on(build_random_gpt, byte_t
     assert tokens[0][:-1] == expected and reasons[0] == "stop"
 
 
+class NeverStopping:
+    """A model that never samples a stop token and takes at least 10 ms a step: its rows stay busy for the test's
+    whole run (a random model at temperature 1 can sample one within a few tokens, and a fast machine finishes
+    250 tokens before a second request is admitted)."""
+
+    def __init__(self, model, stop_ids):
+        self.model, self.config, self.stop_ids = model, model.config, list(stop_ids)
+
+    def get_device(self):
+        return self.model.get_device()
+
+    def forward(self, idx, kv_cache=None, last_logits_only=False):
+        time.sleep(0.01)
+        logits = self.model.forward(idx, kv_cache=kv_cache, last_logits_only=last_logits_only).clone()
+        logits[..., self.stop_ids] = float("-inf")
+        return logits
+
+
 def test_cancel_frees_rows_and_a_full_queue_refuses(build_random_gpt, byte_tokenizer, scheduler_for):
-    engine = Engine(build_random_gpt(seed=5, sequence_len=256), byte_tokenizer, tools=None)
+    stop_ids = (byte_tokenizer.encode_special("<|assistant_end|>"), byte_tokenizer.get_bos_token_id())
+    model = NeverStopping(build_random_gpt(seed=5, sequence_len=256), stop_ids)
+    engine = Engine(model, byte_tokenizer, tools=None)
     scheduler = scheduler_for(engine, max_batch=2, max_waiting=1)
     long = dict(prompt=[256, 1, 2], max_tokens=250, temperature=1.0, use_tools=False)
     running, deadline = [], time.monotonic() + 120  # generous: a busy 2-core machine stalls the scheduler thread

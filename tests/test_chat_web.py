@@ -291,11 +291,12 @@ def test_queue_full_is_429(tiny_model, tokenizer):
     cache.advance = lambda n: (time.sleep(0.05), advance(n))  # slow steps: the first stream outlives the test
     try:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=60)
-        streams = [ask(client, "hello", max_tokens=60, temperature=1.0, stream=True)]
+        # seeded: a random model samples a stop token now and then, and these rows must outlive the test
+        streams = [ask(client, "hello", max_tokens=60, temperature=1.0, seed=0, stream=True)]
         deadline = time.monotonic() + 10
         while server.pool.stats()["busy_rows"] < 1 and time.monotonic() < deadline:
             time.sleep(0.01)  # the first one decodes: the queue is empty again
-        streams.append(ask(client, "hello", max_tokens=60, temperature=1.0, stream=True))
+        streams.append(ask(client, "hello", max_tokens=60, temperature=1.0, seed=0, stream=True))
         with pytest.raises(openai.RateLimitError):
             for _ in range(5):  # one decoding, one waiting: the next ones are refused
                 ask(client, "hello", max_tokens=2)
@@ -311,7 +312,7 @@ def test_disconnect_frees_the_row(live, monkeypatch):
     monkeypatch.setattr(scheduler.cache, "advance", lambda n: (time.sleep(0.05), advance(n)))  # 90 steps: 4.5 s
     served = scheduler.stats()["tokens_served"]
     body = {"model": MODEL, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 90, "stream": True,
-            "temperature": 1.0, "top_k": 0}
+            "temperature": 1.0, "top_k": 0, "seed": 0}
     with requests.post(live.url + "/v1/chat/completions", json=body, timeout=30, stream=True,
                        headers={"Authorization": f"Bearer {KEY}"}) as response:
         data = (line for line in response.iter_lines() if line.startswith(b"data: "))
