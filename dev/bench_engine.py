@@ -80,16 +80,17 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def time_prefill(model, prompt, device, repeats):
-    """Seconds per prefill of the prompt into a fresh cache, the call Engine.generate makes (last position's logits)."""
+def time_prefill(engine, prompt, device, repeats):
+    """Seconds per prefill of the prompt into a fresh cache, as Engine.generate does it (last position's logits)."""
+    prefill = engine.prefill_fn()
     times = []
     for _ in range(repeats):
-        cache = KVCache.for_model(model, 1, len(prompt), device=device)
+        cache = KVCache.for_model(engine.model, 1, len(prompt), device=device)
         ids = torch.tensor([prompt], dtype=torch.long, device=device)
         sync(device)
         t0 = time.perf_counter()
         with torch.inference_mode():
-            model(ids, kv_cache=cache, last_logits_only=True)
+            prefill(ids, kv_cache=cache)
         sync(device)
         times.append(time.perf_counter() - t0)
     return times
@@ -166,7 +167,7 @@ def main(argv=None):
 
     prefill_len = args.prefill_len or config.sequence_len - 1
     print0(f"timing prefill of {prefill_len} tokens")
-    prefill_times = time_prefill(model, random_ids(prefill_len), device, args.repeats)
+    prefill_times = time_prefill(engine, random_ids(prefill_len), device, args.repeats)
     result = {
         "model": name, "n_layer": config.n_layer, "n_embd": config.n_embd, "n_head": config.n_head,
         "sequence_len": config.sequence_len, "vocab_size": vocab,

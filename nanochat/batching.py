@@ -285,7 +285,7 @@ class Scheduler(threading.Thread):
                 k = request.logprobs or 0
                 self.prompt_scores += _logprob_entries(logits[:len(targets)], torch.tensor(targets), k)
         else:
-            logits = self.model.forward(ids, kv_cache=self.prefill_cache, last_logits_only=True)[0]
+            logits = self.engine.prefill_fn()(ids, kv_cache=self.prefill_cache)[0]
         self.prefill_pos = end
         if end == len(prompt):
             self.prefilling = None

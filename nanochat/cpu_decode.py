@@ -10,7 +10,9 @@ next than computing, and it is bound by streaming the weights. So the decoder
   product streams fastest, and c_q | c_k | c_v | ve_gate stacked into one matrix (one matmul for the attention's
   input side, and rotary + norm on q and k together).
 Rows may sit at different positions (a RaggedKVCache, for continuous batching): rotary, the K/V write and a mask
-then follow each row's own length. Measurements: dev/PERF.md ("CPU decode"). Tests check it against the model's forward (tests/test_gpt.py).
+then follow each row's own length. `prefill` runs a prompt (or a chunk of one) of any length from the same
+weights, so a prompt's first token does not pay for casting the fp32 master weights either.
+Measurements: dev/PERF.md ("CPU decode"); tests against the model's forward: tests/test_cpu_decode.py.
 
 The snapshot is taken when the decoder is built. Whoever changes the weights afterwards (an optimizer step,
 load_state_dict) says so: Engine.weights_changed() drops the decoder and the next generate builds a new one.
@@ -25,6 +27,7 @@ to stream per token. Lossy (logits move by ~1 % of their range), so it is opt-in
 import torch
 import torch.nn.functional as F
 
+from nanochat.attention import attention_with_kvcache
 from nanochat.common import COMPUTE_DTYPE
 from nanochat.gpt import SOFTCAP, VE_GATE_CHANNELS
 
@@ -61,7 +64,9 @@ def _fingerprint(weights):
 
 class CPUDecoder:
     """Decode steps for one model: `logits = decoder.step(idx, kv_cache)` equals model(idx, kv_cache=kv_cache)
-    for idx (B, 1) once the cache holds at least one token (it needs the smear state of the previous token)."""
+    for idx (B, 1) once the cache holds at least one token (it needs the smear state of the previous token), and
+    `decoder.prefill(idx, kv_cache)` equals model(idx, kv_cache=kv_cache, last_logits_only=True) for a prompt (or
+    a chunk of one) of any length, from the same pre-cast weights."""
 
     def __init__(self, model, quantize=None, dtype=COMPUTE_DTYPE):
         if quantize not in QUANTIZE_CHOICES:
@@ -165,6 +170,50 @@ class CPUDecoder:
         kv_cache.advance(1)
         if x_backout is not None:
             x = torch.addcmul(x, x_backout, self.backout_lambda, value=-1)
+        logits = _mm(_norm(x, self.eps), self.lm_head)[..., :self.vocab_size].float()
+        return logits.mul_(self.inv_softcap).tanh_().mul_(self.softcap)
+
+    @torch.inference_mode()
+    def prefill(self, idx, kv_cache):
+        """Logits (B, 1, vocab_size) in fp32 of the last of T new tokens per row; writes their K/V and advances the
+        cache. Rows at one position only (a prompt is prefilled alone, then fanned out)."""
+        if kv_cache.row_positions() is not None:
+            raise ValueError("CPUDecoder.prefill takes a cache whose rows share one position; prefill rows alone")
+        B, T = idx.shape
+        H, H_kv, D = self.n_head, self.n_kv_head, self.head_dim
+        pos = kv_cache.get_pos()
+        cos, sin = self.cos[pos:pos + T, None], self.sin[pos:pos + T, None]  # (T, 1, D)
+
+        x = _norm(F.embedding(idx, self.wte), self.eps)                  # (B, T, C)
+        prev = kv_cache.prev_embedding
+        kv_cache.prev_embedding = x[:, -1:]
+        # the first token of a sequence has no predecessor: a zero one adds nothing
+        x_prev = torch.cat([torch.zeros_like(x[:, :1]) if prev is None else prev, x[:, :-1]], dim=1)
+        gate = torch.sigmoid(x[..., :self.smear_channels] @ self.smear_gate).mul_(self.smear_lambda)
+        x = torch.addcmul(x, gate, x_prev)
+        x0 = x
+        x_backout = None
+        for i, layer in enumerate(self.layers):
+            x = torch.addcmul(x * layer["resid"], x0, layer["x0"])
+            qkvg = _mm(_norm(x, self.eps), layer["qkvg"])
+            qk = qkvg[..., :(H + H_kv) * D].view(B, T, H + H_kv, D)
+            qk = _norm(torch.addcmul(qk * cos, qk.roll(D // 2, dims=-1), sin), self.eps)
+            v = qkvg[..., (H + H_kv) * D:(H + 2 * H_kv) * D].view(B, T, H_kv, D)
+            if layer["value_embed"] is not None:
+                gate = torch.sigmoid(qkvg[..., (H + 2 * H_kv) * D:]).view(B, T, H_kv, 1).mul_(self.three)
+                v = torch.addcmul(v, gate, F.embedding(idx, layer["value_embed"]).view(B, T, H_kv, D))
+            k_cache, v_cache = kv_cache.get_layer_cache(i)
+            y = attention_with_kvcache(qk[:, :, :H], k_cache, v_cache, qk[:, :, H:], v, kv_cache.cache_seqlens, pos,
+                                       self.window_sizes[i], scale=layer["softmax_scale"])
+            x = x + _mm(y.reshape(B, T, H * D), layer["proj"])
+            h = _mm(_norm(x, self.eps), layer["fc"]).relu_().square_()
+            x = x + _mm(h, layer["mlp_proj"])
+            if i == self.backout_layer:
+                x_backout = x
+        kv_cache.advance(T)
+        x = x[:, -1:]
+        if x_backout is not None:
+            x = torch.addcmul(x, x_backout[:, -1:], self.backout_lambda, value=-1)
         logits = _mm(_norm(x, self.eps), self.lm_head)[..., :self.vocab_size].float()
         return logits.mul_(self.inv_softcap).tanh_().mul_(self.softcap)
 

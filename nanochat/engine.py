@@ -27,6 +27,7 @@ would begin (nanochat.auto_search, one hook per row).
 
 from collections import deque
 from contextlib import contextmanager
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -187,14 +188,28 @@ class Engine:
         """Say the model's weights were modified or replaced: the next generate re-reads them."""
         self._decoder = None
 
-    def decode_step_fn(self):
-        """What runs a one-token step: the CPU decoder (rebuilt if the weights moved), or the model itself (on a
-        GPU, or a model other than nanochat's GPT, whose math the decoder restates)."""
+    def _cpu_decoder(self):
+        """The CPU decoder (rebuilt if the weights moved), or None on a GPU or for a model other than nanochat's GPT,
+        whose math the decoder restates."""
         if self.model.get_device().type != "cpu" or not isinstance(self.model, GPT):
-            return self.model.forward
+            return None
         if self._decoder is None or not self._decoder.is_current(self.model):
             self._decoder = CPUDecoder(self.model, quantize=self.quantize)
-        return self._decoder.step
+        return self._decoder
+
+    def decode_step_fn(self):
+        """What runs a one-token step, step(ids (B, 1), kv_cache) -> logits (B, 1, V): the CPU decoder's, or the
+        model's forward."""
+        decoder = self._cpu_decoder()
+        return self.model.forward if decoder is None else decoder.step
+
+    def prefill_fn(self):
+        """What prefills a prompt or a chunk of one, prefill(ids (B, T), kv_cache) -> the last position's logits
+        (B, 1, V): the CPU decoder's (from its pre-cast weights), or the model's forward."""
+        decoder = self._cpu_decoder()
+        if decoder is None:
+            return functools.partial(self.model.forward, last_logits_only=True)
+        return decoder.prefill
 
     def _special(self, name):
         return self.tokenizer.encode_special(name)
@@ -294,7 +309,7 @@ class Engine:
         total_len = len(tokens) + max_tokens
         kv_cache = self._new_kv_cache(1, total_len if num_samples == 1 else len(tokens))
         ids = torch.tensor([tokens], dtype=torch.long, device=device)
-        logits = self.model.forward(ids, kv_cache=kv_cache, last_logits_only=True)[:, -1, :]
+        logits = self.prefill_fn()(ids, kv_cache=kv_cache)[:, -1, :]
         if num_samples > 1:
             # 2) fan the prompt's cache out to one row per sample; every row samples its own first token
             decode_cache = self._new_kv_cache(num_samples, total_len)

@@ -33,6 +33,29 @@ def test_decoder_step_equals_the_model_forward(build_random_gpt):
     assert fast.abs().max() > 1.0  # a random model gives non-trivial logits: the comparison has teeth
 
 
+@pytest.mark.parametrize("chunks", [(17, 13), (1, 29)], ids=["past-the-window", "one-token-first"])
+def test_decoder_prefill_equals_the_model_forward(build_random_gpt, chunks):
+    """A prompt prefilled in two chunks (the first from position 0, the second continuing the smear state and
+    attending to the cache through a window of 8), then decode steps: last logits and K/V equal the model's."""
+    model = build_random_gpt(seed=3)
+    ids = torch.randint(0, 256, (2, sum(chunks) + 4), generator=torch.Generator().manual_seed(6))
+    decoder = CPUDecoder(model)
+    results = []
+    for prefill in (decoder.prefill, lambda idx, kv: model(idx, kv_cache=kv, last_logits_only=True)):
+        kv = KVCache.for_model(model, 2, ids.size(1))
+        with torch.inference_mode():
+            first = prefill(ids[:, :chunks[0]], kv)
+            second = prefill(ids[:, chunks[0]:sum(chunks)], kv)
+            steps = [decoder.step(ids[:, t:t + 1], kv) for t in range(sum(chunks), ids.size(1))]
+        results.append((torch.cat([first, second, *steps], dim=1), kv))
+    (fast, fast_kv), (slow, slow_kv) = results
+    assert fast.shape == (2, 6, model.config.vocab_size) and fast_kv.get_pos() == slow_kv.get_pos() == ids.size(1)
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast_kv.k_cache, slow_kv.k_cache, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast_kv.v_cache, slow_kv.v_cache, atol=1e-5, rtol=1e-5)
+    assert fast.abs().max() > 1.0
+
+
 def test_decoder_needs_a_prefilled_cache(build_random_gpt):
     model = build_random_gpt()
     with pytest.raises(ValueError, match="prefill"):
