@@ -205,9 +205,11 @@ class Engine:
 
     def prefill_fn(self):
         """What prefills a prompt or a chunk of one, prefill(ids (B, T), kv_cache) -> the last position's logits
-        (B, 1, V): the CPU decoder's (from its pre-cast weights), or the model's forward."""
+        (B, 1, V): the CPU decoder's (from its pre-cast weights), or the model's forward. With quantize="int8" the
+        prompt runs at full precision through the forward: the int8 kernel is for one-token steps, and slower than
+        the forward on a prompt (dev/PERF.md)."""
         decoder = self._cpu_decoder()
-        if decoder is None:
+        if decoder is None or decoder.quantize is not None:
             return functools.partial(self.model.forward, last_logits_only=True)
         return decoder.prefill
 
