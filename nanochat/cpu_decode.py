@@ -137,7 +137,7 @@ class CPUDecoder:
         if kv_cache.prev_embedding is None:
             raise ValueError("CPUDecoder.step continues a sequence: prefill the cache with the model first")
         B = idx.size(0)
-        H, H_kv, D = self.n_head, self.n_kv_head, self.head_dim
+        H, D = self.n_head, self.head_dim
         pos = kv_cache.get_pos()
         row_positions = kv_cache.row_positions()  # rows at different positions (continuous batching), or None
         if row_positions is None:
@@ -154,17 +154,10 @@ class CPUDecoder:
         x_backout = None
         for i, layer in enumerate(self.layers):
             x = torch.addcmul(x * layer["resid"], x0, layer["x0"])
-            qkvg = _mm(_norm(x, self.eps), layer["qkvg"])                   # (B, 1, (H + 2 H_kv) D [+ H_kv])
-            qk = qkvg[..., :(H + H_kv) * D].view(B, H + H_kv, D)
-            qk = _norm(torch.addcmul(qk * cos, qk.roll(D // 2, dims=-1), sin), self.eps)
-            v = qkvg[..., (H + H_kv) * D:(H + 2 * H_kv) * D].view(B, H_kv, D)
-            if layer["value_embed"] is not None:
-                gate = torch.sigmoid(qkvg[..., (H + 2 * H_kv) * D:]).view(B, H_kv, 1).mul_(self.three)
-                v = torch.addcmul(v, gate, F.embedding(idx, layer["value_embed"]).view(B, H_kv, D))
+            qk, v = self._attention_inputs(layer, x, idx, cos, sin, (B,))
             attend = self._attend if row_positions is None else self._attend_ragged
             x = x + _mm(attend(i, layer, qk, v, kv_cache, pos).view(B, 1, H * D), layer["proj"])
-            h = _mm(_norm(x, self.eps), layer["fc"]).relu_().square_()
-            x = x + _mm(h, layer["mlp_proj"])
+            x = self._mlp(layer, x)
             if i == self.backout_layer:
                 x_backout = x
         kv_cache.advance(1)
@@ -180,7 +173,7 @@ class CPUDecoder:
         if kv_cache.row_positions() is not None:
             raise ValueError("CPUDecoder.prefill takes a cache whose rows share one position; prefill rows alone")
         B, T = idx.shape
-        H, H_kv, D = self.n_head, self.n_kv_head, self.head_dim
+        H, D = self.n_head, self.head_dim
         pos = kv_cache.get_pos()
         cos, sin = self.cos[pos:pos + T, None], self.sin[pos:pos + T, None]  # (T, 1, D)
 
@@ -195,19 +188,12 @@ class CPUDecoder:
         x_backout = None
         for i, layer in enumerate(self.layers):
             x = torch.addcmul(x * layer["resid"], x0, layer["x0"])
-            qkvg = _mm(_norm(x, self.eps), layer["qkvg"])
-            qk = qkvg[..., :(H + H_kv) * D].view(B, T, H + H_kv, D)
-            qk = _norm(torch.addcmul(qk * cos, qk.roll(D // 2, dims=-1), sin), self.eps)
-            v = qkvg[..., (H + H_kv) * D:(H + 2 * H_kv) * D].view(B, T, H_kv, D)
-            if layer["value_embed"] is not None:
-                gate = torch.sigmoid(qkvg[..., (H + 2 * H_kv) * D:]).view(B, T, H_kv, 1).mul_(self.three)
-                v = torch.addcmul(v, gate, F.embedding(idx, layer["value_embed"]).view(B, T, H_kv, D))
+            qk, v = self._attention_inputs(layer, x, idx, cos, sin, (B, T))
             k_cache, v_cache = kv_cache.get_layer_cache(i)
             y = attention_with_kvcache(qk[:, :, :H], k_cache, v_cache, qk[:, :, H:], v, kv_cache.cache_seqlens, pos,
                                        self.window_sizes[i], scale=layer["softmax_scale"])
             x = x + _mm(y.reshape(B, T, H * D), layer["proj"])
-            h = _mm(_norm(x, self.eps), layer["fc"]).relu_().square_()
-            x = x + _mm(h, layer["mlp_proj"])
+            x = self._mlp(layer, x)
             if i == self.backout_layer:
                 x_backout = x
         kv_cache.advance(T)
@@ -216,6 +202,23 @@ class CPUDecoder:
             x = torch.addcmul(x, x_backout[:, -1:], self.backout_lambda, value=-1)
         logits = _mm(_norm(x, self.eps), self.lm_head)[..., :self.vocab_size].float()
         return logits.mul_(self.inv_softcap).tanh_().mul_(self.softcap)
+
+    def _attention_inputs(self, layer, x, idx, cos, sin, lead):
+        """One matmul for q | k | v | the value-embedding gate; q and k get rotary and norm together, v its value
+        embedding. Returns qk (*lead, H + H_kv, D) and v (*lead, H_kv, D); lead is (B,) for a step, (B, T) else."""
+        H, H_kv, D = self.n_head, self.n_kv_head, self.head_dim
+        qkvg = _mm(_norm(x, self.eps), layer["qkvg"])                       # (..., (H + 2 H_kv) D [+ H_kv])
+        qk = qkvg[..., :(H + H_kv) * D].view(*lead, H + H_kv, D)
+        qk = _norm(torch.addcmul(qk * cos, qk.roll(D // 2, dims=-1), sin), self.eps)
+        v = qkvg[..., (H + H_kv) * D:(H + 2 * H_kv) * D].view(*lead, H_kv, D)
+        if layer["value_embed"] is not None:
+            gate = torch.sigmoid(qkvg[..., (H + 2 * H_kv) * D:]).view(*lead, H_kv, 1).mul_(self.three)
+            v = torch.addcmul(v, gate, F.embedding(idx, layer["value_embed"]).view(*lead, H_kv, D))
+        return qk, v
+
+    def _mlp(self, layer, x):
+        h = _mm(_norm(x, self.eps), layer["fc"]).relu_().square_()
+        return x + _mm(h, layer["mlp_proj"])
 
     def _attend(self, i, layer, qk, v, kv_cache, pos):
         """Write this token's K/V at `pos` and attend to the window of cached keys. qk: (B, H + H_kv, D)."""
