@@ -82,7 +82,7 @@ def sync(device):
 
 def time_prefill(engine, prompt, device, repeats):
     """Seconds per prefill of the prompt into a fresh cache, as Engine.generate does it (last position's logits)."""
-    prefill = engine.prefill_fn()
+    prefill, _ = engine.step_fns()
     times = []
     for _ in range(repeats):
         cache = KVCache.for_model(engine.model, 1, len(prompt), device=device)

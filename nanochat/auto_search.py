@@ -86,7 +86,6 @@ class AutoSearch:
         special = tokenizer.encode_special
         self.tokenizer = tokenizer
         self.python_start, self.python_end = special("<|python_start|>"), special("<|python_end|>")
-        self.output_end = special("<|output_end|>")
         self.call_tokens = [self.python_start, *tokenizer.encode(tool_call_json("web_search", query=query)),
                             self.python_end]
         think = normalize_think(think)
@@ -112,9 +111,9 @@ class AutoSearch:
         self.owed = False
         return list(self.call_tokens)
 
-    def after(self, token, output_queued):
-        """output_queued: the Engine has queued a tool output after this token (it ended a call that returned
-        something); without one, the token after a call is the next place to search."""
+    def after(self, token):
+        """See the token the row took (sampled or forced). After a call the next sampled token is a place to search:
+        a call's output, if it has one, is forced first, and callers ask before() only when nothing is forced."""
         self.first_token = False
         if token == self.python_start:
             self.block = []
@@ -122,8 +121,6 @@ class AutoSearch:
             if parse_tool_call(self.tokenizer.decode(self.block)).name == "web_search":
                 self.owed = False
             self.block = None
-            self.at_decision = not output_queued
-        elif token == self.output_end:
             self.at_decision = True
         elif self.block is not None:
             self.block.append(token)

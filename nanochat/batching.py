@@ -183,23 +183,23 @@ class Scheduler(threading.Thread):
     # --- the scheduler thread
 
     def run(self):
-        decode_step = self.engine.decode_step_fn()
+        prefill, decode_step = self.engine.step_fns()  # one weight snapshot for the server's life
         with torch.inference_mode():
             while not self.stopping:
                 try:
-                    self._iteration(decode_step)
+                    self._iteration(prefill, decode_step)
                 except Exception as e:  # a failed step fails the requests in flight, never the server
                     logger.exception("scheduler step failed")
                     self._fail_all(f"generation failed: {type(e).__name__}: {e}")
 
-    def _iteration(self, decode_step):
+    def _iteration(self, prefill, decode_step):
         self._drop_cancelled()
         self._resume_tools()
         worked = False
         if self.prefilling is None:
             self._start_prefill()
         if self.prefilling is not None:
-            self._prefill_chunk()
+            self._prefill_chunk(prefill)
             worked = True
         if self.cache.active:
             self._decode(decode_step)
@@ -273,7 +273,7 @@ class Scheduler(threading.Thread):
         self.prefilling, self.prefill_pos, self.prompt_scores = request, 0, [None]
         self.prefill_cache.reset()
 
-    def _prefill_chunk(self):
+    def _prefill_chunk(self, prefill):
         request = self.prefilling
         prompt, start = request.prompt, self.prefill_pos
         end = min(start + self.prefill_chunk, len(prompt))
@@ -285,7 +285,7 @@ class Scheduler(threading.Thread):
                 k = request.logprobs or 0
                 self.prompt_scores += _logprob_entries(logits[:len(targets)], torch.tensor(targets), k)
         else:
-            logits = self.engine.prefill_fn()(ids, kv_cache=self.prefill_cache)[0]
+            logits = prefill(ids, kv_cache=self.prefill_cache)[0]
         self.prefill_pos = end
         if end == len(prompt):
             self.prefilling = None
@@ -362,7 +362,7 @@ class Scheduler(threading.Thread):
             row.tool_future = self.tools.submit(self.engine.run_tool, code, request.tool)
             row.tool_future.add_done_callback(lambda _: self.wake())
         if state.search is not None and not was_done:
-            state.search.after(token, output_queued=bool(state.forced_tokens) or row.tool_future is not None)
+            state.search.after(token)
         row.feed_token = token
         row.generated += 1
         self.tokens_served += 1

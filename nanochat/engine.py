@@ -197,21 +197,16 @@ class Engine:
             self._decoder = CPUDecoder(self.model, quantize=self.quantize)
         return self._decoder
 
-    def decode_step_fn(self):
-        """What runs a one-token step, step(ids (B, 1), kv_cache) -> logits (B, 1, V): the CPU decoder's, or the
-        model's forward."""
+    def step_fns(self):
+        """(prefill, step) for one generation, the weights checked once: prefill(ids (B, T), kv_cache) -> the last
+        position's logits (B, 1, V) of a prompt or a chunk of one; step(ids (B, 1), kv_cache) -> logits (B, 1, V).
+        On a CPU both run on the decoder's pre-cast weights, except that with quantize="int8" prompts go through the
+        forward at full precision (the int8 kernel is for one-token steps, and slower on a prompt: dev/PERF.md)."""
+        forward_prefill = functools.partial(self.model.forward, last_logits_only=True)
         decoder = self._cpu_decoder()
-        return self.model.forward if decoder is None else decoder.step
-
-    def prefill_fn(self):
-        """What prefills a prompt or a chunk of one, prefill(ids (B, T), kv_cache) -> the last position's logits
-        (B, 1, V): the CPU decoder's (from its pre-cast weights), or the model's forward. With quantize="int8" the
-        prompt runs at full precision through the forward: the int8 kernel is for one-token steps, and slower than
-        the forward on a prompt (dev/PERF.md)."""
-        decoder = self._cpu_decoder()
-        if decoder is None or decoder.quantize is not None:
-            return functools.partial(self.model.forward, last_logits_only=True)
-        return decoder.prefill
+        if decoder is None:
+            return forward_prefill, self.model.forward
+        return (forward_prefill if decoder.quantize else decoder.prefill), decoder.step
 
     def _special(self, name):
         return self.tokenizer.encode_special(name)
@@ -311,14 +306,14 @@ class Engine:
         total_len = len(tokens) + max_tokens
         kv_cache = self._new_kv_cache(1, total_len if num_samples == 1 else len(tokens))
         ids = torch.tensor([tokens], dtype=torch.long, device=device)
-        logits = self.prefill_fn()(ids, kv_cache=kv_cache)[:, -1, :]
+        prefill, decode_step = self.step_fns()
+        logits = prefill(ids, kv_cache=kv_cache)[:, -1, :]
         if num_samples > 1:
             # 2) fan the prompt's cache out to one row per sample; every row samples its own first token
             decode_cache = self._new_kv_cache(num_samples, total_len)
             decode_cache.prefill(kv_cache)
             kv_cache = decode_cache
             logits = logits.expand(num_samples, -1)
-        decode_step = self.decode_step_fn()
 
         rows = [self.new_row_state(search) for search in searches]
         ids = torch.empty((num_samples, 1), dtype=torch.long, device=device)
@@ -340,7 +335,7 @@ class Engine:
                 if code is not None:
                     row.forced_tokens.extend(self.run_tool(code, tool))
                 if row.search is not None and not was_done:
-                    row.search.after(token, output_queued=bool(row.forced_tokens))
+                    row.search.after(token)
             yield token_column, token_masks
             if step + 1 == max_tokens or all(row.completed for row in rows):
                 break

@@ -133,6 +133,6 @@ def test_int8_decode_stays_close_to_exact_and_is_opt_in(build_random_gpt, byte_t
     assert engine._decoder is first  # quantized once while the weights stay the same
     with torch.inference_mode():  # prompts run at full precision: the first token's logits are the exact ones
         kv = KVCache.for_model(model, 1, prompt.size(1))
-        torch.testing.assert_close(engine.prefill_fn()(prompt, kv_cache=kv), model(prompt, last_logits_only=True))
+        torch.testing.assert_close(engine.step_fns()[0](prompt, kv_cache=kv), model(prompt, last_logits_only=True))
     with pytest.raises(ValueError, match="quantize"):
         Engine(model, byte_tokenizer, quantize="int4")
