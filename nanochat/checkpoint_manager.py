@@ -258,17 +258,21 @@ def load_checkpoint(checkpoint_dir, step, device, load_optimizer=False, rank=0):
             f"Pass a step that exists, or omit the step to use the last one.")
     meta_data = read_meta(meta_path(checkpoint_dir, step))
     model_data = load_torch_file(model_path(checkpoint_dir, step), device)
-    optimizer_data = None
-    if load_optimizer:
-        path = optim_path(checkpoint_dir, step, rank)
-        if not os.path.exists(path):
-            shards = sorted(glob.glob(os.path.join(checkpoint_dir, f"optim_{step:06d}_rank*.pt")))
-            raise CheckpointNotFoundError(
-                f"Optimizer shard {path} is missing (found {len(shards)} shard(s) for step {step}). Optimizer state is "
-                f"sharded per rank: resume with the same number of processes that saved it, or start the optimizer "
-                f"fresh (e.g. chat_sft --load-optimizer 0).")
-        optimizer_data = load_torch_file(path, device)
+    optimizer_data = load_optimizer_shard(checkpoint_dir, step, device, rank) if load_optimizer else None
     return model_data, optimizer_data, meta_data
+
+
+def load_optimizer_shard(checkpoint_dir, step, device, rank=0):
+    """One rank's optimizer state of a checkpoint, without its weights. A missing shard is a
+    CheckpointNotFoundError that says what to do."""
+    path = optim_path(checkpoint_dir, step, rank)
+    if not os.path.exists(path):
+        shards = sorted(glob.glob(os.path.join(checkpoint_dir, f"optim_{step:06d}_rank*.pt")))
+        raise CheckpointNotFoundError(
+            f"Optimizer shard {path} is missing (found {len(shards)} shard(s) for step {step}). Optimizer state is "
+            f"sharded per rank: resume with the same number of processes that saved it, or start the optimizer "
+            f"fresh (e.g. chat_sft --load-optimizer 0).")
+    return load_torch_file(path, device)
 
 
 def damaged(path, reason):

@@ -32,7 +32,7 @@ import torch.distributed as dist
 
 from nanochat import chunked_loss
 from nanochat.checkpoint_manager import (CHECKPOINT_DIRS, CheckpointNotFoundError, available_steps, checkpoints_root,
-                                         find_largest_model, find_last_step, gib, load_checkpoint, meta_path,
+                                         find_largest_model, find_last_step, gib, load_optimizer_shard, meta_path,
                                          read_meta, save_checkpoint, check_can_save, estimate_checkpoint_bytes)
 from nanochat.cli import UserError
 from nanochat.common import (COMPUTE_DTYPE, DummyWandb, autodetect_device_type, compute_cleanup, compute_init,
@@ -180,6 +180,17 @@ def mean_over_ranks(value, runtime):
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
         value = value / runtime.world_size
     return value.item()
+
+
+def sum_over_ranks(values, runtime):
+    """A list, or a dict of names to numbers, summed over ranks (one float64 all-reduce); same type back."""
+    names = sorted(values) if isinstance(values, dict) else None
+    numbers = [float(values[k]) for k in names] if names is not None else [float(v) for v in values]
+    if runtime.ddp:
+        t = torch.tensor(numbers, dtype=torch.float64, device=runtime.device)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        numbers = t.tolist()
+    return dict(zip(names, numbers)) if names is not None else numbers
 
 
 # -----------------------------------------------------------------------------
@@ -355,8 +366,7 @@ def warm_start_optimizer(optimizer, checkpoint_dir, step, runtime, required):
     weight decay this run set up (pretraining ends near zero LR). A missing shard is an error when `required`
     (resuming), else a warning and a fresh optimizer."""
     try:
-        _, optimizer_data, _ = load_checkpoint(checkpoint_dir, step, runtime.device, load_optimizer=True,
-                                               rank=runtime.rank)
+        optimizer_data = load_optimizer_shard(checkpoint_dir, step, runtime.device, runtime.rank)
     except FileNotFoundError as e:
         if required:
             raise
@@ -540,6 +550,12 @@ def fine_tuning_state(start, source_kind, step, num_steps, meter, **loop_extra):
             "loop_state": {"step": step, "step_offset": start.step_offset, "num_steps": num_steps,
                            "smooth_train_loss": meter.smooth_loss, "total_training_time": meter.total_time,
                            **loop_extra}}
+
+
+def is_save_step(step, start_step, save_every, last_step):
+    """Save at the last step, and every save_every steps (when > 0) after the step the run started from (whose
+    checkpoint is already on disk, or is step 0 of a fresh run)."""
+    return last_step or (save_every > 0 and step > start_step and step % save_every == 0)
 
 
 def save_run_checkpoint(start, step, model, optimizer, meta, rank, pusher):

@@ -410,9 +410,7 @@ class PretrainingRun:
                 last_step = self.step == s.num_iterations  # one extra pass so the end of the run is evaluated and saved
                 flops_so_far = s.flops_per_token * s.total_batch_size * self.step
                 self.evaluate(last_step, flops_so_far)
-                periodic_save = (self.step > 0 and self.step != s.resume_step and args.save_every > 0
-                                 and self.step % args.save_every == 0)
-                if last_step or periodic_save:
+                if training.is_save_step(self.step, max(s.resume_step, 0), args.save_every, last_step):
                     self.save()
                 if last_step:
                     break

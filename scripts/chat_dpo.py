@@ -31,7 +31,6 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.distributed as dist
 
 from nanochat import training
 from nanochat.checkpoint_manager import build_model
@@ -171,8 +170,7 @@ class DPORun:
             warn_if_cpu_is_busy()
         self.s = s = resolve_settings(args, rt.world_size)
         self.pusher = CheckpointPusher(args.push_to)
-        self.model, self.tokenizer, start_meta = build_model(s.start.start_dir, s.start.start_step, rt.device,
-                                                             phase="train")
+        self.model, self.tokenizer, _ = build_model(s.start.start_dir, s.start.start_step, rt.device, phase="train")
         self.train_rows, self.train_stats = render_pairs(self.tokenizer, train_pairs, s.max_seq_len, "Training")
         self.val_rows, self.val_stats = render_pairs(self.tokenizer, val_pairs, s.max_seq_len, "Validation")
         if not self.train_rows or not self.val_rows:
@@ -181,9 +179,10 @@ class DPORun:
             max(1, len(self.train_rows) * args.num_epochs // args.pairs_per_step)
         self.setup_reference()
         self.optimizer = self.setup_optimizer()
+        self.scaler = training.make_grad_scaler()
         training.check_run_can_save(s.start.output_dir, self.model, self.optimizer, rt)
         self.report = get_report()
-        loop = start_meta["loop_state"] if s.resuming else {}
+        loop = s.start.meta["loop_state"] if s.resuming else {}
         self.step = self.start_step = loop.get("step", 0)
         self.val_metrics = loop.get("val_metrics", {})
         self.first_val_metrics = loop.get("first_val_metrics", {})
@@ -243,7 +242,7 @@ class DPORun:
             while True:
                 last_step = self.step >= self.num_steps
                 self.evaluate(last_step)
-                if last_step or (args.save_every > 0 and self.step > self.start_step and self.step % args.save_every == 0):
+                if training.is_save_step(self.step, self.start_step, args.save_every, last_step):
                     self.save()
                 if last_step:
                     break
@@ -294,29 +293,20 @@ class DPORun:
         for start in range(0, len(mine), args.device_batch_size):
             losses, batch_sums, batch_tokens = self.pair_batch_metrics("train", self.train_rows,
                                                                        mine[start:start + args.device_batch_size])
-            (losses.sum() * scale).backward()
+            training.backward(losses.sum() * scale, self.scaler)
             sums = {k: sums[k] + v for k, v in batch_sums.items()}
             tokens += batch_tokens
-        metrics = mean_dpo_metrics(self.sum_over_ranks(sums))
+        metrics = mean_dpo_metrics(training.sum_over_ranks(sums, rt))
         training.check_finite_loss(metrics["loss"], self.step)
         lrm = progress_lr_multiplier(self.step / self.num_steps, args.warmup_ratio, args.warmdown_ratio,
                                      args.final_lr_frac)
         set_schedule(self.optimizer, lrm, MUON_MOMENTUM)
-        optimizer_step(self.optimizer, None, rt.ddp)
+        optimizer_step(self.optimizer, self.scaler, rt.ddp)
         self.model.zero_grad(set_to_none=True)
         rt.synchronize()
         self.step += 1
         self.meter.update(metrics["loss"], time.time() - t0, tokens * rt.world_size, self.step)
         return lrm, metrics
-
-    def sum_over_ranks(self, sums):
-        """A dict of numbers summed over the ranks."""
-        if not self.rt.ddp:
-            return sums
-        names = sorted(sums)
-        t = torch.tensor([float(sums[k]) for k in names], dtype=torch.float64, device=self.rt.device)
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        return dict(zip(names, t.tolist()))
 
     # -------------------------------------------------------------------------
     # evaluation, logging, saving
@@ -329,7 +319,7 @@ class DPORun:
         for start in range(0, len(mine), self.args.device_batch_size):
             _, batch_sums, _ = self.pair_batch_metrics("val", self.val_rows, mine[start:start + self.args.device_batch_size])
             sums = {k: sums[k] + v for k, v in batch_sums.items()}
-        return mean_dpo_metrics(self.sum_over_ranks(sums))
+        return mean_dpo_metrics(training.sum_over_ranks(sums, self.rt))
 
     def evaluate(self, last_step):
         args, step = self.args, self.step

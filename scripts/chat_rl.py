@@ -140,17 +140,17 @@ class RLRun:
         self.train_task, self.eval_task = build_tasks(args.task, args.train_size, args.eval_examples)
         self.s = s = resolve_settings(args, rt.world_size, len(self.train_task))
         self.pusher = CheckpointPusher(args.push_to)
-        self.model, self.tokenizer, start_meta = build_model(s.start.start_dir, s.start.start_step, rt.device,
-                                                             phase="train")
+        self.model, self.tokenizer, _ = build_model(s.start.start_dir, s.start.start_step, rt.device, phase="train")
         self.engine = Engine(self.model, self.tokenizer)  # the calculator tool, as in SFT's data
         self.optimizer = self.model.setup_optimizer(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
                                                     matrix_lr=args.matrix_lr, weight_decay=args.weight_decay)
         if s.resuming:
             training.warm_start_optimizer(self.optimizer, s.start.start_dir, s.start.start_step, rt, required=True)
         training.scale_learning_rates(self.optimizer, args.init_lr_frac)
+        self.scaler = training.make_grad_scaler()
         training.check_run_can_save(s.start.output_dir, self.model, self.optimizer, rt)
         self.report = get_report()
-        loop = start_meta["loop_state"] if s.resuming else {}
+        loop = s.start.meta["loop_state"] if s.resuming else {}
         self.step = self.start_step = loop.get("step", 0)
         self.pass_at = loop.get("pass_at", {})
         self.first_pass_at = loop.get("first_pass_at", {})
@@ -163,7 +163,7 @@ class RLRun:
             while True:
                 last_step = self.step >= s.num_steps
                 self.evaluate(last_step)
-                if last_step or (args.save_every > 0 and self.step > self.start_step and self.step % args.save_every == 0):
+                if training.is_save_step(self.step, self.start_step, args.save_every, last_step):
                     self.save()
                 if last_step:
                     break
@@ -199,9 +199,9 @@ class RLRun:
         return results, masks, completions
 
     def rollouts(self):
-        """This rank's micro-batches [(inputs, targets, advantages)] for the step, and (reward sum, samples,
-        sampled tokens) for the log."""
-        micro_batches, reward_sum, samples, sampled_tokens = [], 0.0, 0, 0
+        """This rank's micro-batches [(inputs, targets, advantages)] for the step, and (reward sum, samples) for
+        the log."""
+        micro_batches, reward_sum, samples = [], 0.0, 0
         pad = self.tokenizer.encode_special("<|assistant_end|>")
         for index in self.step_examples():
             conversation = self.train_task[index]
@@ -216,11 +216,10 @@ class RLRun:
                 end = start + self.args.device_batch_size
                 inputs, targets = rollout_rows(results[start:end], masks[start:end], pad, self.rt.device)
                 micro_batches.append((inputs, targets, advantages[start:end].to(self.rt.device)))
-                sampled_tokens += int((targets >= 0).sum())
         if not micro_batches:  # every rank must reach the optimizer with gradients (its collectives expect them)
             nothing = torch.full((1, 1), -1, dtype=torch.long, device=self.rt.device)
             micro_batches.append((nothing.clamp(min=pad), nothing, torch.zeros(1, device=self.rt.device)))
-        return micro_batches, (reward_sum, samples, sampled_tokens)
+        return micro_batches, (reward_sum, samples)
 
     def train_step(self):
         """Sample, then one policy-gradient step. Returns the step's numbers for the log."""
@@ -232,28 +231,23 @@ class RLRun:
         loss_sum = torch.zeros((), dtype=torch.float32, device=rt.device)
         for inputs, targets, advantages in micro_batches:
             loss = policy_gradient_loss(self.model, inputs, targets, advantages) * scale
-            loss.backward()
+            training.backward(loss, self.scaler)
             loss_sum += loss.detach().float()
         if rt.ddp:
             dist.all_reduce(loss_sum, op=dist.ReduceOp.SUM)
-        training.check_finite_loss(loss_sum.item(), self.step)
+        loss_value = loss_sum.item()
+        training.check_finite_loss(loss_value, self.step)
         lrm = progress_lr_multiplier(self.step / s.num_steps, 0.0, 1.0, 0.0)  # linear ramp to zero
         set_schedule(self.optimizer, lrm, MUON_MOMENTUM)
-        optimizer_step(self.optimizer, None, rt.ddp)
+        optimizer_step(self.optimizer, self.scaler, rt.ddp)
         self.model.zero_grad(set_to_none=True)
         self.engine.weights_changed()  # the CPU decoder's weight snapshot is stale now
         rt.synchronize()
         self.step += 1
-        reward_sum, samples, _ = self.sum_over_ranks(local_stats)
-        train_loss = loss_sum.item() / rt.world_size
+        reward_sum, samples = training.sum_over_ranks(local_stats, rt)
+        train_loss = loss_value / rt.world_size
         self.meter.update(train_loss, time.time() - t0, step_tokens, self.step)
         return {"lrm": lrm, "reward": reward_sum / max(1, samples), "sequence_length": step_tokens / max(1, samples)}
-
-    def sum_over_ranks(self, values):
-        t = torch.tensor(values, dtype=torch.float64, device=self.rt.device)
-        if self.rt.ddp:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        return t.tolist()
 
     # -------------------------------------------------------------------------
     # evaluation, logging, saving
@@ -287,7 +281,7 @@ class RLRun:
             for k in range(1, n + 1):
                 totals[k - 1] += pass_at_k(n, correct, k) if completions else 0.0
             totals[n] += 1
-        totals = self.sum_over_ranks(totals)
+        totals = training.sum_over_ranks(totals, self.rt)
         return {f"pass@{k}": totals[k - 1] / max(1, totals[n]) for k in range(1, n + 1)}
 
     def log_step(self, stats):

@@ -139,7 +139,7 @@ import torch.distributed as dist
 
 from nanochat.chat_dataloader import ConversationPacker
 from nanochat.chat_eval import ALL_TASKS, evaluate_chat_tasks
-from nanochat.checkpoint_manager import build_model, save_checkpoint
+from nanochat.checkpoint_manager import build_model
 from nanochat.common import get_base_dir, print0
 from nanochat.hub import CheckpointPusher
 from nanochat.loss_eval import evaluate_bpb
@@ -253,13 +253,7 @@ class Settings:
     """What the run does beyond the plain flags: where its weights come from and where its checkpoints go, and
     the batch sizes and LRs (a flag left unset inherits the source checkpoint's value). The run reads these,
     never the flags they resolve (args.max_seq_len may be None)."""
-    source_tag: str
-    source_step: int
-    start_dir: str           # the weights this run starts from: the source checkpoint, or its own when resuming
-    start_step: int
-    output_dir: str
-    step_offset: int         # checkpoint numbers = this run's steps + step_offset (fine-tuning into the source's dir)
-    resume_step: int         # -1: a fresh run
+    start: training.StartPoint  # the source, the weights this run starts from and where its checkpoints go
     max_seq_len: int
     device_batch_size: int
     total_batch_size: int
@@ -269,10 +263,6 @@ class Settings:
     grad_accum_steps: int
     report_section: str
     user_config: dict        # the flags with the inherited values filled in, saved in every checkpoint
-
-    @property
-    def resuming(self):
-        return self.resume_step >= 0
 
 
 def inherit_from(args, meta):
@@ -296,9 +286,7 @@ def resolve_settings(args, world_size):
     inherited = inherit_from(args, start.meta)
     grad_accum_steps = compute_grad_accum_steps(inherited["total_batch_size"], inherited["device_batch_size"],
                                                 inherited["max_seq_len"], world_size)
-    return Settings(source_tag=start.source_tag, source_step=start.source_step, start_dir=start.start_dir,
-                    start_step=start.start_step, output_dir=start.output_dir, step_offset=start.step_offset,
-                    resume_step=start.resume_step, grad_accum_steps=grad_accum_steps,
+    return Settings(start=start, grad_accum_steps=grad_accum_steps,
                     user_config={**vars(args), **inherited},
                     report_section="Midtraining" if args.preset == "midtrain" else "Chat SFT", **inherited)
 
@@ -318,12 +306,12 @@ class SFTRun:
         self.pusher = CheckpointPusher(args.push_to)
         # the data first: a malformed file stops the run before the model and optimizer are loaded
         self.train_ds, self.val_ds, self.mixture_desc, self.offline = build_mixtures(args)
-        self.model, self.tokenizer, start_meta = build_model(s.start_dir, s.start_step, rt.device, phase="train")
-        resume_meta = start_meta if s.resuming else None
+        self.model, self.tokenizer, _ = build_model(s.start.start_dir, s.start.start_step, rt.device, phase="train")
+        resume_meta = s.start.meta if s.start.resuming else None
         training.print_batch_arithmetic(s.device_batch_size, s.max_seq_len, s.total_batch_size, s.grad_accum_steps)
         training.check_memory_fits(self.model, s.device_batch_size, s.max_seq_len, rt, model_loaded=True)
         self.optimizer = self.setup_optimizer()
-        training.check_run_can_save(s.output_dir, self.model, self.optimizer, rt)
+        training.check_run_can_save(s.start.output_dir, self.model, self.optimizer, rt)
         self.scaler = training.make_grad_scaler()
         self.train_model = self.model  # compiled on CUDA; self.model (uncompiled) saves and runs the chat evals
         if rt.device_type == "cuda":
@@ -347,8 +335,9 @@ class SFTRun:
         args, s = self.args, self.s
         optimizer = self.model.setup_optimizer(unembedding_lr=s.unembedding_lr, embedding_lr=s.embedding_lr,
                                                matrix_lr=s.matrix_lr, weight_decay=args.weight_decay)
-        if s.resuming or args.load_optimizer:
-            training.warm_start_optimizer(optimizer, s.start_dir, s.start_step, self.rt, required=s.resuming)
+        if s.start.resuming or args.load_optimizer:
+            training.warm_start_optimizer(optimizer, s.start.start_dir, s.start.start_step, self.rt,
+                                          required=s.start.resuming)
         training.scale_learning_rates(optimizer, args.init_lr_frac)
         return optimizer
 
@@ -369,7 +358,7 @@ class SFTRun:
                 last_step = self.data_done or (args.num_iterations > 0 and self.step >= args.num_iterations)
                 flops_so_far = self.meter.flops_per_token * self.s.total_batch_size * self.step
                 self.evaluate(last_step, flops_so_far)
-                if last_step or (args.save_every > 0 and self.step > self.start_step and self.step % args.save_every == 0):
+                if training.is_save_step(self.step, self.start_step, args.save_every, last_step):
                     self.save()
                 if last_step:
                     break
@@ -379,7 +368,7 @@ class SFTRun:
 
     def evaluate(self, last_step, flops_so_far):
         args, step = self.args, self.step
-        resumed_here = self.s.resuming and step == self.start_step  # the resumed run evaluated this step already
+        resumed_here = self.s.start.resuming and step == self.start_step  # the resumed run evaluated this step already
         if last_step or (args.eval_every > 0 and step % args.eval_every == 0 and not resumed_here):
             self.evaluate_val_bpb(flops_so_far)
         if args.chatcore_every > 0 and (last_step or (step > 0 and step % args.chatcore_every == 0)):
@@ -419,16 +408,14 @@ class SFTRun:
 
     def save(self):
         s, rt, meter = self.s, self.rt, self.meter
-        number = s.step_offset + self.step
         meta = training.checkpoint_meta(
-            number, self.val_bpb, asdict(self.model.config), s.user_config, s.device_batch_size, s.max_seq_len,
-            s.total_batch_size, tokenizer=self.tokenizer, source={"kind": self.args.source, "tag": s.source_tag, "step": s.source_step},
+            s.start.step_offset + self.step, self.val_bpb, asdict(self.model.config), s.user_config,
+            s.device_batch_size, s.max_seq_len, s.total_batch_size, tokenizer=self.tokenizer,
             dataloader_state_dicts=training.gather_from_ranks(self.train_loader.state_dict(), rt),
-            loop_state={"step": self.step, "step_offset": s.step_offset, "min_val_bpb": self.min_val_bpb,
-                        "smooth_train_loss": meter.smooth_loss, "total_training_time": meter.total_time,
-                        "progress": self.progress, "val_bpb": self.val_bpb, "trained_tokens": self.trained_tokens})
-        save_checkpoint(s.output_dir, number, self.model.state_dict(), self.optimizer.state_dict(), meta, rank=rt.rank)
-        self.pusher.push(s.output_dir, number)
+            **training.fine_tuning_state(s.start, self.args.source, self.step, self.args.num_iterations, meter,
+                                         min_val_bpb=self.min_val_bpb, progress=self.progress, val_bpb=self.val_bpb,
+                                         trained_tokens=self.trained_tokens))
+        training.save_run_checkpoint(s.start, self.step, self.model, self.optimizer, meta, rt.rank, self.pusher)
 
     def train_step(self):
         """One optimization step over grad_accum_steps packed micro-batches; the loss is the mean over every
@@ -491,23 +478,18 @@ class SFTRun:
         args, s = self.args, self.s
         if self.rt.device_type == "cuda":
             print0(f"Peak memory usage: {training.peak_memory_mib('cuda'):.2f}MiB")
-        print0(f"Total training time: {self.meter.total_time / 60:.2f}m")
         print0(f"Minimum validation bpb: {self.min_val_bpb:.4f}")
-        print0(f"Saved to {s.output_dir} (step {s.step_offset + self.step})")
+        summary = training.fine_tuning_summary(s.start, args.source, self.step, self.meter, self.rt.world_size)
         self.report.log(section=s.report_section, data=[
             vars(args),
-            {"Source": f"{args.source} {s.source_tag} step {s.source_step}",
-             "Output": f"{s.output_dir} step {s.step_offset + self.step}", "Training mixture": self.mixture_desc,
-             "Training conversations": len(self.train_ds), "Validation conversations": len(self.val_ds),
-             "Number of iterations": self.step, "Trained tokens": self.trained_tokens,
-             "DDP world size": self.rt.world_size},
-            {"Minimum validation bpb": self.min_val_bpb, "Final validation bpb": self.val_bpb,
-             "Training time (min)": self.meter.total_time / 60},
+            {**summary, "Training mixture": self.mixture_desc, "Training conversations": len(self.train_ds),
+             "Validation conversations": len(self.val_ds), "Trained tokens": self.trained_tokens},
+            {"Minimum validation bpb": self.min_val_bpb, "Final validation bpb": self.val_bpb},
             self.chat_results,
         ])
         self.wandb_run.finish()
         return {"step": self.step, "val_bpb": self.val_bpb, "min_val_bpb": self.min_val_bpb,
-                "output_dir": s.output_dir, "consumed": self.train_loader.consumed,
+                "output_dir": s.start.output_dir, "consumed": self.train_loader.consumed,
                 "trained_tokens": self.trained_tokens, "chat": self.chat_results}
 
 

@@ -292,13 +292,13 @@ def test_settings_inherit_from_the_source_and_leave_the_flags_alone(base, capsys
     assert (s.max_seq_len, s.device_batch_size, s.total_batch_size, s.grad_accum_steps) == (64, 2, 256, 2)
     assert (s.embedding_lr, s.unembedding_lr, s.matrix_lr) == (0.5, 0.004, 0.02)
     assert s.user_config["max_seq_len"] == 64 and s.user_config["embedding_lr"] == 0.5
-    assert (s.source_tag, s.source_step, s.step_offset, s.resuming) == ("d2", 0, 0, False)
-    assert s.output_dir.endswith(os.path.join("chatsft_checkpoints", "d2")) and s.report_section == "Chat SFT"
+    assert (s.start.source_tag, s.start.source_step, s.start.step_offset, s.start.resuming) == ("d2", 0, 0, False)
+    assert s.start.output_dir.endswith(os.path.join("chatsft_checkpoints", "d2")) and s.report_section == "Chat SFT"
     out = capsys.readouterr().out
     assert "NOTE: --embedding-lr=0.5 overrides the source checkpoint's value of 0.3" in out
     assert "Inherited total_batch_size=256 from the source checkpoint" in out
     mid = chat_sft.resolve_settings(parse_args(["--preset", "midtrain"]), world_size=1)
-    assert mid.output_dir.endswith(os.path.join("mid_checkpoints", "d2")) and mid.report_section == "Midtraining"
+    assert mid.start.output_dir.endswith(os.path.join("mid_checkpoints", "d2")) and mid.report_section == "Midtraining"
     assert mid.embedding_lr == 0.2  # the preset's LR, not the source's
     with pytest.raises(UserError, match="Set --total-batch-size to a multiple of 384"):
         chat_sft.resolve_settings(parse_args(["--device-batch-size", "3", "--total-batch-size", "1000"]), world_size=2)
