@@ -36,7 +36,7 @@ import sys
 import threading
 import time
 
-from nanochat.checkpoint_manager import CHECKPOINT_DIRS, meta_path, model_path, optim_path
+from nanochat.checkpoint_manager import CHECKPOINT_DIRS, meta_path, model_path, optim_path, read_meta
 from nanochat.common import get_base_dir
 from nanochat.remote import STEP_FILE, PushError, open_remote
 from nanochat.training import find_checkpoint
@@ -84,15 +84,15 @@ def tokenizer_files():
 
 class CheckpointPusher:
     """Uploads saved checkpoints to `url` from a background thread; url None (or not a node's first process):
-    every call does nothing."""
+    every call does nothing. ranks: the optimizer shards to upload (default: this node's, in a running trainer)."""
 
     retries = 8            # attempts per checkpoint
     backoff_seconds = 2.0  # wait backoff * 2**(attempt - 1) between attempts, at most max_backoff_seconds
     max_backoff_seconds = 300.0
 
-    def __init__(self, url):
+    def __init__(self, url, ranks=None):
         self.url = url
-        ranks = node_leader_ranks() if url else None
+        ranks = (ranks or node_leader_ranks()) if url else None
         self.active = ranks is not None
         self.ranks, self.owns_model = ranks, ranks is not None and ranks.start == 0
         self.lock = threading.Lock()
@@ -264,7 +264,8 @@ def pull_tokenizer(remote, files, force):
 def push_existing(url, source, model_tag=None, step=None, timeout=None):
     """Upload a checkpoint already on disk (e.g. a run started without --push-to). Returns what is unpushed."""
     checkpoint_dir, _, step = find_checkpoint(source, model_tag, step)
-    pusher = CheckpointPusher(url)
+    # every shard on disk: this process is not the run that saved them, and the run may have had many ranks
+    pusher = CheckpointPusher(url, ranks=range(expected_shards(read_meta(meta_path(checkpoint_dir, step)))))
     pusher.push(checkpoint_dir, step)
     return pusher.close(timeout)
 

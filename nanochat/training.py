@@ -544,9 +544,10 @@ def checkpoint_meta(step, val_bpb, model_config, user_config, device_batch_size,
 
 
 def fine_tuning_state(start, source_kind, step, num_steps, meter, **loop_extra):
-    """The meta fields of a fine-tuning run's checkpoint (RL, DPO) that say where it started and where its loop
-    stands (what a resume reads back)."""
+    """The meta fields of a fine-tuning run's checkpoint (SFT, RL, DPO) that say where it started and where its loop
+    stands (what a resume reads back), and the number of ranks, each of which saves an optimizer shard."""
     return {"source": {"kind": source_kind, "tag": start.source_tag, "step": start.source_step},
+            "world_size": meter.runtime.world_size,
             "loop_state": {"step": step, "step_offset": start.step_offset, "num_steps": num_steps,
                            "smooth_train_loss": meter.smooth_loss, "total_training_time": meter.total_time,
                            **loop_extra}}

@@ -5,6 +5,7 @@ the uninterrupted run, bit for bit."""
 import json
 import os
 import random
+import shutil
 import threading
 
 import pytest
@@ -223,6 +224,23 @@ def test_pull_skips_a_step_whose_optimizer_shards_are_not_all_there(machine, tmp
     assert hub.main(["pull", f"file://{remote_dir}"]) == 0
     assert sorted(os.listdir(fresh / "base_checkpoints" / "d2")) == ["meta_000002.json", "model_000002.pt",
                                                                       "optim_000002_rank0.pt"]
+
+
+def test_push_of_a_saved_checkpoint_uploads_every_rank_shard(machine, tmp_path):
+    """`hub push` runs as one process, not as the run that saved the step: it uploads every rank's shard."""
+    base_dir, corpus = machine
+    base_train.main(TINY + ["--data-dir", corpus, "--num-iterations", "1"])
+    folder = os.path.join(base_dir, "base_checkpoints", "d2")
+    shutil.copy(os.path.join(folder, "optim_000001_rank0.pt"), os.path.join(folder, "optim_000001_rank1.pt"))
+    meta_file = os.path.join(folder, "meta_000001.json")
+    with open(meta_file) as f:
+        meta = json.load(f)
+    with open(meta_file, "w") as f:
+        json.dump({**meta, "world_size": 2}, f)  # as a 2-rank run saves it
+    url = f"file://{tmp_path}/remote"
+    assert hub.push_existing(url, "base") == []
+    assert {"base_checkpoints/d2/optim_000001_rank0.pt", "base_checkpoints/d2/optim_000001_rank1.pt",
+            "base_checkpoints/d2/model_000001.pt", "base_checkpoints/d2/meta_000001.json"} <= set(remote_files(url))
 
 
 def test_bad_push_urls_are_refused_before_training(machine, capsys):
