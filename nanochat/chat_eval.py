@@ -147,13 +147,17 @@ def chatcore(results):
     return sum(centered_accuracy(results[n], BASELINES[n]) for n in ALL_TASKS) / len(ALL_TASKS)
 
 
-def evaluate_chat_tasks(model, tokenizer, task_names, batch_size, max_categorical=-1, max_generative=-1):
+def evaluate_chat_tasks(model, tokenizer, task_names, batch_size, max_categorical=-1, max_generative=-1, tasks=None):
     """{task: accuracy} with greedy answers (at most max_* problems per task, -1 = all), plus "ChatCORE" when
-    all six of its tasks ran: the evaluation a trainer runs as it goes."""
+    all six of its tasks ran: the evaluation a trainer runs as it goes. tasks: a dict the caller keeps between
+    calls, so each dataset is read once per run (filled here as tasks are first needed)."""
     engine = Engine(model, tokenizer)
+    tasks = {} if tasks is None else tasks
     results = {}
     for name in task_names:
-        task = make_task(name)
+        if name not in tasks:
+            tasks[name] = make_task(name)
+        task = tasks[name]
         limit = max_categorical if task.eval_type == "categorical" else max_generative
         results[name] = run_chat_eval(name, model, tokenizer, engine, batch_size=batch_size,
                                       max_new_tokens=min(512, model.config.sequence_len),

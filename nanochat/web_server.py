@@ -325,10 +325,12 @@ def add_error_handlers(app):
 
 
 def add_status_routes(app, server):
+    with open(UI_PATH, encoding="utf-8") as f:
+        page = f.read()
+
     @app.get("/", response_class=HTMLResponse)
     async def ui():
-        with open(UI_PATH, encoding="utf-8") as f:
-            return HTMLResponse(f.read())
+        return HTMLResponse(page)
 
     @app.get("/health")
     async def health():

@@ -328,6 +328,7 @@ class SFTRun:
         self.trained_tokens = loop.get("trained_tokens", 0)
         self.meter = training.resumed_meter(loop, self.model.estimate_flops(), rt)
         self.chat_results = {}
+        self.chat_tasks = {}  # built at the first chat eval, then reused
         self.data_done = False
 
     def setup_optimizer(self):
@@ -398,7 +399,7 @@ class SFTRun:
         t0 = time.time()
         names = ["SpellingBee", "Arithmetic"] if self.offline else ALL_TASKS
         self.chat_results = evaluate_chat_tasks(self.model, self.tokenizer, names, self.s.device_batch_size,
-                                                args.chatcore_max_cat, args.chatcore_max_sample)
+                                                args.chatcore_max_cat, args.chatcore_max_sample, self.chat_tasks)
         self.train_model.train()
         print0(f"Step {self.step:05d} | chat eval ({time.time() - t0:.0f}s): " +
                ", ".join(f"{k}: {v:.4f}" for k, v in self.chat_results.items()))

@@ -86,13 +86,14 @@ def main(argv=None):
     compute_init(device_type)
     devices = [torch.device("cuda", i) for i in range(args.num_gpus)] if device_type == "cuda" else [torch.device(device_type)]
     schedulers, tokenizer, meta = [], None, None
+    search_provider = provider_from_env(args.search_docs)  # one index for every replica (it has its own lock)
     for i, device in enumerate(devices):
         try:
             model, tokenizer, meta = load_model(args.source, device, "eval", model_tag=args.model_tag, step=args.step)
         except (FileNotFoundError, ValueError) as e:
             fail(f"cannot load the {args.source} model: {e}")
         engine = Engine(model, tokenizer, tools=None if args.tools == "none" else args.tools,
-                        search_provider=provider_from_env(args.search_docs), think_default=model_think_default(meta))
+                        search_provider=search_provider, think_default=model_think_default(meta))
         schedulers.append(Scheduler(engine, max_batch=args.max_batch, prefill_chunk=args.prefill_chunk,
                                     max_waiting=args.max_queue, name=f"replica-{i}"))
     tag = args.model_tag or f"d{meta['model_config']['n_layer']}"

@@ -22,7 +22,6 @@ from tqdm import tqdm
 
 from nanochat.chat_format import parse_conversation_line
 from nanochat.fileio import atomic_open
-from nanochat.report import get_report
 from nanochat.sft_filter import RULE_NAMES, build_rules, first_matching_rule, load_extra_rules
 
 MAX_ERRORS_SHOWN = 20
@@ -116,6 +115,7 @@ def print_table(stats):
 
 def log_report(args, stats):
     """The drop table as the report's "SFT data filter" section."""
+    from nanochat.report import get_report  # here: it loads torch (seconds) that filtering text never needs
     table = ["| rule | dropped | % of rows |", "|---|---:|---:|"]
     table += [f"| {name} | {entry['count']:,} | {entry['percent']:.2f} |" for name, entry in stats["rules"].items()]
     get_report().log(section="SFT data filter", data=[

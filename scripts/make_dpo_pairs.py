@@ -24,12 +24,11 @@ import sys
 from tqdm import tqdm
 
 from nanochat.chat_format import assistant_content, assistant_parts_from_tokens
-from nanochat.fileio import load_jsonl
 from nanochat.checkpoint_manager import load_model
 from nanochat.common import compute_init
 from nanochat.dpo import normalize_pair, prompt_and_answer
 from nanochat.engine import Engine
-from nanochat.fileio import atomic_open
+from nanochat.fileio import atomic_open, load_jsonl
 from nanochat.report import get_report
 from nanochat.sft_filter import RULE_NAMES, build_rules, first_matching_rule, load_extra_rules
 
