@@ -35,6 +35,7 @@ from nanochat.cli import MissingFileError, UserError
 from nanochat.common import get_base_dir, is_rank0
 from nanochat.fileio import atomic_write_text, discard_temp, open_temp, publish, remove_stale_temp_files
 from nanochat.gpt import GPT, GPTConfig
+from nanochat.hf import is_exported_folder
 from nanochat.tokenizer import get_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -409,7 +410,7 @@ def build_model(checkpoint_dir, step, device, phase):
     """Returns (model, tokenizer, meta): the uncompiled model in train/eval mode, the tokenizer from
     $NANOCHAT_BASE_DIR/tokenizer, and the checkpoint's meta dict. An exported Hugging Face folder (step ignored)
     brings its own tokenizer (see load_exported_model)."""
-    if os.path.isfile(os.path.join(checkpoint_dir, "config.json")):
+    if is_exported_folder(checkpoint_dir):
         return load_exported_model(checkpoint_dir, device, phase)
     if phase not in ("train", "eval"):
         raise ValueError(f"phase must be 'train' or 'eval', got {phase!r}")

@@ -28,7 +28,6 @@ step whose shards are all there.
 
 import argparse
 import filecmp
-import json
 import os
 import posixpath
 import queue
@@ -221,8 +220,7 @@ def pull(url, source=None, model_tag=None, step=None, force=False):
         meta_local = meta_path(local_dir, candidate) + ".pulling"
         remote.download(f"{folder}/meta_{candidate:06d}.json", meta_local)
         shards = sorted(n for n in steps[candidate] if n.startswith(f"optim_{candidate:06d}_rank"))
-        with open(meta_local, encoding="utf-8") as f:
-            needed = expected_shards(json.load(f)) if shards else 0
+        needed = expected_shards(read_meta(meta_local)) if shards else 0
         if len(shards) >= needed:
             break
         os.remove(meta_local)

@@ -37,6 +37,7 @@ from nanochat.checkpoint_manager import (CHECKPOINT_DIRS, CheckpointNotFoundErro
 from nanochat.cli import UserError
 from nanochat.common import (COMPUTE_DTYPE, DummyWandb, autodetect_device_type, compute_cleanup, compute_init,
                              get_base_dir, get_peak_flops, print0)
+from nanochat.hf import is_exported_folder
 from nanochat.hf import load as hf_load
 from nanochat.tokenizer import TOKENIZER_FILENAME, get_tokenizer, save_token_bytes
 
@@ -332,7 +333,7 @@ def adopt_published_model(source, model_tag, model_step):
 def read_checkpoint_meta(checkpoint_dir, step):
     """A checkpoint's meta dict, without loading its weights (to resolve a run's settings before building it).
     For an exported folder, its nanochat_meta.json (step ignored)."""
-    if os.path.isfile(os.path.join(checkpoint_dir, "config.json")):
+    if is_exported_folder(checkpoint_dir):
         return hf_load.read_folder_meta(checkpoint_dir)
     path = meta_path(checkpoint_dir, step)
     if not os.path.exists(path):

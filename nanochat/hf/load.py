@@ -16,16 +16,12 @@ from safetensors.torch import load_file
 
 from nanochat.download import hf_endpoint
 from nanochat.gpt import GPTConfig, SOFTCAP
-from nanochat.hf import ARCHITECTURE, META_FILENAME, MODEL_TYPE, native
+from nanochat.hf import ARCHITECTURE, META_FILENAME, MODEL_TYPE, is_exported_folder, native
 from nanochat.hf.tokenizer import encoding_from_tokenizer_json
 from nanochat.tokenizer import RustBPETokenizer
 
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 HUB_FILES = ["*.json", "*.safetensors", "*.py", "README.md"]
-
-
-def is_exported_folder(path):
-    return os.path.isfile(os.path.join(path, "config.json"))
 
 
 def resolve_folder(source):
