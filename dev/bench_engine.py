@@ -22,7 +22,6 @@ table; 0 on a CPU or an unknown GPU, where decode_gb_per_s_b<N> still gives the 
 import argparse
 import json
 import os
-import resource
 import statistics
 import time
 
@@ -30,6 +29,8 @@ import torch
 
 from nanochat.common import COMPUTE_DTYPE, autodetect_device_type, compute_init, get_peak_bandwidth, print0
 from nanochat.engine import Engine, KVCache
+from nanochat.scaling import build_meta_model, model_config_for_depth
+from nanochat.training import peak_memory_mib
 
 SPECIALS = ["<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>",
             "<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>"]
@@ -50,13 +51,8 @@ class SpecialsOnlyTokenizer:
 
 
 def build_random_model(args, device):
-    from nanochat.gpt import GPT, GPTConfig
-    model_dim = -(-args.depth * args.aspect_ratio // args.head_dim) * args.head_dim
-    n_head = model_dim // args.head_dim
-    config = GPTConfig(sequence_len=args.max_seq_len, vocab_size=args.vocab_size, n_layer=args.depth, n_head=n_head,
-                       n_kv_head=n_head, n_embd=model_dim, window_pattern=args.window_pattern)
-    with torch.device("meta"):
-        model = GPT(config)
+    model = build_meta_model(model_config_for_depth(args.depth, args.aspect_ratio, args.head_dim, args.max_seq_len,
+                                                    args.vocab_size, args.window_pattern))
     model.to_empty(device=device)
     model.init_weights()
     model.eval()
@@ -190,10 +186,7 @@ def main(argv=None):
         result[f"decode_gb_per_s_b{batch}"] = round(bytes_per_step / min(step_times) / 1e9, 2)
         mbu = 100 * bytes_per_step / min(step_times) / peak_bandwidth if peak_bandwidth else 0.0
         result[f"mbu_b{batch}"] = round(mbu, 2)
-    if device.type == "cuda":
-        result["peak_mem_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-    else:
-        result["peak_mem_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # max RSS
+    result["peak_mem_mb"] = round(peak_memory_mib(device.type), 1)
     print(json.dumps(result))
     return result
 
